@@ -1,0 +1,4 @@
+//! Emulated devices and the bus that routes guest accesses to them.
+
+pub mod bus;
+pub mod virtio;

@@ -1,0 +1,5 @@
+pub mod devices;
+pub mod layout;
+pub mod memory;
+
+fn main() {}
