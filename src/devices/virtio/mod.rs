@@ -1,1 +1,95 @@
 //! virtio devices over the virtio-mmio transport.
+//!
+//! A device is split in three, as in the rust-vmm reference VMM:
+//! - the device itself ([`VirtioDevice`]): features, config space, activation;
+//! - pure queue logic (drain the available ring, do the work, fill the used
+//!   ring), testable with `virtio-queue`'s mock memory and no KVM;
+//! - the glue: a worker thread per activated device that waits on the queue
+//!   ioeventfds (and, for net, the TAP fd) and runs the queue logic.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemoryMmap;
+
+/// `VIRTIO_F_VERSION_1`: we only speak the modern (1.x) interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bit: the device used a buffer.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
+/// Interrupt status bit: the configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
+
+/// Errors a device can report while being activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("driver set up {got} queues, device needs {want}")]
+    QueueCount {
+        /// Queues the device needs.
+        want: usize,
+        /// Queues the driver offered.
+        got: usize,
+    },
+    /// A host resource (thread, epoll, fd) could not be created.
+    #[error("cannot start the device worker")]
+    Worker(#[source] std::io::Error),
+}
+
+/// How a device raises its interrupt: sets a bit in the transport's
+/// InterruptStatus register and kicks the irqfd bound to the device's GSI.
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt that sets bits in `status` and signals `irqfd`.
+    pub fn new(status: Arc<AtomicU32>, irqfd: EventFd) -> Self {
+        Self { status, irqfd }
+    }
+
+    /// Raise `bits` (`VIRTIO_MMIO_INT_*`).
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("virtio: cannot signal irqfd: {e}");
+        }
+    }
+
+    /// The InterruptStatus register shared with the transport.
+    pub fn status(&self) -> &Arc<AtomicU32> {
+        &self.status
+    }
+}
+
+/// A virtio device behind the MMIO transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 1 = net).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers, `VIRTIO_F_VERSION_1` included.
+    fn avail_features(&self) -> u64;
+    /// Features the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Read the device configuration space at `offset` (out-of-range bytes read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write the device configuration space (ignored by devices without writable fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Start serving `queues`; `queue_evts[i]` is signalled when the driver notifies queue `i`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError>;
+    /// Stop serving queues (driver reset). Returns true when the device can be activated again.
+    fn reset(&mut self) -> bool;
+    /// Flush any buffered state to the host (called before the VMM exits).
+    fn flush(&mut self) {}
+}
