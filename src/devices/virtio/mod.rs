@@ -7,6 +7,10 @@
 //! - the glue: a worker thread per activated device that waits on the queue
 //!   ioeventfds (and, for net, the TAP fd) and runs the queue logic.
 
+pub mod block;
+pub mod mmio;
+pub mod net;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 

@@ -1,0 +1,1 @@
+//! Attaching virtio-mmio devices: windows, IRQs, irqfd/ioeventfd, kernel command line.

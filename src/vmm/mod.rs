@@ -1,0 +1,3 @@
+//! Building and running a VM.
+
+pub mod device_manager;
