@@ -1,8 +1,1 @@
-pub mod config;
-pub mod devices;
-pub mod layout;
-pub mod memory;
-pub mod net;
-pub mod vmm;
-
 fn main() {}
