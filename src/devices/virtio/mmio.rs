@@ -1,1 +1,1019 @@
-//! virtio-mmio transport (version 2).
+//! virtio-mmio transport, version 2 (the virtio 1.x "modern" register layout only).
+//!
+//! One [`MmioTransport`] sits in a 4 KiB MMIO window and wraps one
+//! [`VirtioDevice`]. It keeps the generic part of the device state (status,
+//! feature negotiation, queue setup, interrupt status) and forwards the
+//! configuration space (offset 0x100 and up) to the device.
+//!
+//! Queue notifications normally never reach this code: the device manager
+//! binds each queue's [`EventFd`] to the QueueNotify register with an
+//! ioeventfd (datamatch = queue index). A notify that does come through the
+//! bus (no ioeventfd, or a different access size) signals the same EventFd.
+//!
+//! Every register access comes from the guest and is treated as hostile:
+//! wrong sizes, unknown offsets, out-of-order status writes and out-of-range
+//! queue selectors are ignored with a rate-limited log, never a panic.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
+use crate::devices::bus::BusDevice;
+use crate::memory::GuestMemoryMmap;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// We only implement the modern (non-legacy) register layout.
+pub const MMIO_VERSION: u32 = 2;
+/// Our virtio vendor ID ("MVM" in ASCII); the guest does not interpret it.
+pub const MMIO_VENDOR_ID: u32 = 0x004d_564d;
+
+// Register offsets (virtio 1.2, 4.2.2 "MMIO Device Register Layout").
+/// Magic value register.
+pub const REG_MAGIC_VALUE: u64 = 0x000;
+/// Version register.
+pub const REG_VERSION: u64 = 0x004;
+/// Device ID register.
+pub const REG_DEVICE_ID: u64 = 0x008;
+/// Vendor ID register.
+pub const REG_VENDOR_ID: u64 = 0x00c;
+/// Device features, 32 bits selected by `REG_DEVICE_FEATURES_SEL`.
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+/// Device features word selector.
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+/// Driver features, 32 bits selected by `REG_DRIVER_FEATURES_SEL`.
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+/// Driver features word selector.
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+/// Queue selector.
+pub const REG_QUEUE_SEL: u64 = 0x030;
+/// Maximum size of the selected queue (0: no such queue).
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+/// Size of the selected queue.
+pub const REG_QUEUE_NUM: u64 = 0x038;
+/// Ready bit of the selected queue.
+pub const REG_QUEUE_READY: u64 = 0x044;
+/// Queue notifier; the value written is the queue index.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+/// Interrupt status.
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+/// Interrupt acknowledge.
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+/// Device status.
+pub const REG_STATUS: u64 = 0x070;
+/// Descriptor table address, low 32 bits.
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+/// Descriptor table address, high 32 bits.
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+/// Available ring ("driver area") address, low 32 bits.
+pub const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+/// Available ring ("driver area") address, high 32 bits.
+pub const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+/// Used ring ("device area") address, low 32 bits.
+pub const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+/// Used ring ("device area") address, high 32 bits.
+pub const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+/// Shared memory region selector.
+pub const REG_SHM_SEL: u64 = 0x0ac;
+/// Shared memory region length, low 32 bits.
+pub const REG_SHM_LEN_LOW: u64 = 0x0b0;
+/// Shared memory region length, high 32 bits.
+pub const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+/// Shared memory region base, low 32 bits.
+pub const REG_SHM_BASE_LOW: u64 = 0x0b8;
+/// Shared memory region base, high 32 bits.
+pub const REG_SHM_BASE_HIGH: u64 = 0x0bc;
+/// Configuration atomicity value.
+pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// Start of the device-specific configuration space.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+const STATUS_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const STATUS_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+const STATUS_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+/// Bad accesses logged in full before the log is thinned out.
+const BAD_ACCESS_LOG_FIRST: u64 = 16;
+
+/// Errors of the virtio-mmio transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// An eventfd could not be created or duplicated.
+    #[error("cannot create an eventfd for the virtio-mmio transport")]
+    EventFd(#[source] std::io::Error),
+    /// The device declared a queue size virtio-queue cannot handle.
+    #[error("device queue {index} has an invalid maximum size {size}")]
+    QueueMaxSize {
+        /// Queue index.
+        index: usize,
+        /// Declared maximum size.
+        size: u16,
+        /// Cause.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// DRIVER_OK was set while a ready queue lies outside guest memory.
+    #[error("queue {0} is not valid (rings outside guest memory or misconfigured)")]
+    InvalidQueue(usize),
+    /// The queue state could not be handed to the device.
+    #[error("cannot copy the state of queue {index}")]
+    QueueState {
+        /// Queue index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A previous reset of the device failed, so it cannot run again.
+    #[error("device could not be reset earlier and cannot be activated again")]
+    NotResettable,
+    /// The device refused to start.
+    #[error("device activation failed")]
+    Activate(#[source] ActivateError),
+}
+
+/// The virtio-mmio register block in front of one virtio device.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt_status: Arc<AtomicU32>,
+    interrupt_evt: EventFd,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    acked_features: u64,
+    driver_status: u32,
+    config_generation: u32,
+    device_activated: bool,
+    reset_failed: bool,
+    bad_accesses: u64,
+}
+
+impl MmioTransport {
+    /// Wrap `device`, creating one notification EventFd per queue and the interrupt EventFd.
+    pub fn new(mem: GuestMemoryMmap, device: Box<dyn VirtioDevice>) -> Result<Self, MmioError> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|source| MmioError::QueueMaxSize {
+                    index,
+                    size,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = (0..queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let interrupt_evt = EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?;
+        Ok(Self {
+            device,
+            mem,
+            interrupt_status: Arc::new(AtomicU32::new(0)),
+            interrupt_evt,
+            queues,
+            queue_evts,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            acked_features: 0,
+            driver_status: 0,
+            config_generation: 0,
+            device_activated: false,
+            reset_failed: false,
+            bad_accesses: 0,
+        })
+    }
+
+    /// One EventFd per queue, in queue order: register each as an ioeventfd on
+    /// `base + REG_QUEUE_NOTIFY` with the queue index as datamatch.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The EventFd the device signals to interrupt the guest: register it as an irqfd.
+    pub fn interrupt_evt(&self) -> &EventFd {
+        &self.interrupt_evt
+    }
+
+    /// The InterruptStatus register, shared with the device through [`Interrupt`].
+    pub fn interrupt_status(&self) -> &Arc<AtomicU32> {
+        &self.interrupt_status
+    }
+
+    /// The device behind this transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The device behind this transport (to flush it before exit).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// The device status as the driver last set it (plus DEVICE_NEEDS_RESET).
+    pub fn status(&self) -> u32 {
+        self.driver_status
+    }
+
+    /// True between a successful DRIVER_OK and the next reset.
+    pub fn is_activated(&self) -> bool {
+        self.device_activated
+    }
+
+    fn bad_access(&mut self, what: fmt::Arguments<'_>) {
+        self.guest_problem(format_args!("ignoring {what}"));
+    }
+
+    /// Log something the guest caused, rate-limited: it may do it in a loop.
+    fn guest_problem(&mut self, what: fmt::Arguments<'_>) {
+        self.bad_accesses += 1;
+        let n = self.bad_accesses;
+        if n <= BAD_ACCESS_LOG_FIRST || n.is_power_of_two() {
+            log::warn!(
+                "virtio-mmio (device type {}): {what} (guest problem #{n})",
+                self.device.device_type()
+            );
+        }
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_select as usize)
+    }
+
+    /// The selected queue, if the driver may configure it now: after
+    /// FEATURES_OK and before DRIVER_OK (virtio 1.2, 3.1.1 steps 7-8).
+    fn configurable_queue(&mut self, reg: u64) -> Option<&mut Queue> {
+        let s = self.driver_status;
+        let in_setup = s & STATUS_FEATURES_OK != 0
+            && s & (STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET) == 0;
+        let sel = self.queue_select;
+        if !in_setup {
+            self.bad_access(format_args!(
+                "queue register {reg:#x} write in status {s:#x}"
+            ));
+            return None;
+        }
+        if sel as usize >= self.queues.len() {
+            self.bad_access(format_args!(
+                "queue register {reg:#x} write for queue {sel}"
+            ));
+            return None;
+        }
+        self.queues.get_mut(sel as usize)
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => MMIO_VENDOR_ID,
+            REG_DEVICE_FEATURES => {
+                let features = self.device.avail_features();
+                match self.device_features_select {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
+            REG_STATUS => self.driver_status,
+            // No shared memory regions: a length of -1 says "no such region".
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                self.bad_access(format_args!("read of register {offset:#x}"));
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES => self.write_driver_features(value),
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NUM => self.write_queue_num(value),
+            REG_QUEUE_READY => {
+                if value > 1 {
+                    self.bad_access(format_args!("QueueReady value {value:#x}"));
+                } else if let Some(q) = self.configurable_queue(offset) {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(value),
+            REG_INTERRUPT_ACK => {
+                self.interrupt_status.fetch_and(!value, Ordering::SeqCst);
+            }
+            REG_STATUS => self.write_status(value),
+            REG_QUEUE_DESC_LOW..=REG_QUEUE_USED_HIGH => self.write_queue_address(offset, value),
+            REG_SHM_SEL => {}
+            _ => self.bad_access(format_args!("write of {value:#x} to register {offset:#x}")),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        let s = self.driver_status;
+        if s & STATUS_DRIVER == 0 || s & STATUS_FEATURES_OK != 0 {
+            self.bad_access(format_args!("DriverFeatures write in status {s:#x}"));
+            return;
+        }
+        match self.driver_features_select {
+            0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
+            1 => {
+                self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32)
+            }
+            // Feature bits past 63 do not exist; the spec says writes there are
+            // harmless only if zero.
+            sel => {
+                if value != 0 {
+                    self.bad_access(format_args!("DriverFeatures word {sel} = {value:#x}"));
+                }
+            }
+        }
+    }
+
+    fn write_queue_num(&mut self, value: u32) {
+        let Some(q) = self.configurable_queue(REG_QUEUE_NUM) else {
+            return;
+        };
+        // virtio-queue rejects 0, sizes above the maximum and non-powers of two.
+        let ok = u16::try_from(value)
+            .ok()
+            .is_some_and(|size| q.try_set_size(size).is_ok());
+        if !ok {
+            self.bad_access(format_args!("QueueNum {value}"));
+        }
+    }
+
+    fn write_queue_address(&mut self, offset: u64, value: u32) {
+        let Some(q) = self.configurable_queue(offset) else {
+            return;
+        };
+        let high = offset & 0x4 != 0;
+        let merge = |old: u64| {
+            if high {
+                (old & 0xffff_ffff) | (u64::from(value) << 32)
+            } else {
+                (old & !0xffff_ffff) | u64::from(value)
+            }
+        };
+        let result = match offset & !0x4 {
+            REG_QUEUE_DESC_LOW => q.try_set_desc_table_address(GuestAddress(merge(q.desc_table()))),
+            REG_QUEUE_AVAIL_LOW => {
+                q.try_set_avail_ring_address(GuestAddress(merge(q.avail_ring())))
+            }
+            REG_QUEUE_USED_LOW => q.try_set_used_ring_address(GuestAddress(merge(q.used_ring()))),
+            // 0x88, 0x8c, 0x98, 0x9c: holes in the register block.
+            _ => {
+                self.bad_access(format_args!("write of {value:#x} to register {offset:#x}"));
+                return;
+            }
+        };
+        if let Err(e) = result {
+            self.bad_access(format_args!("queue address {value:#x} at {offset:#x}: {e}"));
+        }
+    }
+
+    fn notify(&mut self, value: u32) {
+        match self.queue_evts.get(value as usize) {
+            Some(evt) => {
+                if let Err(e) = evt.write(1) {
+                    log::warn!("virtio-mmio: cannot signal queue {value}: {e}");
+                }
+            }
+            None => self.bad_access(format_args!("notify of queue {value}")),
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.driver_status;
+        // The driver may only add bits (it resets with 0 to start over), and
+        // DEVICE_NEEDS_RESET belongs to the device.
+        if value & old & !STATUS_NEEDS_RESET != old & !STATUS_NEEDS_RESET {
+            self.bad_access(format_args!("status {value:#x} clearing bits of {old:#x}"));
+            return;
+        }
+        let new = value & !old & !STATUS_NEEDS_RESET;
+        let mut status = old;
+
+        if new & STATUS_ACKNOWLEDGE != 0 {
+            status |= STATUS_ACKNOWLEDGE;
+        }
+        if new & STATUS_DRIVER != 0 {
+            if status & STATUS_ACKNOWLEDGE != 0 {
+                status |= STATUS_DRIVER;
+            } else {
+                self.bad_access(format_args!("DRIVER before ACKNOWLEDGE"));
+            }
+        }
+        if new & STATUS_FAILED != 0 {
+            log::info!(
+                "virtio-mmio: driver gave up on device type {}",
+                self.device.device_type()
+            );
+            status |= STATUS_FAILED;
+        }
+        if new & STATUS_FEATURES_OK != 0 {
+            if status & STATUS_DRIVER == 0 {
+                self.bad_access(format_args!("FEATURES_OK before DRIVER"));
+            } else if self.features_acceptable() {
+                self.device.set_acked_features(self.acked_features);
+                status |= STATUS_FEATURES_OK;
+            } else {
+                // Leaving FEATURES_OK clear tells the driver we refuse its features.
+                let (acked, offered) = (self.acked_features, self.device.avail_features());
+                self.guest_problem(format_args!(
+                    "refusing driver features {acked:#x} (device offers {offered:#x})"
+                ));
+            }
+        }
+        if new & STATUS_DRIVER_OK != 0 {
+            if status & STATUS_FEATURES_OK == 0 || status & STATUS_FAILED != 0 {
+                self.bad_access(format_args!("DRIVER_OK in status {status:#x}"));
+            } else {
+                status |= STATUS_DRIVER_OK;
+                if let Err(e) = self.activate() {
+                    let e = error_chain(&e);
+                    self.guest_problem(format_args!("activation failed, device needs reset: {e}"));
+                    status |= STATUS_NEEDS_RESET;
+                    self.config_generation = self.config_generation.wrapping_add(1);
+                    self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
+                }
+            }
+        }
+        self.driver_status = status;
+    }
+
+    /// The driver accepted only features the device offered, and VERSION_1,
+    /// which a modern transport requires.
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.avail_features();
+        self.acked_features & !offered == 0 && self.acked_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) -> Result<(), MmioError> {
+        if self.reset_failed {
+            return Err(MmioError::NotResettable);
+        }
+        if let Some(index) = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
+        {
+            return Err(MmioError::InvalidQueue(index));
+        }
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                let mut copy = Queue::try_from(q.state())
+                    .map_err(|source| MmioError::QueueState { index, source })?;
+                copy.set_event_idx(event_idx);
+                Ok(copy)
+            })
+            .collect::<Result<Vec<_>, MmioError>>()?;
+        let queue_evts = self
+            .queue_evts
+            .iter()
+            .map(|e| e.try_clone().map_err(MmioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let irqfd = self.interrupt_evt.try_clone().map_err(MmioError::EventFd)?;
+        let interrupt = Interrupt::new(self.interrupt_status.clone(), irqfd);
+        self.device
+            .activate(self.mem.clone(), interrupt, queues, queue_evts)
+            .map_err(MmioError::Activate)?;
+        self.device_activated = true;
+        Ok(())
+    }
+
+    fn raise_interrupt(&self, bits: u32) {
+        self.interrupt_status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.interrupt_evt.write(1) {
+            log::warn!("virtio-mmio: cannot signal irqfd: {e}");
+        }
+    }
+
+    /// Back to the power-on state (status 0): stops an activated device.
+    fn reset(&mut self) {
+        if self.device_activated {
+            if !self.device.reset() {
+                log::warn!(
+                    "virtio-mmio: device type {} cannot be reset; it stays unusable",
+                    self.device.device_type()
+                );
+                self.reset_failed = true;
+            }
+            self.device_activated = false;
+        }
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.acked_features = 0;
+        self.driver_status = 0;
+        self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            data.fill(0);
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 {
+            self.bad_access(format_args!(
+                "{}-byte read of register {offset:#x}",
+                data.len()
+            ));
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.bad_access(format_args!(
+                "{}-byte write to register {offset:#x}",
+                data.len()
+            ));
+            return;
+        };
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+/// `err: cause: cause...` on one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+
+    const FEATURE_A: u64 = 1 << 3;
+    const FEATURE_UNOFFERED: u64 = 1 << 4;
+
+    #[derive(Default)]
+    struct MockState {
+        acked: u64,
+        activations: usize,
+        queues: Vec<(bool, u16, u64, u64, u64)>,
+        interrupt: Option<Interrupt>,
+        evts: Vec<EventFd>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+        fail_activate: bool,
+        reset_result: bool,
+    }
+
+    struct MockDevice {
+        state: Arc<Mutex<MockState>>,
+        sizes: Vec<u16>,
+        config: Vec<u8>,
+    }
+
+    impl VirtioDevice for MockDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | FEATURE_A
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.state.lock().unwrap().acked = features;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = offset
+                    .checked_add(i as u64)
+                    .and_then(|o| self.config.get(usize::try_from(o).ok()?))
+                    .copied()
+                    .unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.state
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            interrupt: Interrupt,
+            queues: Vec<Queue>,
+            queue_evts: Vec<EventFd>,
+        ) -> Result<(), ActivateError> {
+            let mut s = self.state.lock().unwrap();
+            if s.fail_activate {
+                return Err(ActivateError::QueueCount {
+                    want: 9,
+                    got: queues.len(),
+                });
+            }
+            s.activations += 1;
+            s.queues = queues
+                .iter()
+                .map(|q| {
+                    (
+                        q.ready(),
+                        q.size(),
+                        q.desc_table(),
+                        q.avail_ring(),
+                        q.used_ring(),
+                    )
+                })
+                .collect();
+            s.interrupt = Some(interrupt);
+            s.evts = queue_evts;
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            let mut s = self.state.lock().unwrap();
+            s.resets += 1;
+            s.interrupt = None;
+            s.reset_result
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn transport(sizes: Vec<u16>) -> (MmioTransport, Arc<Mutex<MockState>>) {
+        let state = Arc::new(Mutex::new(MockState {
+            reset_result: true,
+            ..Default::default()
+        }));
+        let dev = MockDevice {
+            state: state.clone(),
+            sizes,
+            config: vec![0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7],
+        };
+        (MmioTransport::new(mem(), Box::new(dev)).unwrap(), state)
+    }
+
+    fn r32(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, features: u64) -> bool {
+        w32(t, REG_STATUS, 0);
+        w32(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        w32(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(t, REG_DRIVER_FEATURES_SEL, 0);
+        w32(t, REG_DRIVER_FEATURES, features as u32);
+        w32(t, REG_DRIVER_FEATURES_SEL, 1);
+        w32(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+        w32(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        r32(t, REG_STATUS) & STATUS_FEATURES_OK != 0
+    }
+
+    fn setup_queue(t: &mut MmioTransport, index: u32, desc: u64, avail: u64, used: u64, num: u32) {
+        w32(t, REG_QUEUE_SEL, index);
+        assert_eq!(r32(t, REG_QUEUE_READY), 0);
+        w32(t, REG_QUEUE_NUM, num);
+        w32(t, REG_QUEUE_DESC_LOW, desc as u32);
+        w32(t, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        w32(t, REG_QUEUE_AVAIL_LOW, avail as u32);
+        w32(t, REG_QUEUE_AVAIL_HIGH, (avail >> 32) as u32);
+        w32(t, REG_QUEUE_USED_LOW, used as u32);
+        w32(t, REG_QUEUE_USED_HIGH, (used >> 32) as u32);
+        w32(t, REG_QUEUE_READY, 1);
+        assert_eq!(r32(t, REG_QUEUE_READY), 1);
+    }
+
+    const OK_STATUS: u32 =
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport(vec![16]);
+        assert_eq!(r32(&mut t, REG_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r32(&mut t, REG_VERSION), 2);
+        assert_eq!(r32(&mut t, REG_DEVICE_ID), 2);
+        assert_eq!(r32(&mut t, REG_VENDOR_ID), MMIO_VENDOR_ID);
+        w32(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), FEATURE_A as u32);
+        w32(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 1);
+        w32(&mut t, REG_DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 0);
+        assert_eq!(r32(&mut t, REG_SHM_LEN_LOW), u32::MAX);
+        assert_eq!(r32(&mut t, REG_CONFIG_GENERATION), 0);
+    }
+
+    #[test]
+    fn full_handshake_activates_and_reset_stops() {
+        let (mut t, state) = transport(vec![16, 8]);
+        let m = mem();
+        let q0 = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        let q1 = MockSplitQueue::create(&m, GuestAddress(0x4000), 8);
+
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1 | FEATURE_A));
+        assert_eq!(state.lock().unwrap().acked, VIRTIO_F_VERSION_1 | FEATURE_A);
+
+        w32(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(r32(&mut t, REG_QUEUE_NUM_MAX), 16);
+        w32(&mut t, REG_QUEUE_SEL, 1);
+        assert_eq!(r32(&mut t, REG_QUEUE_NUM_MAX), 8);
+        let (d0, a0, u0) = (q0.desc_table_addr().0, q0.avail_addr().0, q0.used_addr().0);
+        let (d1, a1, u1) = (q1.desc_table_addr().0, q1.avail_addr().0, q1.used_addr().0);
+        setup_queue(&mut t, 0, d0, a0, u0, 16);
+        setup_queue(&mut t, 1, d1, a1, u1, 4);
+
+        assert!(!t.is_activated());
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(t.is_activated());
+        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS);
+        {
+            let s = state.lock().unwrap();
+            assert_eq!(s.activations, 1);
+            assert_eq!(
+                s.queues,
+                vec![(true, 16, d0, a0, u0), (true, 4, d1, a1, u1)]
+            );
+            assert_eq!(s.evts.len(), 2);
+        }
+
+        // Queue registers are frozen after DRIVER_OK.
+        w32(&mut t, REG_QUEUE_SEL, 1);
+        w32(&mut t, REG_QUEUE_NUM, 8);
+        w32(&mut t, REG_QUEUE_READY, 0);
+        assert_eq!(r32(&mut t, REG_QUEUE_READY), 1);
+
+        // The device interrupts through the shared status and the irqfd.
+        state
+            .lock()
+            .unwrap()
+            .interrupt
+            .as_ref()
+            .unwrap()
+            .trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING);
+        assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), 1);
+        assert_eq!(t.interrupt_evt().read().unwrap(), 1);
+        w32(&mut t, REG_INTERRUPT_ACK, 1);
+        assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), 0);
+
+        // A notify through the bus signals the queue's EventFd (the same
+        // eventfd the device holds a clone of).
+        w32(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert_eq!(state.lock().unwrap().evts[1].read().unwrap(), 1);
+        assert!(t.queue_evts()[0].read().is_err(), "queue 0 not signalled");
+
+        // Reset.
+        w32(&mut t, REG_STATUS, 0);
+        assert!(!t.is_activated());
+        assert_eq!(r32(&mut t, REG_STATUS), 0);
+        assert_eq!(state.lock().unwrap().resets, 1);
+        w32(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(r32(&mut t, REG_QUEUE_READY), 0);
+
+        // And the driver can start over.
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, d0, a0, u0, 16);
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(t.is_activated());
+        let s = state.lock().unwrap();
+        assert_eq!(s.activations, 2);
+        // Queue 1 was not set up this time: handed over, but not ready.
+        assert!(!s.queues[1].0);
+    }
+
+    #[test]
+    fn unoffered_features_are_refused() {
+        let (mut t, state) = transport(vec![16]);
+        assert!(!negotiate(&mut t, VIRTIO_F_VERSION_1 | FEATURE_UNOFFERED));
+        assert_eq!(state.lock().unwrap().acked, 0);
+        // DRIVER_OK without FEATURES_OK does nothing.
+        w32(&mut t, REG_STATUS, OK_STATUS & !STATUS_FEATURES_OK);
+        assert!(!t.is_activated());
+        assert_eq!(state.lock().unwrap().activations, 0);
+        // A modern transport needs VERSION_1.
+        assert!(!negotiate(&mut t, FEATURE_A));
+        // Feature writes are ignored once FEATURES_OK is set.
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        w32(&mut t, REG_DRIVER_FEATURES_SEL, 0);
+        w32(&mut t, REG_DRIVER_FEATURES, FEATURE_A as u32);
+        assert_eq!(t.acked_features, VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn invalid_queue_sets_needs_reset() {
+        let (mut t, state) = transport(vec![16]);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        // Rings beyond the 1 MiB of guest memory.
+        setup_queue(&mut t, 0, 0x10_0000, 0x20_0000, 0x30_0000, 16);
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(!t.is_activated());
+        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS | STATUS_NEEDS_RESET);
+        assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(r32(&mut t, REG_CONFIG_GENERATION), 1);
+        assert_eq!(state.lock().unwrap().activations, 0);
+        // Writing status back with NEEDS_RESET clear is not "clearing a bit".
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS | STATUS_NEEDS_RESET);
+        w32(&mut t, REG_STATUS, 0);
+        assert_eq!(r32(&mut t, REG_STATUS), 0);
+        // Never activated, so the device was not asked to reset.
+        assert_eq!(state.lock().unwrap().resets, 0);
+    }
+
+    #[test]
+    fn failed_activation_sets_needs_reset() {
+        let (mut t, state) = transport(vec![16]);
+        state.lock().unwrap().fail_activate = true;
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(!t.is_activated());
+        assert_ne!(r32(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn device_that_cannot_reset_is_not_reactivated() {
+        let (mut t, state) = transport(vec![16]);
+        state.lock().unwrap().reset_result = false;
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(t.is_activated());
+        w32(&mut t, REG_STATUS, 0);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(!t.is_activated());
+        assert_ne!(r32(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(state.lock().unwrap().activations, 1);
+    }
+
+    #[test]
+    fn config_space_is_forwarded() {
+        let (mut t, state) = transport(vec![16]);
+        let mut b = [0u8; 4];
+        t.read(0x104, &mut b);
+        assert_eq!(b, [0xa4, 0xa5, 0xa6, 0xa7]);
+        let mut one = [0u8; 1];
+        t.read(0x101, &mut one);
+        assert_eq!(one, [0xa1]);
+        let mut wide = [0xffu8; 8];
+        t.read(0x106, &mut wide);
+        assert_eq!(wide, [0xa6, 0xa7, 0, 0, 0, 0, 0, 0]);
+        t.write(0x102, &[1, 2]);
+        assert_eq!(state.lock().unwrap().config_writes, vec![(2, vec![1, 2])]);
+    }
+
+    #[test]
+    fn hostile_accesses_are_ignored() {
+        let (mut t, state) = transport(vec![16]);
+        // Wrong sizes: reads give zeros, writes do nothing.
+        for len in [0usize, 1, 2, 3, 8] {
+            let mut b = vec![0xffu8; len];
+            t.read(REG_MAGIC_VALUE, &mut b);
+            assert!(b.iter().all(|&x| x == 0));
+            t.write(REG_STATUS, &vec![1u8; len]);
+        }
+        assert_eq!(r32(&mut t, REG_STATUS), 0);
+        // Unknown and unaligned offsets.
+        for off in [0x1, 0x18, 0x28, 0x3c, 0x40, 0x88, 0x9c, 0xa8, 0xc0, 0xfb] {
+            assert_eq!(r32(&mut t, off), 0, "offset {off:#x}");
+            w32(&mut t, off, 0xffff_ffff);
+        }
+        // Offsets far outside the window reach the config space handler safely.
+        let mut b = [0u8; 4];
+        t.read(u64::MAX, &mut b);
+        t.read(u64::MAX - 2, &mut b);
+        t.write(u64::MAX, &[1, 2, 3, 4]);
+        assert_eq!(b, [0; 4]);
+
+        // Out-of-order status.
+        w32(&mut t, REG_STATUS, STATUS_DRIVER);
+        assert_eq!(r32(&mut t, REG_STATUS), 0);
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        // ACK and DRIVER are taken, FEATURES_OK is refused (no features
+        // acked), so DRIVER_OK is too.
+        assert_eq!(r32(&mut t, REG_STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert!(!t.is_activated());
+
+        // Queue setup before FEATURES_OK is ignored.
+        w32(&mut t, REG_QUEUE_SEL, 0);
+        w32(&mut t, REG_QUEUE_READY, 1);
+        assert_eq!(r32(&mut t, REG_QUEUE_READY), 0);
+
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        // Clearing a bit is refused.
+        w32(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(
+            r32(&mut t, REG_STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        );
+
+        // Out-of-range queue selector.
+        for sel in [1, 16, u32::MAX] {
+            w32(&mut t, REG_QUEUE_SEL, sel);
+            assert_eq!(r32(&mut t, REG_QUEUE_NUM_MAX), 0);
+            assert_eq!(r32(&mut t, REG_QUEUE_READY), 0);
+            w32(&mut t, REG_QUEUE_NUM, 4);
+            w32(&mut t, REG_QUEUE_READY, 1);
+            w32(&mut t, REG_QUEUE_DESC_LOW, 0x1000);
+            w32(&mut t, REG_QUEUE_NOTIFY, sel);
+        }
+        // Bad queue sizes and misaligned rings are refused.
+        w32(&mut t, REG_QUEUE_SEL, 0);
+        for num in [0, 3, 32, 0x1_0000 + 8, u32::MAX] {
+            w32(&mut t, REG_QUEUE_NUM, num);
+            assert_eq!(t.queues[0].size(), 16, "QueueNum {num}");
+        }
+        w32(&mut t, REG_QUEUE_DESC_LOW, 0x1001);
+        w32(&mut t, REG_QUEUE_AVAIL_LOW, 0x1001);
+        w32(&mut t, REG_QUEUE_USED_LOW, 0x1002);
+        assert_eq!(t.queues[0].desc_table(), 0);
+        assert_eq!(t.queues[0].avail_ring(), 0);
+        assert_eq!(t.queues[0].used_ring(), 0);
+        w32(&mut t, REG_QUEUE_READY, 2);
+        assert_eq!(r32(&mut t, REG_QUEUE_READY), 0);
+
+        // The default ring addresses (0) are inside guest memory, so a driver
+        // that skipped setup gets a valid queue at 0: harmless.
+        assert_eq!(state.lock().unwrap().activations, 0);
+        assert!(t.bad_accesses > 0);
+    }
+
+    #[test]
+    fn queue_sizes_are_checked_at_creation() {
+        let state = Arc::new(Mutex::new(MockState::default()));
+        let dev = MockDevice {
+            state,
+            sizes: vec![16, 3],
+            config: Vec::new(),
+        };
+        assert!(matches!(
+            MmioTransport::new(mem(), Box::new(dev)),
+            Err(MmioError::QueueMaxSize {
+                index: 1,
+                size: 3,
+                ..
+            })
+        ));
+    }
+}

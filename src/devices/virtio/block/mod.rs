@@ -1,1 +1,115 @@
-//! virtio-blk.
+//! virtio-blk: a block device backed by a regular file (or host block device).
+//!
+//! - [`request`]: a descriptor chain parsed into a typed [`request::Request`],
+//!   checked against the disk size (pure, no I/O);
+//! - [`disk`]: the file engine (open + lock, pread/pwrite straight into guest
+//!   memory, fdatasync, serial);
+//! - [`queue`]: the queue loop that ties both together, usable without KVM;
+//! - [`device`]: the [`crate::devices::virtio::VirtioDevice`] (features, config
+//!   space) and the worker thread that waits on the queue's ioeventfd.
+
+pub mod device;
+pub mod disk;
+pub mod queue;
+pub mod request;
+
+pub use device::Block;
+pub use disk::{Disk, DiskError};
+pub use queue::process_queue;
+
+/// virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// log2 of the virtio-blk sector size.
+pub const SECTOR_SHIFT: u32 = 9;
+/// virtio-blk sectors are always 512 bytes, whatever the block size.
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Size of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data segments in one request (`seg_max`): a request uses a header and
+/// a status descriptor besides its data, and must fit the queue.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Largest data segment (`size_max`): bounds the work of one descriptor.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Bytes in a `VIRTIO_BLK_T_GET_ID` answer.
+pub const ID_BYTES: usize = 20;
+
+/// Guest-caused errors logged in full before the log is thinned out.
+const ERRORS_LOGGED_IN_FULL: u64 = 10;
+
+/// Counts errors caused by the guest and logs only the first few (then every
+/// power of two), so a hostile guest cannot flood the host log.
+#[derive(Debug, Default)]
+pub struct ErrorLog {
+    count: u64,
+}
+
+impl ErrorLog {
+    /// Record one error.
+    pub fn report(&mut self, what: &str, err: &dyn std::error::Error) {
+        self.count += 1;
+        let n = self.count;
+        if n <= ERRORS_LOGGED_IN_FULL || n.is_power_of_two() {
+            log::warn!("virtio-blk: {what}: {} (error #{n})", error_chain(err));
+        }
+    }
+
+    /// Errors so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// `err: cause: cause...` on one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
+/// Test helpers shared by the block tests and the device manager tests.
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A file in the temp directory, removed on drop.
+    pub struct TempImage {
+        path: PathBuf,
+    }
+
+    impl TempImage {
+        /// A new file holding `contents`.
+        pub fn new(contents: &[u8]) -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let path = std::env::temp_dir().join(format!(
+                "microvm-blk-test-{}-{}-{nanos}.img",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(contents).unwrap();
+            Self { path }
+        }
+
+        /// Where the file is.
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Drop for TempImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

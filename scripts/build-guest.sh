@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Build (or reuse from the cache) the guest kernel, the Flask root filesystem
+# and the test initramfs; print shell assignments for their paths.
+#   eval "$(scripts/build-guest.sh)"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kernel=$(kernels/build.sh | tail -n1)
+initrd=$(tests/initramfs/build.sh | tail -n1)
+rootfs=$(rootfs/build.sh | tail -n1)
+for f in "$kernel" "$initrd" "$rootfs"; do
+  [[ -f $f ]] || { echo "scripts/build-guest.sh: expected artifact missing: $f" >&2; exit 1; }
+done
+printf 'export MICROVM_KERNEL=%q MICROVM_TEST_INITRD=%q MICROVM_ROOTFS=%q\n' "$kernel" "$initrd" "$rootfs"

@@ -1,0 +1,86 @@
+//! Assembling the guest kernel command line.
+
+use base64::Engine;
+
+/// What every guest gets: serial console, i8042 reset on reboot, reboot
+/// (not hang) on panic, no PCI probing, one legacy UART.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Added only on hosts whose KVM interprets guest kernel mode (see
+/// docs/ARCHITECTURE.md): keep the kernel off instructions that KVM's
+/// emulator cannot execute, and trust the TSC instead of re-checking it under
+/// an interpreter that makes every timer look wrong.
+pub const EMULATED_KVM_CMDLINE: &str = concat!(
+    "noxsave clearcpuid=smap,smep,popcnt,cx16,rdrand,rdseed,avx,avx2,avx512f,bmi1,bmi2,movbe,",
+    "sse4_1,sse4_2,fsgsbase,pku,ospke,erms,fsrm,pcid,invpcid,rdpid,sha_ni,aes,pclmulqdq,gfni,",
+    "vaes,vpclmulqdq,f16c,fma,abm,adx,clflushopt,clwb,xsaveopt,xsavec,xsaves,umip,waitpkg,",
+    "movdiri,movdir64b,serialize tsc=reliable no_timer_check"
+);
+
+/// Kernel parameter carrying the command the rootfs init runs (see rootfs/README.md).
+pub const CMD_PARAM: &str = "microvm.cmd";
+
+/// The base command line for this host.
+pub fn base(emulated_kvm: bool) -> String {
+    if emulated_kvm {
+        format!("{DEFAULT_CMDLINE} {EMULATED_KVM_CMDLINE}")
+    } else {
+        DEFAULT_CMDLINE.to_string()
+    }
+}
+
+/// `microvm.cmd=<base64 of each argument followed by a NUL>`: survives any
+/// character in the arguments, which the kernel's own quoting does not.
+pub fn command_param(argv: &[String]) -> String {
+    let mut raw = Vec::new();
+    for a in argv {
+        raw.extend_from_slice(a.as_bytes());
+        raw.push(0);
+    }
+    format!(
+        "{CMD_PARAM}={}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// `root=` for the first drive.
+pub fn root_param(read_only: bool) -> &'static str {
+    if read_only {
+        "root=/dev/vda ro"
+    } else {
+        "root=/dev/vda rw"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulated_adds_workarounds_only_there() {
+        assert!(!base(false).contains("noxsave"));
+        assert!(base(true).starts_with(DEFAULT_CMDLINE));
+        assert!(base(true).contains("clearcpuid=smap"));
+        assert!(base(true).contains("tsc=reliable"));
+        assert!(!base(true).contains(", "));
+    }
+
+    #[test]
+    fn command_encoding_round_trips() {
+        let argv: Vec<String> = ["sh", "-c", "echo \"a b\"; exit 42"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = command_param(&argv);
+        let b64 = p.strip_prefix("microvm.cmd=").unwrap();
+        assert!(!b64.contains(' '));
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let parts: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+        assert_eq!(parts[0], b"sh");
+        assert_eq!(parts[2], b"echo \"a b\"; exit 42");
+        assert_eq!(parts.len(), 4); // trailing NUL gives an empty last piece
+    }
+}

@@ -1,0 +1,479 @@
+//! The virtio-blk device: features, configuration space, activation, and the
+//! worker thread that waits on the queue's ioeventfd.
+//!
+//! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
+//! `virtio-blk-N` epolls on the queue EventFd and a kill EventFd; each kick
+//! drains the queue ([`process_queue`]) and raises the interrupt. Reset and
+//! drop stop the thread and join it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+};
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::{Disk, DiskError};
+use super::queue::process_queue;
+use super::request::Limits;
+use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
+use crate::config::DriveConfig;
+use crate::devices::virtio::{
+    ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+};
+use crate::memory::GuestMemoryMmap;
+
+/// Size of the part of `struct virtio_blk_config` we fill: capacity,
+/// size_max, seg_max, geometry (unused, zero) and blk_size.
+const CONFIG_LEN: usize = 24;
+
+const TOKEN_QUEUE: u64 = 0;
+const TOKEN_KILL: u64 = 1;
+
+/// Names worker threads `virtio-blk-0`, `-1`, ... in creation order.
+static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
+
+/// A virtio block device.
+pub struct Block {
+    disk: Arc<Disk>,
+    index: usize,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    queue_sizes: [u16; 1],
+    worker: Option<Worker>,
+}
+
+struct Worker {
+    kill: EventFd,
+    handle: JoinHandle<()>,
+}
+
+impl Block {
+    /// Open (and lock) the drive's backing file.
+    pub fn new(cfg: &DriveConfig) -> Result<Self, DiskError> {
+        Ok(Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?))
+    }
+
+    /// A device serving an already open disk.
+    pub fn with_disk(disk: Disk) -> Self {
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE;
+        if disk.read_only() {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&disk.capacity_sectors().to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        // 16..20: geometry, not offered.
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        Self {
+            disk: Arc::new(disk),
+            index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
+            avail_features,
+            acked_features: 0,
+            config,
+            queue_sizes: [QUEUE_SIZE],
+            worker: None,
+        }
+    }
+
+    /// The backing file engine.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether a worker thread is serving the queue.
+    pub fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// Request limits: seg_max and size_max bind only a driver that accepted them.
+    fn limits(&self) -> Limits {
+        let mut limits = self.disk.limits();
+        if self.acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
+            limits.seg_max = u32::MAX;
+        }
+        if self.acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
+            limits.size_max = u32::MAX;
+        }
+        limits
+    }
+
+    fn stop_worker(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        if let Err(e) = worker.kill.write(1) {
+            // The thread cannot be told to stop; joining would hang.
+            log::error!("virtio-blk-{}: cannot stop the worker: {e}", self.index);
+            return;
+        }
+        if worker.handle.join().is_err() {
+            log::error!("virtio-blk-{}: worker thread panicked", self.index);
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Some(start) = usize::try_from(offset).ok().filter(|&o| o < CONFIG_LEN) else {
+            return;
+        };
+        let n = data.len().min(CONFIG_LEN - start);
+        data[..n].copy_from_slice(&self.config[start..start + n]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE.
+        log::debug!(
+            "virtio-blk-{}: ignoring config write of {} bytes at {offset:#x}",
+            self.index,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        queues: Vec<Queue>,
+        mut queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let [queue]: [Queue; 1] = queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { want: 1, got })?;
+        let queue_evt = queue_evts
+            .pop()
+            .filter(|_| queue_evts.is_empty())
+            .ok_or(ActivateError::QueueCount { want: 1, got })?;
+        self.stop_worker();
+
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let ctx = WorkerContext {
+            index: self.index,
+            mem,
+            queue,
+            queue_evt,
+            kill: kill.try_clone().map_err(ActivateError::Worker)?,
+            interrupt,
+            disk: self.disk.clone(),
+            limits: self.limits(),
+            epoll: Epoll::new().map_err(ActivateError::Worker)?,
+        };
+        ctx.register().map_err(ActivateError::Worker)?;
+        let handle = std::thread::Builder::new()
+            .name(format!("virtio-blk-{}", self.index))
+            .spawn(move || ctx.run())
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(Worker { kill, handle });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop_worker();
+        self.acked_features = 0;
+        true
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.disk.flush() {
+            log::error!(
+                "virtio-blk-{}: {}: {}",
+                self.index,
+                self.disk.path().display(),
+                super::error_chain(&e)
+            );
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// Everything the worker thread owns.
+struct WorkerContext {
+    index: usize,
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    queue_evt: EventFd,
+    kill: EventFd,
+    interrupt: Interrupt,
+    disk: Arc<Disk>,
+    limits: Limits,
+    epoll: Epoll,
+}
+
+impl WorkerContext {
+    fn register(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        for (fd, token) in [
+            (self.queue_evt.as_raw_fd(), TOKEN_QUEUE),
+            (self.kill.as_raw_fd(), TOKEN_KILL),
+        ] {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn run(mut self) {
+        let mut errors = ErrorLog::default();
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio-blk-{}: epoll failed, worker stops: {e}", self.index);
+                    return;
+                }
+            };
+            let ready = &events[..n];
+            if ready.iter().any(|e| e.data() == TOKEN_KILL) {
+                return;
+            }
+            if ready.iter().any(|e| e.data() == TOKEN_QUEUE) {
+                // Non-blocking: EAGAIN just means another kick was merged.
+                let _ = self.queue_evt.read();
+                if process_queue(
+                    &self.mem,
+                    &mut self.queue,
+                    &self.disk,
+                    &self.limits,
+                    &mut errors,
+                ) {
+                    self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+    use std::time::{Duration, Instant};
+
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::super::test_utils::TempImage;
+    use super::*;
+
+    fn block(contents: &[u8], read_only: bool) -> (TempImage, Block) {
+        let img = TempImage::new(contents);
+        let cfg = DriveConfig {
+            path: img.path().to_owned(),
+            read_only,
+            is_root: false,
+        };
+        let b = Block::new(&cfg).unwrap();
+        (img, b)
+    }
+
+    fn config(b: &Block) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        b.read_config(0, &mut c);
+        c
+    }
+
+    #[test]
+    fn features_and_config_space() {
+        let (_img, b) = block(&[0u8; 10 * 512 + 7], false);
+        assert_eq!(b.device_type(), 2);
+        assert_eq!(b.queue_max_sizes(), &[256]);
+        let f = b.avail_features();
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        let c = config(&b);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 10);
+        assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 1 << 20);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+
+        // Partial and out-of-range config reads.
+        let mut four = [0xffu8; 4];
+        b.read_config(0, &mut four);
+        assert_eq!(four, [10, 0, 0, 0]);
+        let mut tail = [0xffu8; 8];
+        b.read_config(20, &mut tail);
+        assert_eq!(tail, [0, 2, 0, 0, 0, 0, 0, 0]);
+        b.read_config(24, &mut tail);
+        assert_eq!(tail, [0; 8]);
+        b.read_config(u64::MAX, &mut tail);
+        assert_eq!(tail, [0; 8]);
+
+        let (_img2, ro) = block(&[0u8; 512], true);
+        assert_ne!(ro.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    #[test]
+    fn limits_bind_only_when_negotiated() {
+        let (_img, mut b) = block(&[0u8; 2048], false);
+        assert_eq!(b.limits().seg_max, u32::MAX);
+        assert_eq!(b.limits().size_max, u32::MAX);
+        assert_eq!(b.limits().capacity_sectors, 4);
+        b.set_acked_features(
+            VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_SIZE_MAX,
+        );
+        assert_eq!(b.limits(), b.disk().limits());
+        // Unoffered bits are dropped.
+        b.set_acked_features(1 << 40);
+        assert_eq!(b.acked_features(), 0);
+    }
+
+    #[test]
+    fn activate_needs_exactly_one_queue() {
+        let (_img, mut b) = block(&[0u8; 512], false);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let interrupt = || {
+            Interrupt::new(
+                Arc::new(AtomicU32::new(0)),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            )
+        };
+        let r = b.activate(mem.clone(), interrupt(), vec![], vec![]);
+        assert!(matches!(
+            r,
+            Err(ActivateError::QueueCount { want: 1, got: 0 })
+        ));
+        let q = || <Queue as virtio_queue::QueueT>::new(256).unwrap();
+        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let r = b.activate(mem.clone(), interrupt(), vec![q(), q()], vec![evt(), evt()]);
+        assert!(matches!(
+            r,
+            Err(ActivateError::QueueCount { want: 1, got: 2 })
+        ));
+        let r = b.activate(mem, interrupt(), vec![q()], vec![]);
+        assert!(r.is_err());
+        assert!(!b.is_active());
+    }
+
+    /// Activate the device, kick its queue from "the guest", and wait for the
+    /// worker thread to complete the request and raise the interrupt.
+    #[test]
+    fn worker_serves_kicks_and_stops_on_reset() {
+        let contents: Vec<u8> = (0..4 * 512).map(|i| (i % 253) as u8).collect();
+        let (_img, mut b) = block(&contents, false);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let queue: Queue = vq.create_queue().unwrap();
+
+        let status = Arc::new(AtomicU32::new(0));
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        b.activate(
+            mem.clone(),
+            Interrupt::new(status.clone(), irqfd.try_clone().unwrap()),
+            vec![queue],
+            vec![kick.try_clone().unwrap()],
+        )
+        .unwrap();
+        assert!(b.is_active());
+
+        let (hdr, data, st) = (0x1_0000u64, 0x2_0000u64, 0x3_0000u64);
+        mem.write_obj(VIRTIO_BLK_T_IN.to_le(), GuestAddress(hdr))
+            .unwrap();
+        mem.write_obj(1u64.to_le(), GuestAddress(hdr + 8)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+        let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(Descriptor::new(hdr, 16, n, 1)),
+                RawDescriptor::from(Descriptor::new(data, 1024, n | w, 2)),
+                RawDescriptor::from(Descriptor::new(st, 1, w, 0)),
+            ],
+            0,
+        )
+        .unwrap();
+        kick.write(1).unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while irqfd.read().is_err() {
+            assert!(Instant::now() < deadline, "no interrupt from the worker");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(status.load(Ordering::SeqCst), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 1025);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+        let mut got = vec![0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(data)).unwrap();
+        assert_eq!(got, contents[512..1536]);
+
+        assert!(b.reset());
+        assert!(!b.is_active());
+        // After reset the thread is gone: further kicks are not served.
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(irqfd.read().is_err());
+        b.flush();
+    }
+
+    #[test]
+    fn drop_joins_the_worker() {
+        let (_img, mut b) = block(&[0u8; 512], false);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        b.activate(
+            mem.clone(),
+            Interrupt::new(
+                Arc::new(AtomicU32::new(0)),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            ),
+            vec![vq.create_queue().unwrap()],
+            vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+        )
+        .unwrap();
+        drop(b);
+    }
+}

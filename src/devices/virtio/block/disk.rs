@@ -1,0 +1,532 @@
+//! The file engine behind a virtio-blk device.
+//!
+//! The backing file is opened read-write or read-only and `flock`ed
+//! (exclusive for read-write, shared for read-only) so that two VMMs cannot
+//! write one image at once. Data moves with `pread`/`pwrite` straight between
+//! the file and guest memory, without a bounce buffer. All methods take
+//! `&self`: positioned I/O needs no seek state, so the worker thread and the
+//! VMM's final flush can share one [`Disk`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestMemory, Permissions, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    WriteVolatile,
+};
+
+use super::request::{Limits, Request, RequestKind};
+use super::{ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use crate::memory::GuestMemoryMmap;
+
+/// Errors opening the backing file or serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The backing file cannot be opened.
+    #[error("cannot open disk image {path}")]
+    Open {
+        /// Backing file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Someone else holds a conflicting lock on the image.
+    #[error("{path} is locked by another process (is another microvm using it?)")]
+    Locked {
+        /// Backing file.
+        path: PathBuf,
+    },
+    /// flock failed for another reason.
+    #[error("cannot lock disk image {path}")]
+    Lock {
+        /// Backing file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The size or identity of the backing file cannot be read.
+    #[error("cannot inspect disk image {path}")]
+    Inspect {
+        /// Backing file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A write or flush-with-data on a read-only drive.
+    #[error("write to a read-only drive")]
+    ReadOnly,
+    /// A request type we do not implement.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    /// Guest memory vanished between parsing and I/O (should not happen: we
+    /// never unmap guest RAM), or a short transfer.
+    #[error("cannot access guest memory for the transfer")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// The file read or write failed.
+    #[error("I/O error at disk offset {offset:#x}")]
+    Io {
+        /// Byte offset in the file.
+        offset: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// fdatasync failed.
+    #[error("cannot flush the disk image")]
+    Flush(#[source] io::Error),
+}
+
+/// An open, locked backing file.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_BYTES],
+}
+
+impl Disk {
+    /// Open and lock `path`.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        lock(&file, path, read_only)?;
+
+        let inspect = |source| DiskError::Inspect {
+            path: path.to_owned(),
+            source,
+        };
+        // Seeking to the end also sizes host block devices, whose metadata says 0.
+        let size = file.seek(SeekFrom::End(0)).map_err(inspect)?;
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}: \
+                 the last {} bytes are not visible to the guest",
+                path.display(),
+                size % SECTOR_SIZE
+            );
+        }
+        let meta = file.metadata().map_err(inspect)?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            read_only,
+            capacity_sectors: size >> SECTOR_SHIFT,
+            id: serial(meta.dev(), meta.ino()),
+        })
+    }
+
+    /// Size in 512-byte sectors (the file size rounded down).
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    /// Whether the drive refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The backing file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The serial returned by `VIRTIO_BLK_T_GET_ID` (NUL-padded).
+    pub fn id(&self) -> &[u8; ID_BYTES] {
+        &self.id
+    }
+
+    /// What requests are checked against when the driver accepted
+    /// `VIRTIO_BLK_F_SEG_MAX` and `VIRTIO_BLK_F_SIZE_MAX`.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity_sectors: self.capacity_sectors,
+            seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
+        }
+    }
+
+    /// Make written data durable (fdatasync).
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(DiskError::Flush)
+    }
+
+    /// Serve a parsed request. Returns the number of bytes written into guest
+    /// memory, the status byte not included.
+    pub fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> Result<u32, DiskError> {
+        match req.kind {
+            RequestKind::In => {
+                let mut at = FileAt::new(&self.file, req.sector << SECTOR_SHIFT);
+                for d in &req.data {
+                    read_into_guest(mem, d.addr, d.len as usize, &mut at)?;
+                }
+                // Bounded by the chain length, itself below 2^32 (virtio-queue checks).
+                Ok(u32::try_from(req.data_len()).unwrap_or(u32::MAX))
+            }
+            RequestKind::Out => {
+                if self.read_only {
+                    return Err(DiskError::ReadOnly);
+                }
+                let mut at = FileAt::new(&self.file, req.sector << SECTOR_SHIFT);
+                for d in &req.data {
+                    write_from_guest(mem, d.addr, d.len as usize, &mut at)?;
+                }
+                Ok(0)
+            }
+            RequestKind::Flush => {
+                if self.read_only {
+                    Ok(0)
+                } else {
+                    self.flush().map(|()| 0)
+                }
+            }
+            RequestKind::GetId => {
+                let mut id: &[u8] = &self.id;
+                let mut written = 0u32;
+                for d in &req.data {
+                    let n = id.len().min(d.len as usize);
+                    mem.write_slice(&id[..n], d.addr)
+                        .map_err(DiskError::GuestMemory)?;
+                    id = &id[n..];
+                    written += n as u32;
+                }
+                Ok(written)
+            }
+            RequestKind::Unsupported(t) => Err(DiskError::Unsupported(t)),
+        }
+    }
+}
+
+/// flock the image: exclusive for read-write, shared for read-only, never waiting.
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), DiskError> {
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    } | libc::LOCK_NB;
+    // SAFETY: flock only reads its two integer arguments; the fd is owned by
+    // `file` and open for the duration of the call.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), op) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(DiskError::Locked {
+            path: path.to_owned(),
+        })
+    } else {
+        Err(DiskError::Lock {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// A stable serial for the image: its host device and inode, in hex, cut to
+/// 20 bytes and NUL-padded.
+fn serial(dev: u64, ino: u64) -> [u8; ID_BYTES] {
+    let s = format!("{ino:x}-{dev:x}");
+    let mut id = [0u8; ID_BYTES];
+    let n = s.len().min(ID_BYTES);
+    id[..n].copy_from_slice(&s.as_bytes()[..n]);
+    id
+}
+
+/// Fill `len` bytes of guest memory at `addr` from the file.
+fn read_into_guest(
+    mem: &GuestMemoryMmap,
+    addr: vm_memory::GuestAddress,
+    len: usize,
+    at: &mut FileAt<'_>,
+) -> Result<(), DiskError> {
+    for slice in mem
+        .get_slices(addr, len, Permissions::Write)
+        .map_err(DiskError::GuestMemory)?
+    {
+        let mut slice = slice.map_err(DiskError::GuestMemory)?;
+        let offset = at.offset;
+        at.read_exact_volatile(&mut slice)
+            .map_err(|e| io_error(offset, e))?;
+    }
+    Ok(())
+}
+
+/// Write `len` bytes of guest memory at `addr` to the file.
+fn write_from_guest(
+    mem: &GuestMemoryMmap,
+    addr: vm_memory::GuestAddress,
+    len: usize,
+    at: &mut FileAt<'_>,
+) -> Result<(), DiskError> {
+    for slice in mem
+        .get_slices(addr, len, Permissions::Read)
+        .map_err(DiskError::GuestMemory)?
+    {
+        let slice = slice.map_err(DiskError::GuestMemory)?;
+        let offset = at.offset;
+        at.write_all_volatile(&slice)
+            .map_err(|e| io_error(offset, e))?;
+    }
+    Ok(())
+}
+
+fn io_error(offset: u64, e: VolatileMemoryError) -> DiskError {
+    let source = match e {
+        VolatileMemoryError::IOError(e) => e,
+        other => io::Error::other(other.to_string()),
+    };
+    DiskError::Io { offset, source }
+}
+
+/// A file cursor that uses `pread`/`pwrite`, so it never moves the shared
+/// file position.
+struct FileAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl<'a> FileAt<'a> {
+    fn new(file: &'a File, offset: u64) -> Self {
+        Self { file, offset }
+    }
+
+    fn file_offset(&self) -> Result<libc::off_t, VolatileMemoryError> {
+        libc::off_t::try_from(self.offset)
+            .map_err(|_| VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput)))
+    }
+}
+
+impl ReadVolatile for FileAt<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let offset = self.file_offset()?;
+        let guard = buf.ptr_guard_mut();
+        // SAFETY: `guard` keeps `buf.len()` bytes of mapped guest memory valid
+        // for writes while it lives, pread writes at most that many bytes, and
+        // the fd belongs to `self.file`, borrowed for the call.
+        let n = unsafe {
+            libc::pread(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                offset,
+            )
+        };
+        // A negative return is an error; anything else fits in usize.
+        let n = usize::try_from(n)
+            .map_err(|_| VolatileMemoryError::IOError(io::Error::last_os_error()))?;
+        buf.bitmap().mark_dirty(0, n);
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+impl WriteVolatile for FileAt<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let offset = self.file_offset()?;
+        let guard = buf.ptr_guard();
+        // SAFETY: `guard` keeps `buf.len()` bytes of mapped guest memory valid
+        // for reads while it lives, pwrite reads at most that many bytes, and
+        // the fd belongs to `self.file`, borrowed for the call.
+        let n = unsafe {
+            libc::pwrite(
+                self.file.as_raw_fd(),
+                guard.as_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                offset,
+            )
+        };
+        let n = usize::try_from(n)
+            .map_err(|_| VolatileMemoryError::IOError(io::Error::last_os_error()))?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::super::test_utils::TempImage;
+    use super::*;
+    use crate::devices::virtio::block::request::DataDesc;
+
+    fn mem() -> GuestMemoryMmap {
+        // Two regions, so one transfer can span a region boundary.
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .unwrap()
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    fn req(kind: RequestKind, sector: u64, data: &[(u64, u32)]) -> Request {
+        Request {
+            kind,
+            sector,
+            data: data
+                .iter()
+                .map(|&(a, len)| DataDesc {
+                    addr: GuestAddress(a),
+                    len,
+                })
+                .collect(),
+            status: GuestAddress(0),
+        }
+    }
+
+    #[test]
+    fn capacity_rounds_down() {
+        let img = TempImage::new(&[0u8; 4 * 512 + 100]);
+        let disk = Disk::open(img.path(), true).unwrap();
+        assert_eq!(disk.capacity_sectors(), 4);
+        assert!(disk.read_only());
+    }
+
+    #[test]
+    fn read_and_write_through_guest_memory() {
+        let contents = pattern(8 * 512);
+        let img = TempImage::new(&contents);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let m = mem();
+
+        // Read sectors 1..4 into two buffers, one straddling the region boundary.
+        let n = disk
+            .execute(
+                &m,
+                &req(RequestKind::In, 1, &[(0x100, 512), (0xff00, 1024)]),
+            )
+            .unwrap();
+        assert_eq!(n, 1536);
+        let mut got = vec![0u8; 512];
+        m.read_slice(&mut got, GuestAddress(0x100)).unwrap();
+        assert_eq!(got, contents[512..1024]);
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(0xff00)).unwrap();
+        assert_eq!(got, contents[1024..2048]);
+
+        // Write two sectors at sector 6.
+        m.write_slice(&[0xab; 1024], GuestAddress(0x8000)).unwrap();
+        let n = disk
+            .execute(&m, &req(RequestKind::Out, 6, &[(0x8000, 1024)]))
+            .unwrap();
+        assert_eq!(n, 0);
+        disk.execute(&m, &req(RequestKind::Flush, 0, &[])).unwrap();
+        let on_disk = std::fs::read(img.path()).unwrap();
+        assert_eq!(on_disk[..6 * 512], contents[..6 * 512]);
+        assert!(on_disk[6 * 512..].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let img = TempImage::new(&[0u8; 1024]);
+        let disk = Disk::open(img.path(), true).unwrap();
+        let m = mem();
+        assert!(matches!(
+            disk.execute(&m, &req(RequestKind::Out, 0, &[(0, 512)])),
+            Err(DiskError::ReadOnly)
+        ));
+        assert!(disk.execute(&m, &req(RequestKind::Flush, 0, &[])).is_ok());
+        assert!(disk
+            .execute(&m, &req(RequestKind::In, 0, &[(0, 512)]))
+            .is_ok());
+    }
+
+    #[test]
+    fn get_id_truncates_to_the_buffer() {
+        let img = TempImage::new(&[0u8; 512]);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let m = mem();
+        let n = disk
+            .execute(&m, &req(RequestKind::GetId, 0, &[(0x200, 8), (0x300, 40)]))
+            .unwrap();
+        assert_eq!(n, ID_BYTES as u32);
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 12];
+        m.read_slice(&mut a, GuestAddress(0x200)).unwrap();
+        m.read_slice(&mut b, GuestAddress(0x300)).unwrap();
+        assert_eq!([&a[..], &b[..]].concat(), disk.id());
+        let meta = std::fs::metadata(img.path()).unwrap();
+        let expect = format!("{:x}-{:x}", meta.ino(), meta.dev());
+        assert!(disk
+            .id()
+            .starts_with(&expect.as_bytes()[..expect.len().min(ID_BYTES)]));
+    }
+
+    #[test]
+    fn serial_is_truncated_and_padded() {
+        assert_eq!(&serial(0x803, 0x1234)[..11], b"1234-803\0\0\0");
+        let long = serial(u64::MAX, u64::MAX);
+        assert_eq!(&long, b"ffffffffffffffff-fff");
+    }
+
+    #[test]
+    fn images_are_locked() {
+        let img = TempImage::new(&[0u8; 512]);
+        let rw = Disk::open(img.path(), false).unwrap();
+        for ro in [false, true] {
+            let e = Disk::open(img.path(), ro).unwrap_err();
+            assert!(matches!(e, DiskError::Locked { .. }));
+            assert!(e
+                .to_string()
+                .ends_with("is locked by another process (is another microvm using it?)"));
+        }
+        drop(rw);
+        // Read-only opens share the lock, and keep writers out.
+        let ro1 = Disk::open(img.path(), true).unwrap();
+        let _ro2 = Disk::open(img.path(), true).unwrap();
+        assert!(matches!(
+            Disk::open(img.path(), false),
+            Err(DiskError::Locked { .. })
+        ));
+        drop(ro1);
+    }
+
+    #[test]
+    fn missing_file() {
+        let e = Disk::open(Path::new("/nonexistent/microvm.img"), false).unwrap_err();
+        assert!(matches!(e, DiskError::Open { .. }));
+    }
+
+    #[test]
+    fn read_past_a_shrunk_file_is_an_error() {
+        let img = TempImage::new(&[0u8; 2048]);
+        let disk = Disk::open(img.path(), false).unwrap();
+        // Someone truncates the image behind our back.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(img.path())
+            .unwrap()
+            .set_len(512)
+            .unwrap();
+        let m = mem();
+        assert!(matches!(
+            disk.execute(&m, &req(RequestKind::In, 2, &[(0, 512)])),
+            Err(DiskError::Io { offset: 1024, .. })
+        ));
+    }
+}

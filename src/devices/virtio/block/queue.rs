@@ -1,0 +1,478 @@
+//! The virtio-blk queue loop: drain the available ring, serve each request,
+//! fill the used ring, and say whether the guest wants an interrupt.
+//!
+//! Pure queue logic over guest memory and a [`Disk`]: no threads, no KVM, so
+//! it is tested with virtio-queue's mock driver.
+
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::disk::{Disk, DiskError};
+use super::request::{Limits, Request};
+use super::ErrorLog;
+use crate::memory::GuestMemoryMmap;
+
+/// Serve every request in `queue`. Returns true when the used ring changed
+/// and the driver has not asked us to hold back the interrupt.
+///
+/// Notifications are disabled while draining and re-enabled afterwards, then
+/// the ring is checked once more, so a request made between the last pop and
+/// the re-enable is never missed.
+pub fn process_queue(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    disk: &Disk,
+    limits: &Limits,
+    errors: &mut ErrorLog,
+) -> bool {
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            errors.report("cannot disable queue notifications", &e);
+            break;
+        }
+        // Set when the available ring cannot be followed (not ready, or an
+        // avail index more than a queue ahead): re-checking it would spin.
+        let mut broken = false;
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    errors.report("cannot read the available ring", &e);
+                    broken = true;
+                    None
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = serve(mem, chain, disk, limits, errors);
+            // Fails only for a head index beyond the queue (the used ring
+            // itself was checked at activation); the chain is then skipped.
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used_any = true,
+                Err(e) => errors.report("cannot add to the used ring", &e),
+            }
+        }
+        match queue.enable_notification(mem) {
+            // More arrived while notifications were off.
+            Ok(true) if !broken => continue,
+            Ok(_) => break,
+            Err(e) => {
+                errors.report("cannot enable queue notifications", &e);
+                break;
+            }
+        }
+    }
+    finish(mem, queue, used_any, errors)
+}
+
+fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, used_any: bool, errors: &mut ErrorLog) -> bool {
+    if !used_any {
+        return false;
+    }
+    match queue.needs_notification(mem) {
+        // Without EVENT_IDX, virtio-queue always says yes; the driver may
+        // still have set VRING_AVAIL_F_NO_INTERRUPT (a hint we honour).
+        Ok(true) if !queue.event_idx_enabled() => {
+            match mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire) {
+                Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+                Err(_) => true,
+            }
+        }
+        Ok(needed) => needed,
+        Err(e) => {
+            errors.report("cannot read the used event index", &e);
+            true
+        }
+    }
+}
+
+/// Serve one chain; returns the used length (bytes written to guest memory,
+/// status byte included; 0 when the chain was dropped).
+fn serve(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    disk: &Disk,
+    limits: &Limits,
+    errors: &mut ErrorLog,
+) -> u32 {
+    let request = match Request::parse(chain, limits) {
+        Ok(r) => r,
+        Err(rejected) => {
+            errors.report("bad request", &rejected.error);
+            return match rejected.status {
+                Some(status) => {
+                    write_status(mem, status, VIRTIO_BLK_S_IOERR as u8, errors).map_or(0, |()| 1)
+                }
+                None => 0,
+            };
+        }
+    };
+    let (status, written) = match disk.execute(mem, &request) {
+        Ok(n) => (VIRTIO_BLK_S_OK, n),
+        Err(e @ DiskError::Unsupported(_)) => {
+            errors.report("request", &e);
+            (VIRTIO_BLK_S_UNSUPP, 0)
+        }
+        Err(e) => {
+            errors.report(&format!("{:?} request", request.kind), &e);
+            (VIRTIO_BLK_S_IOERR, 0)
+        }
+    };
+    match write_status(mem, request.status, status as u8, errors) {
+        Ok(()) => written.saturating_add(1),
+        Err(()) => 0,
+    }
+}
+
+fn write_status(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    status: u8,
+    errors: &mut ErrorLog,
+) -> Result<(), ()> {
+    mem.write_obj(status, addr).map_err(|e| {
+        errors.report("cannot write the status byte", &e);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Address;
+
+    use super::super::test_utils::TempImage;
+    use super::super::ID_BYTES;
+    use super::*;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    const MEM_SIZE: usize = 0x4_0000;
+    const QSIZE: u16 = 16;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(m: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
+        m.write_obj(t.to_le(), GuestAddress(at)).unwrap();
+        m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        m.write_obj(sector.to_le(), GuestAddress(at + 8)).unwrap();
+    }
+
+    /// A driver with a 16-entry queue at guest address 0.
+    struct Driver<'a> {
+        m: &'a GuestMemoryMmap,
+        vq: MockSplitQueue<'a, GuestMemoryMmap>,
+        queue: Queue,
+        next_desc: u16,
+    }
+
+    impl<'a> Driver<'a> {
+        fn new(m: &'a GuestMemoryMmap) -> Self {
+            let vq = MockSplitQueue::new(m, QSIZE);
+            let queue = vq.create_queue().unwrap();
+            Self {
+                m,
+                vq,
+                queue,
+                next_desc: 0,
+            }
+        }
+
+        /// Put one chain in the available ring (descriptors linked in order).
+        fn submit(&mut self, descs: &[RawDescriptor]) {
+            let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+            let first = self.next_desc;
+            let linked: Vec<RawDescriptor> = descs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let d = Descriptor::from(*d);
+                    let idx = first + i as u16;
+                    if i + 1 < descs.len() {
+                        RawDescriptor::from(Descriptor::new(
+                            d.addr().0,
+                            d.len(),
+                            d.flags() | next,
+                            idx + 1,
+                        ))
+                    } else {
+                        RawDescriptor::from(Descriptor::new(
+                            d.addr().0,
+                            d.len(),
+                            d.flags() & !next,
+                            0,
+                        ))
+                    }
+                })
+                .collect();
+            self.vq.add_desc_chains(&linked, first).unwrap();
+            self.next_desc += descs.len() as u16;
+        }
+
+        fn used(&self, i: u16) -> (u32, u32) {
+            let e = self.vq.used().ring().ref_at(i as usize).unwrap().load();
+            (e.id(), e.len())
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.vq.used().idx().load()
+        }
+
+        fn status(&self, at: u64) -> u8 {
+            self.m.read_obj(GuestAddress(at)).unwrap()
+        }
+    }
+
+    fn image(sectors: usize) -> (TempImage, Vec<u8>) {
+        let contents: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
+        (TempImage::new(&contents), contents)
+    }
+
+    fn run(d: &mut Driver<'_>, disk: &Disk) -> (bool, ErrorLog) {
+        let mut errors = ErrorLog::default();
+        let irq = process_queue(d.m, &mut d.queue, disk, &disk.limits(), &mut errors);
+        (irq, errors)
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let m = mem();
+        let (img, contents) = image(16);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+
+        // 0: read sectors 2..4 into two buffers.
+        header(&m, HDR, VIRTIO_BLK_T_IN, 2);
+        d.submit(&[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, W),
+            desc(DATA + 0x1000, 512, W),
+            desc(STATUS, 1, W),
+        ]);
+        // 1: write one sector at sector 10.
+        header(&m, HDR + 0x100, VIRTIO_BLK_T_OUT, 10);
+        m.write_slice(&[0x5a; 512], GuestAddress(DATA + 0x2000))
+            .unwrap();
+        d.submit(&[
+            desc(HDR + 0x100, 16, 0),
+            desc(DATA + 0x2000, 512, 0),
+            desc(STATUS + 1, 1, W),
+        ]);
+        // 2: flush.
+        header(&m, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
+        d.submit(&[desc(HDR + 0x200, 16, 0), desc(STATUS + 2, 1, W)]);
+        // 3: get-id.
+        header(&m, HDR + 0x300, VIRTIO_BLK_T_GET_ID, 0);
+        d.submit(&[
+            desc(HDR + 0x300, 16, 0),
+            desc(DATA + 0x3000, 20, W),
+            desc(STATUS + 3, 1, W),
+        ]);
+        m.write_slice(&[0xff; 4], GuestAddress(STATUS)).unwrap();
+
+        let (irq, errors) = run(&mut d, &disk);
+        assert!(irq);
+        assert_eq!(errors.count(), 0);
+        assert_eq!(d.used_idx(), 4);
+        // Used lengths: data written into guest memory plus the status byte.
+        assert_eq!(d.used(0), (0, 1025));
+        assert_eq!(d.used(1), (4, 1));
+        assert_eq!(d.used(2), (7, 1));
+        assert_eq!(d.used(3), (9, 21));
+        for i in 0..4 {
+            assert_eq!(d.status(STATUS + i), VIRTIO_BLK_S_OK as u8);
+        }
+
+        let mut got = vec![0u8; 512];
+        m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, contents[1024..1536]);
+        m.read_slice(&mut got, GuestAddress(DATA + 0x1000)).unwrap();
+        assert_eq!(got, contents[1536..2048]);
+        let on_disk = std::fs::read(img.path()).unwrap();
+        assert!(on_disk[10 * 512..11 * 512].iter().all(|&b| b == 0x5a));
+        assert_eq!(on_disk[..10 * 512], contents[..10 * 512]);
+        let mut id = [0u8; ID_BYTES];
+        m.read_slice(&mut id, GuestAddress(DATA + 0x3000)).unwrap();
+        assert_eq!(&id, disk.id());
+
+        // Nothing new: no interrupt, nothing used.
+        let (irq, _) = run(&mut d, &disk);
+        assert!(!irq);
+        assert_eq!(d.used_idx(), 4);
+    }
+
+    #[test]
+    fn errors_complete_with_a_status() {
+        let m = mem();
+        let (img, _) = image(4);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        m.write_slice(&[0xff; 8], GuestAddress(STATUS)).unwrap();
+
+        // 0: out of range (the disk has 4 sectors).
+        header(&m, HDR, VIRTIO_BLK_T_IN, 4);
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)]);
+        // 1: header too short.
+        d.submit(&[desc(HDR, 8, 0), desc(DATA, 512, W), desc(STATUS + 1, 1, W)]);
+        // 2: data outside guest memory.
+        header(&m, HDR + 0x100, VIRTIO_BLK_T_IN, 0);
+        d.submit(&[
+            desc(HDR + 0x100, 16, 0),
+            desc(MEM_SIZE as u64 - 256, 512, W),
+            desc(STATUS + 2, 1, W),
+        ]);
+        // 3: data direction mismatch (a write whose data is device-writable).
+        header(&m, HDR + 0x200, VIRTIO_BLK_T_OUT, 0);
+        d.submit(&[
+            desc(HDR + 0x200, 16, 0),
+            desc(DATA, 512, W),
+            desc(STATUS + 3, 1, W),
+        ]);
+        // 4: unsupported type.
+        header(&m, HDR + 0x300, 11, 0);
+        d.submit(&[desc(HDR + 0x300, 16, 0), desc(STATUS + 4, 1, W)]);
+
+        let (irq, errors) = run(&mut d, &disk);
+        assert!(irq);
+        assert_eq!(errors.count(), 5);
+        assert_eq!(d.used_idx(), 5);
+        for i in 0..5u16 {
+            assert_eq!(d.used(i).1, 1, "request {i}");
+        }
+        for i in 0..4 {
+            assert_eq!(d.status(STATUS + i), ioerr, "request {i}");
+        }
+        assert_eq!(d.status(STATUS + 4), VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn write_on_read_only_drive() {
+        let m = mem();
+        let (img, contents) = image(4);
+        let disk = Disk::open(img.path(), true).unwrap();
+        let mut d = Driver::new(&m);
+        header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
+        m.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)]);
+        let (irq, errors) = run(&mut d, &disk);
+        assert!(irq);
+        assert_eq!(errors.count(), 1);
+        assert_eq!(d.used(0), (0, 1));
+        assert_eq!(d.status(STATUS), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(std::fs::read(img.path()).unwrap(), contents);
+    }
+
+    #[test]
+    fn chains_without_a_usable_status_are_returned_empty() {
+        let m = mem();
+        let (img, _) = image(4);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        // 0: no status descriptor.
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 512, W)]);
+        // 1: status descriptor device-readable.
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, 0)]);
+        // 2: status byte outside guest memory.
+        d.submit(&[
+            desc(HDR, 16, 0),
+            desc(DATA, 512, W),
+            desc(0x1000_0000, 1, W),
+        ]);
+        // 3: a good one after them still gets served.
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, W)]);
+
+        let (irq, errors) = run(&mut d, &disk);
+        assert!(irq);
+        assert_eq!(errors.count(), 3);
+        assert_eq!(d.used_idx(), 4);
+        // Request 0's chain is "header + one writable buffer": the buffer is
+        // taken as the status descriptor and the request has no data.
+        assert_eq!(d.used(0).1, 1);
+        assert_eq!(d.used(1).1, 0);
+        assert_eq!(d.used(2).1, 0);
+        assert_eq!(d.used(3).1, 513);
+    }
+
+    #[test]
+    fn header_only_chain_is_dropped() {
+        let m = mem();
+        let (img, _) = image(4);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        d.submit(&[desc(HDR, 16, 0)]);
+        let (irq, errors) = run(&mut d, &disk);
+        assert!(irq);
+        assert_eq!(errors.count(), 1);
+        assert_eq!(d.used(0), (0, 0));
+    }
+
+    #[test]
+    fn no_interrupt_flag_is_honoured() {
+        let m = mem();
+        let (img, _) = image(4);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        d.submit(&[desc(HDR, 16, 0), desc(STATUS, 1, W)]);
+        m.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, d.vq.avail_addr())
+            .unwrap();
+        let (irq, _) = run(&mut d, &disk);
+        assert!(!irq);
+        assert_eq!(d.used_idx(), 1);
+    }
+
+    #[test]
+    fn bogus_avail_index_does_not_spin() {
+        let m = mem();
+        let (img, _) = image(4);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        // The driver claims more chains than the queue can hold.
+        m.write_obj(QSIZE + 5, d.vq.avail_addr().unchecked_add(2))
+            .unwrap();
+        let (irq, errors) = run(&mut d, &disk);
+        assert!(!irq);
+        assert!(errors.count() >= 1);
+    }
+
+    #[test]
+    fn out_of_range_head_index_is_dropped() {
+        let m = mem();
+        let (img, _) = image(4);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        // Avail ring entry 0 names descriptor 200 in a 16-entry table.
+        m.write_obj(200u16, d.vq.avail_addr().unchecked_add(4))
+            .unwrap();
+        m.write_obj(1u16, d.vq.avail_addr().unchecked_add(2))
+            .unwrap();
+        let (_, errors) = run(&mut d, &disk);
+        assert_eq!(
+            errors.count(),
+            2,
+            "empty chain, then add_used refuses the index"
+        );
+        assert_eq!(d.used_idx(), 0);
+    }
+}

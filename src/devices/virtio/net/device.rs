@@ -1,0 +1,580 @@
+//! The virtio-net device: features, config space, activation.
+//!
+//! Two queues (RX = 0, TX = 1) of 256 entries. Features offered:
+//! - always: `VERSION_1`, `MAC`, `STATUS` (link always up), `MRG_RXBUF`
+//!   (the guest posts page-sized buffers and big frames span several),
+//!   `RING_F_INDIRECT_DESC`, and the guest-to-host offloads `CSUM`,
+//!   `HOST_TSO4`, `HOST_TSO6`, which a vnet-header TAP always accepts;
+//! - when the TAP accepts the matching `TUNSETOFFLOAD` flag: `GUEST_CSUM`,
+//!   `GUEST_TSO4`, `GUEST_TSO6` (host-to-guest offloads).
+//!
+//! The TAP's offloads are set to exactly what the driver acked, so it never
+//! hands the guest a partial checksum or a GSO frame it did not ask for.
+//! UFO/USO and `EVENT_IDX` are not offered.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::{info, warn};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
+use super::worker::Worker;
+use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::memory::GuestMemoryMmap;
+use crate::net::{MacAddr, NetBackend, NetConfig, Tap, TapError};
+
+/// virtio device ID of a network card.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// Entries per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// Features offered whatever the TAP supports.
+pub const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6);
+
+/// Size of the config space: `mac[6]`, `status: le16`.
+pub const CONFIG_SPACE_LEN: usize = 8;
+
+/// Features to offer when the TAP accepts `tap_offloads` (`TUN_F_*`).
+pub fn avail_features(tap_offloads: u32) -> u64 {
+    let mut features = BASE_FEATURES;
+    // virtio requires GUEST_CSUM for GUEST_TSO*, as the TAP requires TUN_F_CSUM for TSO.
+    if tap_offloads & libc::TUN_F_CSUM != 0 {
+        features |= bit(VIRTIO_NET_F_GUEST_CSUM);
+        if tap_offloads & libc::TUN_F_TSO4 != 0 {
+            features |= bit(VIRTIO_NET_F_GUEST_TSO4);
+        }
+        if tap_offloads & libc::TUN_F_TSO6 != 0 {
+            features |= bit(VIRTIO_NET_F_GUEST_TSO6);
+        }
+    }
+    features
+}
+
+/// `TUNSETOFFLOAD` flags matching the driver's acked features.
+pub fn tap_offloads_for(acked: u64) -> u32 {
+    let mut flags = 0;
+    if acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 {
+        flags |= libc::TUN_F_CSUM;
+        if acked & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if acked & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+/// The device config space for `mac`, link up.
+pub fn config_space(mac: MacAddr) -> [u8; CONFIG_SPACE_LEN] {
+    let mut cfg = [0u8; CONFIG_SPACE_LEN];
+    cfg[..6].copy_from_slice(&mac.bytes());
+    cfg[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    cfg
+}
+
+/// Errors creating a virtio-net device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    /// The TAP could not be opened or created.
+    #[error("network interface eth{index}: cannot set up the host TAP")]
+    Tap {
+        /// NIC index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: TapError,
+    },
+    /// The TAP could not get its host address.
+    #[error("network interface eth{index}: cannot give TAP '{tap}' the host address {addr}/{prefix_len}")]
+    HostAddress {
+        /// NIC index.
+        index: usize,
+        /// TAP name.
+        tap: String,
+        /// Host address.
+        addr: std::net::Ipv4Addr,
+        /// Prefix length.
+        prefix_len: u8,
+        /// Cause.
+        #[source]
+        source: TapError,
+    },
+}
+
+struct WorkerHandle {
+    kill: EventFd,
+    thread: JoinHandle<()>,
+}
+
+/// A virtio-net device backed by a TAP.
+pub struct Net {
+    index: usize,
+    label: String,
+    tap: Arc<Tap>,
+    mac: MacAddr,
+    avail_features: u64,
+    acked_features: u64,
+    stats: Arc<NetStats>,
+    worker: Option<WorkerHandle>,
+}
+
+impl Net {
+    /// The `index`-th NIC (`eth<index>` in the guest) on an open `tap`.
+    pub fn new(index: usize, tap: Tap, mac: MacAddr) -> Self {
+        let tap_offloads = tap.probe_offloads();
+        let label = format!("virtio-net-{index}");
+        info!(
+            "{label}: TAP {} mac {mac}, TAP offloads {tap_offloads:#x}",
+            tap.name()
+        );
+        Self {
+            index,
+            label,
+            tap: Arc::new(tap),
+            mac,
+            avail_features: avail_features(tap_offloads),
+            acked_features: 0,
+            stats: Arc::new(NetStats::default()),
+            worker: None,
+        }
+    }
+
+    /// Set up the host side as `cfg` says and build the device.
+    pub fn from_config(cfg: &NetConfig, index: usize) -> Result<Self, NetDeviceError> {
+        let tap_err = |source| NetDeviceError::Tap { index, source };
+        let tap = match &cfg.backend {
+            NetBackend::Tap { name } => {
+                let tap = Tap::attach(name).map_err(tap_err)?;
+                match tap.is_up() {
+                    Ok(true) => {}
+                    Ok(false) => warn!(
+                        "TAP '{name}' is down: the guest will not reach the host until `ip link set {name} up`"
+                    ),
+                    Err(e) => warn!("{e}"),
+                }
+                tap
+            }
+            NetBackend::Managed {
+                tap: name,
+                host,
+                guest,
+                prefix_len,
+            } => {
+                let tap = Tap::create(name.as_deref()).map_err(tap_err)?;
+                tap.configure_host_ipv4(*host, *prefix_len)
+                    .map_err(|source| NetDeviceError::HostAddress {
+                        index,
+                        tap: tap.name().to_string(),
+                        addr: *host,
+                        prefix_len: *prefix_len,
+                        source,
+                    })?;
+                info!(
+                    "created TAP {} with host address {host}/{prefix_len}; guest eth{index} is {guest}",
+                    tap.name()
+                );
+                tap
+            }
+        };
+        Ok(Self::new(
+            index,
+            tap,
+            cfg.mac.unwrap_or_else(MacAddr::random_local),
+        ))
+    }
+
+    /// Guest MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Host TAP name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// Counters so far (kept across resets).
+    pub fn stats(&self) -> NetStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Shared counters, readable while the device runs.
+    pub fn stats_handle(&self) -> Arc<NetStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn program_tap_offloads(&self) {
+        let flags = tap_offloads_for(self.acked_features);
+        if let Err(e) = self.tap.set_offload(flags) {
+            // Fewer TAP offloads is safe: the guest just gets plain frames.
+            warn!("{}: {e}", self.label);
+            if let Err(e) = self.tap.set_offload(0) {
+                warn!("{}: {e}", self.label);
+            }
+        }
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if let Err(e) = worker.kill.write(1) {
+                warn!("{}: cannot stop the worker: {e}", self.label);
+                return;
+            }
+            if worker.thread.join().is_err() {
+                log::error!("{}: worker thread panicked", self.label);
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+        self.program_tap_offloads();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = config_space(self.mac);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| cfg.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR (legacy only otherwise).
+        log::debug!(
+            "{}: ignored {}-byte config write at {offset:#x}",
+            self.label,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                want: QUEUE_SIZES.len(),
+                got: queues.len(),
+            });
+        }
+        if queue_evts.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                want: QUEUE_SIZES.len(),
+                got: queue_evts.len(),
+            });
+        }
+        self.stop_worker();
+        self.program_tap_offloads();
+
+        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let kill_evt = kill.try_clone().map_err(ActivateError::Worker)?;
+        let [rx_queue, tx_queue]: [Queue; 2] = queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { want: 2, got: 0 })?;
+        let [rx_evt, tx_evt]: [EventFd; 2] = queue_evts
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { want: 2, got: 0 })?;
+        for (name, q) in [("RX", &rx_queue), ("TX", &tx_queue)] {
+            if !q.is_valid(&mem) {
+                warn!("{}: driver set up an invalid {name} queue", self.label);
+            }
+        }
+
+        let acked = self.acked_features;
+        let mrg_rxbuf = acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let guest_csum = acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0;
+        let worker = Worker {
+            label: self.label.clone(),
+            mem,
+            interrupt,
+            rx_queue,
+            tx_queue,
+            rx_evt,
+            tx_evt,
+            kill_evt,
+            tap: Arc::clone(&self.tap),
+            rx: RxPath::new(self.label.clone(), mrg_rxbuf, guest_csum),
+            tx: TxPath::new(self.label.clone()),
+            stats: Arc::clone(&self.stats),
+        };
+        let thread = worker.spawn().map_err(ActivateError::Worker)?;
+        self.worker = Some(WorkerHandle { kill, thread });
+        info!(
+            "{}: activated (features {acked:#x}, TAP offloads {:#x})",
+            self.label,
+            tap_offloads_for(acked)
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop_worker();
+        self.acked_features = 0;
+        self.program_tap_offloads();
+        true
+    }
+
+    fn flush(&mut self) {
+        info!(
+            "{} (eth{}, TAP {}): {}",
+            self.label,
+            self.index,
+            self.tap.name(),
+            self.stats.snapshot()
+        );
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rxtx::tests::{memory, Driver, BUF_BASE};
+    use super::super::rxtx::VNET_HDR_LEN;
+    use super::*;
+    use crate::net::tap::test_support::in_new_netns;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn features_follow_tap_offloads() {
+        let none = avail_features(0);
+        assert_eq!(none, BASE_FEATURES);
+        assert_ne!(none & VIRTIO_F_VERSION_1, 0);
+        assert_eq!(none & bit(VIRTIO_NET_F_GUEST_CSUM), 0);
+        let all = avail_features(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6);
+        for f in [
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_MAC,
+        ] {
+            assert_ne!(all & bit(f), 0, "feature {f}");
+        }
+        // TSO without checksum offload is not offered.
+        assert_eq!(avail_features(libc::TUN_F_TSO4), BASE_FEATURES);
+    }
+
+    #[test]
+    fn tap_offloads_match_acked_features() {
+        assert_eq!(tap_offloads_for(BASE_FEATURES), 0);
+        let all = avail_features(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6);
+        assert_eq!(
+            tap_offloads_for(all),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+        assert_eq!(
+            tap_offloads_for(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO6)),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO6
+        );
+        // A driver acking TSO without GUEST_CSUM gets no TSO from the TAP.
+        assert_eq!(tap_offloads_for(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let cfg = config_space(MacAddr([2, 1, 2, 3, 4, 5]));
+        assert_eq!(cfg, [2, 1, 2, 3, 4, 5, 1, 0]);
+    }
+
+    fn arp_request(src_mac: [u8; 6], src_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x06]); // ARP
+        f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&src_ip);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target_ip);
+        f
+    }
+
+    /// The whole device against a real TAP, inside a network namespace this
+    /// test creates: the "guest" asks for the host's MAC with ARP through the
+    /// TX queue and the host kernel's reply must arrive on the RX queue.
+    #[test]
+    fn arp_round_trip_through_real_tap() {
+        in_new_netns("arp_round_trip_through_real_tap", || {
+            let cfg: NetConfig = "host=10.0.2.1/24,guest=10.0.2.2,mac=02:00:00:00:00:02"
+                .parse()
+                .unwrap();
+            let mut dev = Net::from_config(&cfg, 0).expect("net device");
+            assert_eq!(dev.device_type(), VIRTIO_ID_NET);
+            assert_eq!(dev.queue_max_sizes(), &[256, 256]);
+            let mut mac = [0u8; 6];
+            dev.read_config(0, &mut mac);
+            assert_eq!(mac, [2, 0, 0, 0, 0, 2]);
+            let mut status = [0u8; 4];
+            dev.read_config(6, &mut status);
+            assert_eq!(status, [1, 0, 0, 0], "link up, then zeros past the end");
+            let features = dev.avail_features();
+            assert_ne!(features & bit(VIRTIO_NET_F_GUEST_CSUM), 0);
+            dev.set_acked_features(features);
+
+            let mem = memory();
+            let mut rx = Driver::new(&mem, 0, QUEUE_SIZE);
+            let mut tx = Driver::new(&mem, 0x8000, QUEUE_SIZE);
+            let request = arp_request([2, 0, 0, 0, 0, 2], [10, 0, 2, 2], [10, 0, 2, 1]);
+            let tx_addr = BUF_BASE + 0x10_0000;
+            mem.write_slice(&request, GuestAddress(tx_addr)).unwrap();
+            let tx_head = tx.add_chain(&[(tx_addr, request.len() as u32, false)]);
+
+            let status_reg = Arc::new(AtomicU32::new(0));
+            let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+            let interrupt = Interrupt::new(Arc::clone(&status_reg), irqfd.try_clone().unwrap());
+            let rx_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let tx_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let tx_kick = tx_evt.try_clone().unwrap();
+            let rx_kick = rx_evt.try_clone().unwrap();
+            dev.activate(
+                mem.clone(),
+                interrupt,
+                vec![rx.queue(), tx.queue()],
+                vec![rx_evt, tx_evt],
+            )
+            .expect("activate");
+            tx_kick.write(1).unwrap();
+
+            // No RX buffers posted yet: the reply must wait, not be lost.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut tx_used = Vec::new();
+            while tx_used.is_empty() && Instant::now() < deadline {
+                tx_used.extend(tx.take_used());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(tx_used, vec![(tx_head, 0)]);
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(rx.take_used().is_empty());
+            assert!(dev.stats().rx_deferred >= 1, "{:?}", dev.stats());
+
+            let rx_bufs: Vec<(u16, u64)> = (0..32)
+                .map(|i| {
+                    let addr = BUF_BASE + i * 0x1000;
+                    (rx.add_chain(&[(addr, 2048, true)]), addr)
+                })
+                .collect();
+            rx_kick.write(1).unwrap();
+            let mut reply = None;
+            while reply.is_none() && Instant::now() < deadline {
+                tx_used.extend(tx.take_used());
+                for (head, len) in rx.take_used() {
+                    let addr = rx_bufs.iter().find(|b| b.0 == head).unwrap().1;
+                    let mut frame = vec![0u8; len as usize];
+                    mem.read_slice(&mut frame, GuestAddress(addr)).unwrap();
+                    let eth = &frame[VNET_HDR_LEN..];
+                    // ARP reply (opcode 2) from 10.0.2.1 to our MAC.
+                    if eth.len() >= 42
+                        && eth[12..14] == [0x08, 0x06]
+                        && eth[20..22] == [0, 2]
+                        && eth[28..32] == [10, 0, 2, 1]
+                    {
+                        assert_eq!(&eth[..6], &[2, 0, 0, 0, 0, 2]);
+                        assert_eq!(u16::from_le_bytes([frame[10], frame[11]]), 1);
+                        reply = Some(eth[22..28].to_vec());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            tx_used.extend(tx.take_used());
+            assert!(reply.is_some(), "no ARP reply; stats: {}", dev.stats());
+            assert_eq!(tx_used, vec![(tx_head, 0)]);
+            assert_ne!(
+                status_reg.load(Ordering::SeqCst) & 1,
+                0,
+                "no used-ring interrupt"
+            );
+            assert!(irqfd.read().unwrap() >= 1);
+
+            let stats = dev.stats();
+            assert_eq!(stats.tx_frames, 1);
+            assert!(stats.rx_frames >= 1);
+            assert_eq!(
+                stats.tx_errors + stats.tx_bad_chains + stats.rx_bad_chains,
+                0
+            );
+
+            // Reset stops the worker; the device can be activated again.
+            assert!(dev.reset());
+            let tap_name = dev.tap_name().to_string();
+            dev.flush();
+            drop(dev);
+            assert!(!crate::net::tap::interface_exists(&tap_name));
+        });
+    }
+
+    #[test]
+    fn activate_rejects_wrong_queue_count() {
+        in_new_netns("activate_rejects_wrong_queue_count", || {
+            let tap = Tap::create(None).unwrap();
+            let mut dev = Net::new(3, tap, MacAddr([2, 0, 0, 0, 0, 3]));
+            let mem = memory();
+            let rx = Driver::new(&mem, 0, QUEUE_SIZE);
+            let interrupt = Interrupt::new(
+                Arc::new(AtomicU32::new(0)),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            );
+            let err = dev
+                .activate(
+                    mem.clone(),
+                    interrupt,
+                    vec![rx.queue()],
+                    vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+                )
+                .unwrap_err();
+            assert!(matches!(err, ActivateError::QueueCount { want: 2, got: 1 }));
+        });
+    }
+}

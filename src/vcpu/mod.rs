@@ -1,0 +1,270 @@
+//! vCPU threads and the run loop.
+//!
+//! The loop is a small state machine: run the vCPU, hand each PIO/MMIO exit
+//! to the bus, finish instructions an interpreting KVM cannot (only on such
+//! hosts), and return a [`VcpuStop`] value when the vCPU cannot continue.
+//! It never names a device address.
+
+pub mod cpuid;
+pub mod emulate;
+pub mod regs;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::bus::Bus;
+use crate::memory::GuestMemoryMmap;
+use emulate::Fixup;
+
+/// Why a vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// The guest asked for a system reset or shutdown through KVM.
+    SystemEvent(u32),
+    /// KVM could not emulate an instruction and neither could we.
+    EmulationFailure(String),
+    /// KVM reported an internal error other than emulation failure.
+    InternalError(u32),
+    /// VM entry failed (bad guest state).
+    FailEntry(u64),
+    /// KVM_RUN returned an error.
+    RunError(String),
+}
+
+impl std::fmt::Display for VcpuStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuStop::TripleFault => write!(f, "guest triple fault (the vCPU shut down)"),
+            VcpuStop::SystemEvent(t) => write!(f, "guest system event {t}"),
+            VcpuStop::EmulationFailure(s) => write!(f, "KVM emulation failure: {s}"),
+            VcpuStop::InternalError(s) => write!(f, "KVM internal error, suberror {s}"),
+            VcpuStop::FailEntry(r) => write!(f, "VM entry failed, hardware reason {r:#x}"),
+            VcpuStop::RunError(e) => write!(f, "KVM_RUN failed: {e}"),
+        }
+    }
+}
+
+/// Counts of `KVM_RUN` returns by reason, shared by all vCPUs.
+#[derive(Default, Debug)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// Instructions finished by the VMM.
+    pub emulated: AtomicU64,
+    /// Interrupted by a signal.
+    pub intr: AtomicU64,
+    /// Anything else.
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    /// One line for logs and the benchmark.
+    pub fn summary(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let total = g(&self.io_in)
+            + g(&self.io_out)
+            + g(&self.mmio_read)
+            + g(&self.mmio_write)
+            + g(&self.emulated)
+            + g(&self.intr)
+            + g(&self.other);
+        format!(
+            "KVM exits: total={total} io_in={} io_out={} mmio_read={} mmio_write={} vmm_emulated={} intr={} other={}",
+            g(&self.io_in),
+            g(&self.io_out),
+            g(&self.mmio_read),
+            g(&self.mmio_write),
+            g(&self.emulated),
+            g(&self.intr),
+            g(&self.other)
+        )
+    }
+}
+
+/// One vCPU with what its run loop needs.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    mem: GuestMemoryMmap,
+    emulated_kvm: bool,
+    counters: Arc<ExitCounters>,
+}
+
+impl Vcpu {
+    /// Wrap a configured vCPU.
+    pub fn new(
+        fd: VcpuFd,
+        index: u8,
+        pio_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        mem: GuestMemoryMmap,
+        emulated_kvm: bool,
+        counters: Arc<ExitCounters>,
+    ) -> Self {
+        Self {
+            fd,
+            index,
+            pio_bus,
+            mmio_bus,
+            mem,
+            emulated_kvm,
+            counters,
+        }
+    }
+
+    /// Index of this vCPU (also its APIC ID).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Run until the vCPU cannot continue.
+    pub fn run(&mut self) -> VcpuStop {
+        let c = self.counters.clone();
+        loop {
+            match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        c.io_in.fetch_add(1, Ordering::Relaxed);
+                        if !self.pio_bus.read(u64::from(port), data) {
+                            data.fill(0xff);
+                            log::trace!("unhandled port read {port:#x}");
+                        }
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        c.io_out.fetch_add(1, Ordering::Relaxed);
+                        if !self.pio_bus.write(u64::from(port), data) {
+                            log::trace!("unhandled port write {port:#x}");
+                        }
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        c.mmio_read.fetch_add(1, Ordering::Relaxed);
+                        if !self.mmio_bus.read(addr, data) {
+                            data.fill(0xff);
+                            log::debug!("unhandled MMIO read {addr:#x}");
+                        }
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        c.mmio_write.fetch_add(1, Ordering::Relaxed);
+                        if !self.mmio_bus.write(addr, data) {
+                            log::debug!("unhandled MMIO write {addr:#x}");
+                        }
+                    }
+                    VcpuExit::Shutdown => return VcpuStop::TripleFault,
+                    VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
+                    VcpuExit::FailEntry(reason, _) => return VcpuStop::FailEntry(reason),
+                    VcpuExit::InternalError => {
+                        let run = self.fd.get_kvm_run();
+                        // SAFETY: on KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+                        // kvm_run exit union is the one KVM filled; it is plain old data.
+                        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                        if suberror != KVM_INTERNAL_ERROR_EMULATION || !self.emulated_kvm {
+                            if suberror == KVM_INTERNAL_ERROR_EMULATION {
+                                return VcpuStop::EmulationFailure(self.describe_rip());
+                            }
+                            return VcpuStop::InternalError(suberror);
+                        }
+                        c.emulated.fetch_add(1, Ordering::Relaxed);
+                        if let Err(stop) = self.finish_instruction() {
+                            return stop;
+                        }
+                    }
+                    VcpuExit::Intr => {
+                        c.intr.fetch_add(1, Ordering::Relaxed);
+                    }
+                    VcpuExit::Hlt => {
+                        c.other.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        c.other.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("vcpu{}: ignoring exit {other:?}", self.index);
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    c.intr.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return VcpuStop::RunError(e.to_string()),
+            }
+        }
+    }
+
+    fn instruction_bytes(&self) -> Option<(u64, Vec<u8>)> {
+        let regs = self.fd.get_regs().ok()?;
+        let sregs = self.fd.get_sregs().ok()?;
+        let mut buf = [0u8; 15];
+        let n = emulate::fetch(
+            &self.mem,
+            &sregs,
+            sregs.cs.base.wrapping_add(regs.rip),
+            &mut buf,
+        );
+        Some((regs.rip, buf[..n].to_vec()))
+    }
+
+    fn describe_rip(&self) -> String {
+        match self.instruction_bytes() {
+            Some((rip, bytes)) => format!("at rip {rip:#x}, instruction bytes {bytes:02x?}"),
+            None => "instruction unknown".to_string(),
+        }
+    }
+
+    /// Finish the instruction at RIP that KVM's emulator refused.
+    fn finish_instruction(&mut self) -> Result<(), VcpuStop> {
+        let fail = |s: String| VcpuStop::EmulationFailure(s);
+        let (rip, bytes) = self
+            .instruction_bytes()
+            .ok_or_else(|| fail("cannot read vCPU registers or instruction".into()))?;
+        let Some(fix) = emulate::decode(&bytes) else {
+            return Err(fail(format!(
+                "at rip {rip:#x}, instruction bytes {bytes:02x?} (not one microvm can finish)"
+            )));
+        };
+        fix.log_once();
+        let kvm_err = |e: kvm_ioctls::Error| fail(format!("while finishing {}: {e}", fix.name()));
+        let mut regs = self.fd.get_regs().map_err(kvm_err)?;
+        regs.rip = regs.rip.wrapping_add(fix.len());
+        match fix {
+            Fixup::Fwait => {}
+            Fixup::SetAc(on) => {
+                const AC: u64 = 1 << 18;
+                regs.rflags = if on {
+                    regs.rflags | AC
+                } else {
+                    regs.rflags & !AC
+                };
+            }
+            Fixup::Int3 | Fixup::IntN(_) => {
+                let mut ev = self.fd.get_vcpu_events().map_err(kvm_err)?;
+                let vector = match fix {
+                    Fixup::IntN(n) => n,
+                    _ => 3,
+                };
+                if vector < 32 {
+                    ev.exception.injected = 1;
+                    ev.exception.nr = vector;
+                    ev.exception.has_error_code = 0;
+                    ev.exception.error_code = 0;
+                } else {
+                    ev.interrupt.injected = 1;
+                    ev.interrupt.nr = vector;
+                    ev.interrupt.soft = 1;
+                }
+                self.fd.set_regs(&regs).map_err(kvm_err)?;
+                return self.fd.set_vcpu_events(&ev).map_err(kvm_err);
+            }
+        }
+        self.fd.set_regs(&regs).map_err(kvm_err)
+    }
+}

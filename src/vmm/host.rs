@@ -1,0 +1,57 @@
+//! Facts about the host and process-wide plumbing: KVM mode, signals.
+
+use std::mem::MaybeUninit;
+
+/// Where the kvm_pvm module says whether it runs guests by interpretation.
+const PVM_NATIVE_PARAM: &str = "/sys/module/kvm_pvm/parameters/pvm_native";
+
+/// True on hosts whose KVM interprets guest kernel mode (kvm_pvm in native
+/// mode). Set `MICROVM_EMULATED_KVM=0/1` to override the detection.
+pub fn kvm_is_emulated() -> bool {
+    if let Ok(v) = std::env::var("MICROVM_EMULATED_KVM") {
+        return v == "1";
+    }
+    std::fs::read_to_string(PVM_NATIVE_PARAM)
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false)
+}
+
+/// Signals that stop the VM.
+pub const STOP_SIGNALS: [i32; 2] = [libc::SIGINT, libc::SIGTERM];
+
+/// A blocked signal set, for [`wait_signal`].
+pub struct SignalSet(libc::sigset_t);
+
+/// Block SIGINT and SIGTERM in the calling thread (and threads it starts later).
+pub fn block_stop_signals() -> std::io::Result<SignalSet> {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set we pass it; sigaddset and
+    // pthread_sigmask only read the initialised set.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for s in STOP_SIGNALS {
+            libc::sigaddset(set.as_mut_ptr(), s);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(SignalSet(set.assume_init()))
+    }
+}
+
+/// Wait for one of the blocked signals; returns its number.
+pub fn wait_signal(set: &SignalSet) -> Option<i32> {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset and `sig` a valid out pointer.
+    let rc = unsafe { libc::sigwait(&set.0, &mut sig) };
+    (rc == 0).then_some(sig)
+}
+
+/// Total RAM of the host in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}

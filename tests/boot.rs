@@ -1,0 +1,124 @@
+//! End-to-end: boot our kernel with the tiny test initramfs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const HELLO: &str = "microvm-test-init: hello from userspace";
+
+#[test]
+fn missing_kernel_is_a_usage_error() {
+    let r = run(
+        &args(&["--kernel", "/nonexistent/vmlinux"]),
+        None,
+        Duration::from_secs(30),
+    );
+    r.check(r.code() == Some(2), "exit code 2 for a missing kernel");
+    r.check(
+        r.stderr.contains("kernel '/nonexistent/vmlinux'") && r.stderr.lines().count() == 1,
+        "one-line error naming the kernel path",
+    );
+}
+
+#[test]
+fn non_elf_kernel_is_a_usage_error() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TempDir::new("notelf");
+    let k = dir.path("vmlinux");
+    std::fs::write(&k, vec![0x42u8; 4096]).unwrap();
+    let r = run(
+        &args(&["--kernel", k.to_str().unwrap()]),
+        None,
+        Duration::from_secs(30),
+    );
+    r.check(
+        r.code() == Some(2),
+        "exit code 2 for a file that is not a kernel",
+    );
+    r.check(
+        r.stderr.contains("not a loadable x86_64 kernel"),
+        "says why",
+    );
+}
+
+#[test]
+fn bad_options_are_usage_errors() {
+    for bad in [
+        vec!["--kernel", "/bin/sh", "--memory", "0"],
+        vec!["--kernel", "/bin/sh", "--cpus", "0"],
+        vec!["--kernel", "/bin/sh", "--memory", "100000000"],
+        vec!["--kernel"],
+        vec!["--bogus"],
+    ] {
+        let r = run(&args(&bad), None, Duration::from_secs(30));
+        r.check(r.code() == Some(2), &format!("exit code 2 for {bad:?}"));
+        r.check(!r.stderr.contains("panicked"), "no panic");
+    }
+}
+
+/// One boot, several checks: the marker from user space, both CPUs online,
+/// the exit status the guest reported, and a clean exit code.
+#[test]
+fn boots_initramfs_with_two_cpus() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    let r = run_env(
+        &args(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--cmdline",
+            "microvm.test=exit=7",
+        ]),
+        &[("RUST_LOG", "info")],
+        Some(HELLO),
+        boot_deadline(Duration::from_secs(60), Duration::from_secs(600)),
+    );
+    r.check(r.marker_at.is_some(), "init marker on the console");
+    eprintln!(
+        "boot to user-space marker: {:.1} s (process start to marker)",
+        r.marker_at.unwrap().as_secs_f64()
+    );
+    r.check(
+        r.stdout.contains("microvm-test-init: cpus=2"),
+        "guest sees 2 CPUs",
+    );
+    r.check(
+        r.code() == Some(7),
+        "exit status reported through the exit device",
+    );
+    r.check(r.stderr.contains("Guest-boot-time"), "boot timer logged");
+}
+
+#[test]
+fn guest_panic_is_reported() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    let r = run(
+        &args(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "microvm.test=panic",
+        ]),
+        Some(HELLO),
+        boot_deadline(Duration::from_secs(60), Duration::from_secs(600)),
+    );
+    r.check(
+        r.code() == Some(125),
+        "exit code 125 after a guest kernel panic",
+    );
+    r.check(
+        r.stderr.contains("panicked"),
+        "message says the guest panicked",
+    );
+}

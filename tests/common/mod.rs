@@ -1,0 +1,272 @@
+//! Shared helpers for end-to-end tests: find the built artifacts, spawn the
+//! `microvm` binary, read its console until a marker or a deadline.
+//!
+//! A test that needs /dev/kvm or a built image and does not find it fails with
+//! a message when `CI=true`, and prints a loud SKIPPED line otherwise.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Default cache the build scripts write to.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MICROVM_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/microvm"))
+}
+
+/// Path of the microvm binary built for this test run.
+pub fn microvm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_microvm"))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
+}
+
+/// Report a missing prerequisite: panic in CI, loud skip elsewhere. Returns false.
+pub fn missing(what: &str) -> bool {
+    if in_ci() {
+        panic!("prerequisite missing in CI: {what}");
+    }
+    eprintln!("\n*** SKIPPED: {what} ***\n");
+    false
+}
+
+/// /dev/kvm is usable.
+pub fn have_kvm() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => missing(&format!("/dev/kvm is not usable ({e})")),
+    }
+}
+
+/// An artifact from `env_var` or the cache path; None (after reporting) if absent.
+pub fn artifact(env_var: &str, cached: &str, how: &str) -> Option<PathBuf> {
+    let p = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join(cached));
+    if p.is_file() {
+        Some(p)
+    } else {
+        missing(&format!(
+            "{} not found (set {env_var} or run {how})",
+            p.display()
+        ));
+        None
+    }
+}
+
+/// The guest kernel built by kernels/build.sh.
+pub fn kernel() -> Option<PathBuf> {
+    artifact("MICROVM_KERNEL", "kernel/vmlinux", "kernels/build.sh")
+}
+
+/// The test initramfs built by tests/initramfs/build.sh.
+pub fn test_initrd() -> Option<PathBuf> {
+    artifact(
+        "MICROVM_TEST_INITRD",
+        "initramfs/test.cpio.gz",
+        "tests/initramfs/build.sh",
+    )
+}
+
+/// The Flask root filesystem built by rootfs/build.sh (pristine: copy before booting it rw).
+pub fn rootfs() -> Option<PathBuf> {
+    artifact("MICROVM_ROOTFS", "rootfs/app.ext4", "rootfs/build.sh")
+}
+
+/// Kernel + /dev/kvm, or None after reporting.
+pub fn boot_prereqs() -> Option<PathBuf> {
+    if !have_kvm() {
+        return None;
+    }
+    kernel()
+}
+
+/// A private scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let base = std::env::var_os("MICROVM_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let p = base.join(format!("microvm-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a finished (or killed) run produced.
+pub struct Run {
+    /// Exit status, None if we had to kill it at the deadline.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Time from spawn to the first occurrence of the awaited marker, if any.
+    pub marker_at: Option<Duration>,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// Panic with both streams if `cond` fails.
+    pub fn check(&self, cond: bool, what: &str) {
+        if !cond {
+            panic!(
+                "{what}\n--- exit: {:?} after {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                self.status, self.elapsed, self.stdout, self.stderr
+            );
+        }
+    }
+}
+
+/// Spawn microvm with `args` (stdin closed) without waiting.
+pub fn spawn(args: &[String], envs: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(microvm_bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn microvm")
+}
+
+/// Run microvm to completion or until `deadline`, noting when `marker` first
+/// shows on stdout. A run over the deadline is killed (by its PID) and has no status.
+pub fn run(args: &[String], marker: Option<&str>, deadline: Duration) -> Run {
+    run_env(args, &[], marker, deadline)
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_env(
+    args: &[String],
+    envs: &[(&str, &str)],
+    marker: Option<&str>,
+    deadline: Duration,
+) -> Run {
+    let start = Instant::now();
+    let mut child = spawn(args, envs);
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let tx2 = tx.clone();
+    let t1 = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send((true, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 || tx2.send((false, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut marker_at = None;
+    let mut status = None;
+    loop {
+        let now = Instant::now();
+        if now >= start + deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((is_out, data)) => {
+                if is_out {
+                    stdout.extend_from_slice(&data);
+                    if marker_at.is_none() {
+                        if let Some(m) = marker {
+                            if String::from_utf8_lossy(&stdout).contains(m) {
+                                marker_at = Some(start.elapsed());
+                            }
+                        }
+                    }
+                } else {
+                    stderr.extend_from_slice(&data);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                status = child.wait().ok();
+                break;
+            }
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            // Drain what is left in the pipes.
+            let _ = t1.join();
+            let _ = t2.join();
+            while let Ok((is_out, data)) = rx.try_recv() {
+                if is_out {
+                    stdout.extend_from_slice(&data)
+                } else {
+                    stderr.extend_from_slice(&data)
+                }
+            }
+            if marker_at.is_none() {
+                if let Some(m) = marker {
+                    if String::from_utf8_lossy(&stdout).contains(m) {
+                        marker_at = Some(start.elapsed());
+                    }
+                }
+            }
+            status = Some(s);
+            break;
+        }
+    }
+    Run {
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        marker_at,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Deadline for one boot: generous on hosts whose KVM interprets guest kernel code.
+pub fn boot_deadline(normal: Duration, emulated: Duration) -> Duration {
+    let emulated_host = std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native")
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false);
+    if emulated_host {
+        emulated
+    } else {
+        normal
+    }
+}
+
+/// Strings to owned args.
+pub fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
