@@ -59,6 +59,9 @@ pub enum VmmError {
     /// virtio devices.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    /// virtio-net (TAP) setup.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetDeviceError),
     /// Bus layout.
     #[error("device layout")]
     Bus(#[from] BusError),
@@ -230,6 +233,13 @@ impl Vmm {
             .map_err(VmmError::Cmdline)?;
         let mut devices = DeviceManager::new();
         devices.attach_drives(&vm, &mut mmio_bus, &mem, &config.drives, &mut cl)?;
+        for (index, net) in config.nets.iter().enumerate() {
+            let dev = crate::devices::virtio::net::net_device(net, index)?;
+            devices.attach_virtio(&vm, &mut mmio_bus, &mem, dev, &mut cl)?;
+        }
+        if let Some(ip) = crate::net::kernel_ip_arg(&config.nets) {
+            cl.insert_str(ip).map_err(VmmError::Cmdline)?;
+        }
 
         // 8. The rest of the command line: root, command, then the user's own.
         if let Some(root) = config.drives.iter().find(|d| d.is_root) {
