@@ -9,13 +9,15 @@ pub const DEFAULT_CMDLINE: &str =
 
 /// Added only on hosts whose KVM interprets guest kernel mode (see
 /// docs/ARCHITECTURE.md): keep the kernel off instructions that KVM's
-/// emulator cannot execute, and trust the TSC instead of re-checking it under
-/// an interpreter that makes every timer look wrong.
+/// emulator cannot execute, trust the TSC instead of re-checking it under
+/// an interpreter that makes every timer look wrong, and (`nopv`) skip the
+/// KVM paravirt features: CPUID there advertises the outer host's PV leaves,
+/// and PV IPIs/kicks are hypercalls, which hang on such hosts.
 pub const EMULATED_KVM_CMDLINE: &str = concat!(
     "noxsave clearcpuid=smap,smep,popcnt,cx16,rdrand,rdseed,avx,avx2,avx512f,bmi1,bmi2,movbe,",
     "sse4_1,sse4_2,fsgsbase,pku,ospke,erms,fsrm,pcid,invpcid,rdpid,sha_ni,aes,pclmulqdq,gfni,",
     "vaes,vpclmulqdq,f16c,fma,abm,adx,clflushopt,clwb,xsaveopt,xsavec,xsaves,umip,waitpkg,",
-    "movdiri,movdir64b,serialize tsc=reliable no_timer_check"
+    "movdiri,movdir64b,serialize tsc=reliable no_timer_check nopv rcupdate.rcu_cpu_stall_suppress=1"
 );
 
 /// Kernel parameter carrying the command the rootfs init runs (see rootfs/README.md).
@@ -42,6 +44,11 @@ pub fn command_param(argv: &[String]) -> String {
         "{CMD_PARAM}={}",
         base64::engine::general_purpose::STANDARD.encode(raw)
     )
+}
+
+/// Skip the guest's early TSC calibration: it is given the frequency KVM uses.
+pub fn tsc_param(khz: u32) -> String {
+    format!("tsc_early_khz={khz}")
 }
 
 /// `root=` for the first drive.

@@ -241,7 +241,22 @@ impl Vmm {
             cl.insert_str(ip).map_err(VmmError::Cmdline)?;
         }
 
-        // 8. The rest of the command line: root, command, then the user's own.
+        // 8. vCPU file descriptors (configured in step 10); on an interpreting
+        // KVM the guest cannot calibrate its TSC against the PIT (the
+        // interpreter skews every loop), so hand it the frequency KVM knows.
+        let vcpu_fds = (0..config.cpus)
+            .map(|i| vm.create_vcpu(u64::from(i)).map_err(kvm_err("create a vCPU")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if emulated_kvm {
+            match vcpu_fds[0].get_tsc_khz() {
+                Ok(khz) if khz > 0 => cl
+                    .insert_str(cmdline::tsc_param(khz))
+                    .map_err(VmmError::Cmdline)?,
+                other => log::warn!("cannot read the TSC frequency from KVM: {other:?}"),
+            }
+        }
+
+        // 9. The rest of the command line: root, command, then the user's own.
         if let Some(root) = config.drives.iter().find(|d| d.is_root) {
             cl.insert_str(cmdline::root_param(root.read_only))
                 .map_err(VmmError::Cmdline)?;
@@ -261,12 +276,12 @@ impl Vmm {
             .into_owned();
         log::debug!("kernel command line: {cmdline_string}");
 
-        // 9. Boot structures: MP table, page tables and GDT, boot_params.
+        // 10. Boot structures: MP table, page tables and GDT, boot_params.
         mptable::setup(&mem, config.cpus)?;
         regs::write_boot_tables(&mem)?;
         boot::configure_system(&mem, &kernel, &cl, initrd)?;
 
-        // 10. vCPUs.
+        // 11. vCPUs: CPUID, MSRs, FPU, LAPIC; registers of the boot vCPU.
         let pio_bus = Arc::new(pio_bus);
         let mmio_bus = Arc::new(mmio_bus);
         let counters = Arc::new(ExitCounters::default());
@@ -274,10 +289,7 @@ impl Vmm {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("read supported CPUID"))?;
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for index in 0..config.cpus {
-            let fd = vm
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("create a vCPU"))?;
+        for (index, fd) in (0..config.cpus).zip(vcpu_fds) {
             let mut c = supported.clone();
             cpuid::filter(&mut c, index, config.cpus);
             fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;

@@ -74,7 +74,7 @@ pub fn kernel() -> Option<PathBuf> {
 pub fn test_initrd() -> Option<PathBuf> {
     artifact(
         "MICROVM_TEST_INITRD",
-        "initramfs/test.cpio.gz",
+        "initramfs/test.cpio",
         "tests/initramfs/build.sh",
     )
 }
