@@ -130,9 +130,16 @@ impl Vcpu {
         self.index
     }
 
-    /// Run until the vCPU cannot continue.
-    pub fn run(&mut self) -> VcpuStop {
+    /// Run until the vCPU cannot continue. `process_start`, when given, is
+    /// used to log the VMM's startup time at the first `KVM_RUN`.
+    pub fn run(&mut self, process_start: Option<std::time::Instant>) -> VcpuStop {
         let c = self.counters.clone();
+        if let Some(t0) = process_start {
+            log::info!(
+                "VMM startup: {} us from process start to first KVM_RUN",
+                t0.elapsed().as_micros()
+            );
+        }
         loop {
             match self.fd.run() {
                 Ok(exit) => match exit {

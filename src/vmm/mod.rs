@@ -146,6 +146,7 @@ pub struct Vmm {
     guest_panicked: Arc<AtomicBool>,
     counters: Arc<ExitCounters>,
     cmdline: String,
+    process_start: Instant,
 }
 
 impl Vmm {
@@ -323,6 +324,7 @@ impl Vmm {
             guest_panicked,
             counters,
             cmdline: cmdline_string,
+            process_start,
         })
     }
 
@@ -360,10 +362,11 @@ impl Vmm {
         for mut vcpu in self.vcpus.drain(..) {
             let tx = self.events_tx.clone();
             let index = vcpu.index();
+            let t0 = (index == 0).then_some(self.process_start);
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let stop = vcpu.run();
+                    let stop = vcpu.run(t0);
                     let _ = tx.send(VmEvent::VcpuStopped(index, stop));
                 })
                 .map_err(host_err("vCPU thread"))?;
