@@ -70,6 +70,11 @@ pub const I8042_PORT_BASE: u64 = 0x60;
 /// Size of the i8042 window (0x60..=0x64).
 pub const I8042_PORT_SIZE: u64 = 0x5;
 
+/// CMOS RTC index/data ports.
+pub const RTC_PORT_BASE: u64 = 0x70;
+/// Size of the CMOS window (0x70..=0x71).
+pub const RTC_PORT_SIZE: u64 = 0x2;
+
 /// Our exit device: the guest writes its command's exit status (one byte) here.
 pub const EXIT_PORT: u64 = 0xf4;
 /// Size of the exit device window.

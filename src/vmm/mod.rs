@@ -216,6 +216,11 @@ impl Vmm {
             layout::I8042_PORT_BASE,
             layout::I8042_PORT_SIZE,
         )?;
+        pio_bus.insert(
+            Arc::new(Mutex::new(crate::devices::rtc::Cmos::new())),
+            layout::RTC_PORT_BASE,
+            layout::RTC_PORT_SIZE,
+        )?;
         let exit_status: ExitStatus = Arc::new(AtomicI32::new(-1));
         pio_bus.insert(
             Arc::new(Mutex::new(ExitDevice::new(exit_status.clone()))),
@@ -246,7 +251,10 @@ impl Vmm {
         // KVM the guest cannot calibrate its TSC against the PIT (the
         // interpreter skews every loop), so hand it the frequency KVM knows.
         let vcpu_fds = (0..config.cpus)
-            .map(|i| vm.create_vcpu(u64::from(i)).map_err(kvm_err("create a vCPU")))
+            .map(|i| {
+                vm.create_vcpu(u64::from(i))
+                    .map_err(kvm_err("create a vCPU"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if emulated_kvm {
             match vcpu_fds[0].get_tsc_khz() {
