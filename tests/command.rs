@@ -28,20 +28,26 @@ fn run_command(tag: &str, cmd: &[&str], extra: &[&str]) -> Option<Run> {
 
 #[test]
 fn true_exits_zero() {
-    let Some(r) = run_command("true", &["true"], &[]) else { return };
+    let Some(r) = run_command("true", &["true"], &[]) else {
+        return;
+    };
     r.check(r.code() == Some(0), "`true` in the guest -> exit 0");
 }
 
 #[test]
 fn false_exits_one() {
-    let Some(r) = run_command("false", &["false"], &[]) else { return };
+    let Some(r) = run_command("false", &["false"], &[]) else {
+        return;
+    };
     r.check(r.code() == Some(1), "`false` in the guest -> exit 1");
 }
 
 #[test]
 fn exit_status_and_output_order() {
     let script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done; exit 42";
-    let Some(r) = run_command("exit42", &["sh", "-c", script], &[]) else { return };
+    let Some(r) = run_command("exit42", &["sh", "-c", script], &[]) else {
+        return;
+    };
     r.check(r.code() == Some(42), "`sh -c 'exit 42'` -> exit 42");
     let lines: Vec<&str> = r
         .stdout
@@ -57,7 +63,9 @@ fn exit_status_and_output_order() {
 
 #[test]
 fn death_by_signal_is_128_plus_n() {
-    let Some(r) = run_command("kill9", &["sh", "-c", "kill -9 $$"], &[]) else { return };
+    let Some(r) = run_command("kill9", &["sh", "-c", "kill -9 $$"], &[]) else {
+        return;
+    };
     r.check(r.code() == Some(137), "killed by SIGKILL -> 137");
 }
 
@@ -69,7 +77,10 @@ fn timeout_stops_the_vm_with_124() {
         return;
     };
     r.check(r.code() == Some(124), "--timeout -> exit 124");
-    r.check(r.stderr.contains("timed out after 3.0 s"), "says it timed out");
+    r.check(
+        r.stderr.contains("timed out after 3.0 s"),
+        "says it timed out",
+    );
     r.check(r.elapsed < Duration::from_secs(30), "stops promptly");
 }
 
@@ -78,7 +89,12 @@ fn sigterm_stops_the_vm_with_143() {
     let Some(kernel) = boot_prereqs() else { return };
     let Some(initrd) = test_initrd() else { return };
     let mut child = spawn(
-        &args(&["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap()]),
+        &args(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ]),
         &[],
     );
     std::thread::sleep(Duration::from_secs(2));

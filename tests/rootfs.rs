@@ -116,16 +116,31 @@ exit 0
         .map(str::to_string);
     r.check(guest_sum.is_some(), "guest printed its checksum");
     let host_bytes = debugfs_cat(&data, "/payload.bin");
-    r.check(host_bytes.len() == 3 << 20, "host image holds the whole file");
+    r.check(
+        host_bytes.len() == 3 << 20,
+        "host image holds the whole file",
+    );
     r.check(
         sha256(&host_bytes) == guest_sum.unwrap(),
         "host reads the same bytes the guest wrote",
     );
 
-    r.check(r.stdout.contains("ro-flag: 1"), "guest sees /dev/vdc read-only");
-    r.check(r.stdout.contains("ro-fs: refused"), "filesystem on the ro drive refuses writes");
-    r.check(r.stdout.contains("ro-dev: refused"), "raw writes to the ro drive are refused");
-    r.check(std::fs::read(&ro).unwrap() == ro_before, "read-only image unchanged");
+    r.check(
+        r.stdout.contains("ro-flag: 1"),
+        "guest sees /dev/vdc read-only",
+    );
+    r.check(
+        r.stdout.contains("ro-fs: refused"),
+        "filesystem on the ro drive refuses writes",
+    );
+    r.check(
+        r.stdout.contains("ro-dev: refused"),
+        "raw writes to the ro drive are refused",
+    );
+    r.check(
+        std::fs::read(&ro).unwrap() == ro_before,
+        "read-only image unchanged",
+    );
 }
 
 #[test]
@@ -135,7 +150,11 @@ fn image_in_use_is_refused() {
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     // Hold the lock the way a running microvm does.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
     // SAFETY: flock on a descriptor we own.
     let rc = unsafe { libc_flock(&f) };
     assert_eq!(rc, 0);

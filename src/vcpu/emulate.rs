@@ -29,7 +29,7 @@ pub enum Fixup {
 
 impl Fixup {
     /// Instruction length.
-    pub fn len(self) -> u64 {
+    pub fn length(self) -> u64 {
         match self {
             Fixup::Int3 | Fixup::Fwait => 1,
             Fixup::IntN(_) => 2,
@@ -114,7 +114,7 @@ pub fn translate(mem: &GuestMemoryMmap, sregs: &kvm_sregs, gva: u64) -> Option<u
         if entry & PTE_PRESENT == 0 {
             return None;
         }
-        if level <= 3 && level >= 2 && entry & PTE_LARGE != 0 {
+        if (2..=3).contains(&level) && entry & PTE_LARGE != 0 {
             let page_mask = (1u64 << shift) - 1;
             return Some((entry & ADDR_MASK & !page_mask) | (gva & page_mask));
         }
@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(decode(&[0x0f, 0x01]), None);
         assert_eq!(decode(&[]), None);
         assert_eq!(decode(&[0xf3, 0x0f, 0xb8]), None); // popcnt: not ours to finish
-        assert_eq!(Fixup::SetAc(true).len(), 3);
+        assert_eq!(Fixup::SetAc(true).length(), 3);
     }
 
     fn long_mode_sregs(cr3: u64) -> kvm_sregs {

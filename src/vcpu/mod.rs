@@ -241,7 +241,7 @@ impl Vcpu {
         fix.log_once();
         let kvm_err = |e: kvm_ioctls::Error| fail(format!("while finishing {}: {e}", fix.name()));
         let mut regs = self.fd.get_regs().map_err(kvm_err)?;
-        regs.rip = regs.rip.wrapping_add(fix.len());
+        regs.rip = regs.rip.wrapping_add(fix.length());
         match fix {
             Fixup::Fwait => {}
             Fixup::SetAc(on) => {

@@ -83,16 +83,15 @@ impl VmmError {
     /// True when the error is the user's input (bad kernel file, missing drive),
     /// not a failure of the VMM or the host.
     pub fn is_usage_error(&self) -> bool {
-        match self {
+        matches!(
+            self,
             VmmError::Boot(
                 BootError::OpenKernel { .. }
-                | BootError::NotAKernel { .. }
-                | BootError::ReadInitrd { .. }
-                | BootError::InitrdTooBig { .. },
-            ) => true,
-            VmmError::Devices(DeviceManagerError::Block { .. }) => true,
-            _ => false,
-        }
+                    | BootError::NotAKernel { .. }
+                    | BootError::ReadInitrd { .. }
+                    | BootError::InitrdTooBig { .. },
+            ) | VmmError::Devices(DeviceManagerError::Block { .. })
+        )
     }
 }
 
