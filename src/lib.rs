@@ -11,3 +11,15 @@ pub mod memory;
 pub mod net;
 pub mod vcpu;
 pub mod vmm;
+
+/// An error and its causes on one line: "outer: cause: root cause".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

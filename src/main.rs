@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     let vmm = match Vmm::new(config, process_start) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("microvm: error: {}", error_chain(&e));
+            eprintln!("microvm: error: {}", microvm::error_chain(&e));
             return ExitCode::from(if e.is_usage_error() {
                 EXIT_USAGE
             } else {
@@ -84,21 +84,9 @@ fn main() -> ExitCode {
             128u8.saturating_add(sig as u8)
         }
         Err(e) => {
-            eprintln!("microvm: error: {}", error_chain(&e));
+            eprintln!("microvm: error: {}", microvm::error_chain(&e));
             EXIT_VMM_FAILURE
         }
     };
     ExitCode::from(code)
-}
-
-/// "outer: cause: root cause" on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

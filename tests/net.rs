@@ -21,7 +21,10 @@ struct Netns(String);
 impl Netns {
     fn create() -> Option<Self> {
         let name = format!("microvm-test-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         match Command::new("ip").args(["netns", "add", &name]).status() {
             Ok(s) if s.success() => {}
             other => {

@@ -459,7 +459,7 @@ impl MmioTransport {
             } else {
                 status |= STATUS_DRIVER_OK;
                 if let Err(e) = self.activate() {
-                    let e = error_chain(&e);
+                    let e = crate::error_chain(&e);
                     self.guest_problem(format_args!("activation failed, device needs reset: {e}"));
                     status |= STATUS_NEEDS_RESET;
                     self.config_generation = self.config_generation.wrapping_add(1);
@@ -577,18 +577,6 @@ impl BusDevice for MmioTransport {
         };
         self.write_register(offset, u32::from_le_bytes(bytes));
     }
-}
-
-/// `err: cause: cause...` on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
 
 #[cfg(test)]

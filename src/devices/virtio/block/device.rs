@@ -214,7 +214,7 @@ impl VirtioDevice for Block {
                 "virtio-blk-{}: {}: {}",
                 self.index,
                 self.disk.path().display(),
-                super::error_chain(&e)
+                crate::error_chain(&e)
             );
         }
     }

@@ -49,7 +49,10 @@ impl ErrorLog {
         self.count += 1;
         let n = self.count;
         if n <= ERRORS_LOGGED_IN_FULL || n.is_power_of_two() {
-            log::warn!("virtio-blk: {what}: {} (error #{n})", error_chain(err));
+            log::warn!(
+                "virtio-blk: {what}: {} (error #{n})",
+                crate::error_chain(err)
+            );
         }
     }
 
@@ -57,18 +60,6 @@ impl ErrorLog {
     pub fn count(&self) -> u64 {
         self.count
     }
-}
-
-/// `err: cause: cause...` on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
 
 /// Test helpers shared by the block tests and the device manager tests.
