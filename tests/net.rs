@@ -117,7 +117,15 @@ fn flask_app_answers_over_virtio_net() {
     let stderr = Arc::new(Mutex::new(String::new()));
     let e2 = stderr.clone();
     std::thread::spawn(move || {
-        let _ = err.read_to_string(&mut e2.lock().unwrap());
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            e2.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
     });
     let mut vm = Vm(child);
 
@@ -169,19 +177,10 @@ fn flask_app_answers_over_virtio_net() {
     }
 
     // 100 sequential requests from one client process; every one must be a 200.
-    let mut argv = vec![
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\\n",
-        "--max-time",
-        "120",
-    ];
-    let urls: Vec<String> = (0..100).map(|_| url.clone()).collect();
-    for u in &urls {
-        argv.push(u);
+    // `-o` applies to one URL, so each URL gets its own.
+    let mut argv = vec!["curl", "-s", "-w", "%{http_code}\\n", "--max-time", "120"];
+    for _ in 0..100 {
+        argv.extend(["-o", "/dev/null", url.as_str()]);
     }
     let t = Instant::now();
     let many = ns.exec(&argv);
