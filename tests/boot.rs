@@ -79,7 +79,7 @@ fn boots_initramfs_with_two_cpus() {
         ]),
         &[("RUST_LOG", "info")],
         Some(HELLO),
-        boot_deadline(Duration::from_secs(60), Duration::from_secs(600)),
+        boot_deadline(Duration::from_secs(60), Duration::from_secs(900)),
     );
     r.check(r.marker_at.is_some(), "init marker on the console");
     eprintln!(
@@ -111,7 +111,7 @@ fn guest_panic_is_reported() {
             "microvm.test=panic",
         ]),
         Some(HELLO),
-        boot_deadline(Duration::from_secs(60), Duration::from_secs(600)),
+        boot_deadline(Duration::from_secs(60), Duration::from_secs(900)),
     );
     r.check(
         r.code() == Some(125),
