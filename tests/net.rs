@@ -66,6 +66,25 @@ impl Drop for Vm {
     }
 }
 
+/// Collect everything `r` produces into a shared string, on a thread; never
+/// hold the lock while blocked in `read`.
+fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let t = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            t.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
+}
+
 #[test]
 fn flask_app_answers_over_virtio_net() {
     let Some(kernel) = boot_prereqs() else { return };
@@ -99,34 +118,8 @@ fn flask_app_answers_over_virtio_net() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn microvm in the namespace");
-    let console = Arc::new(Mutex::new(String::new()));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let c2 = console.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            c2.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let e2 = stderr.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            e2.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let console = pump(child.stdout.take().unwrap());
+    let stderr = pump(child.stderr.take().unwrap());
     let mut vm = Vm(child);
 
     let report = |what: &str| -> ! {
