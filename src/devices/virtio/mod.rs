@@ -70,6 +70,31 @@ impl Interrupt {
     }
 }
 
+/// A device's worker thread and the eventfd that tells it to stop.
+pub struct WorkerHandle {
+    kill: EventFd,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    /// A worker running as `thread` that exits when `kill` is signalled.
+    pub fn new(kill: EventFd, thread: std::thread::JoinHandle<()>) -> Self {
+        Self { kill, thread }
+    }
+
+    /// Tell the worker to stop and wait for it; `label` names the device in logs.
+    pub fn stop(self, label: &str) {
+        if let Err(e) = self.kill.write(1) {
+            // The thread cannot be told to stop; joining would hang.
+            log::error!("{label}: cannot stop the worker: {e}");
+            return;
+        }
+        if self.thread.join().is_err() {
+            log::error!("{label}: worker thread panicked");
+        }
+    }
+}
+
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 1 = net).

@@ -8,7 +8,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -24,7 +23,7 @@ use super::request::Limits;
 use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::DriveConfig;
 use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -46,12 +45,7 @@ pub struct Block {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
-    worker: Option<Worker>,
-}
-
-struct Worker {
-    kill: EventFd,
-    handle: JoinHandle<()>,
+    worker: Option<WorkerHandle>,
 }
 
 impl Block {
@@ -115,16 +109,8 @@ impl Block {
     }
 
     fn stop_worker(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
-        if let Err(e) = worker.kill.write(1) {
-            // The thread cannot be told to stop; joining would hang.
-            log::error!("virtio-blk-{}: cannot stop the worker: {e}", self.index);
-            return;
-        }
-        if worker.handle.join().is_err() {
-            log::error!("virtio-blk-{}: worker thread panicked", self.index);
+        if let Some(worker) = self.worker.take() {
+            worker.stop(&format!("virtio-blk-{}", self.index));
         }
     }
 }
@@ -198,7 +184,7 @@ impl VirtioDevice for Block {
             .name(format!("virtio-blk-{}", self.index))
             .spawn(move || ctx.run())
             .map_err(ActivateError::Worker)?;
-        self.worker = Some(Worker { kill, handle });
+        self.worker = Some(WorkerHandle::new(kill, handle));
         Ok(())
     }
 

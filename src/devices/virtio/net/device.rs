@@ -13,7 +13,6 @@
 //! UFO/USO and `EVENT_IDX` are not offered.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{info, warn};
 use virtio_bindings::virtio_net::{
@@ -27,7 +26,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
 use super::worker::Worker;
-use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
+};
 use crate::memory::GuestMemoryMmap;
 use crate::net::{MacAddr, NetBackend, NetConfig, Tap, TapError};
 
@@ -124,11 +125,6 @@ pub enum NetDeviceError {
         #[source]
         source: TapError,
     },
-}
-
-struct WorkerHandle {
-    kill: EventFd,
-    thread: JoinHandle<()>,
 }
 
 /// A virtio-net device backed by a TAP.
@@ -241,13 +237,7 @@ impl Net {
 
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
-            if let Err(e) = worker.kill.write(1) {
-                warn!("{}: cannot stop the worker: {e}", self.label);
-                return;
-            }
-            if worker.thread.join().is_err() {
-                log::error!("{}: worker thread panicked", self.label);
-            }
+            worker.stop(&self.label);
         }
     }
 }
@@ -344,7 +334,7 @@ impl VirtioDevice for Net {
             stats: Arc::clone(&self.stats),
         };
         let thread = worker.spawn().map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle { kill, thread });
+        self.worker = Some(WorkerHandle::new(kill, thread));
         info!(
             "{}: activated (features {acked:#x}, TAP offloads {:#x})",
             self.label,
