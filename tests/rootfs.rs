@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
@@ -155,8 +156,8 @@ fn image_in_use_is_refused() {
         .write(true)
         .open(&disk)
         .unwrap();
-    // SAFETY: flock on a descriptor we own.
-    let rc = unsafe { libc_flock(&f) };
+    // SAFETY: flock on a descriptor we own and keep open.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     assert_eq!(rc, 0);
     let r = run(
         &args(&[
@@ -174,16 +175,4 @@ fn image_in_use_is_refused() {
         "the error says the image is in use",
     );
     drop(f);
-}
-
-/// flock(LOCK_EX | LOCK_NB) without a libc dependency in tests: through the
-/// `flock` command would race, so call it directly.
-unsafe fn libc_flock(f: &std::fs::File) -> i32 {
-    use std::os::fd::AsRawFd;
-    extern "C" {
-        fn flock(fd: i32, op: i32) -> i32;
-    }
-    const LOCK_EX: i32 = 2;
-    const LOCK_NB: i32 = 4;
-    flock(f.as_raw_fd(), LOCK_EX | LOCK_NB)
 }

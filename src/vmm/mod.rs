@@ -135,7 +135,8 @@ pub struct Vmm {
     config: VmConfig,
     _kvm: Kvm,
     _vm: VmFd,
-    mem: GuestMemoryMmap,
+    /// Guest RAM, mapped for as long as the VM exists.
+    _mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice<std::io::Stdout>>>,
     devices: DeviceManager,
@@ -144,7 +145,6 @@ pub struct Vmm {
     exit_status: ExitStatus,
     guest_panicked: Arc<AtomicBool>,
     counters: Arc<ExitCounters>,
-    cmdline: String,
     process_start: Instant,
 }
 
@@ -277,12 +277,9 @@ impl Vmm {
         if let Some(extra) = &config.cmdline_extra {
             cl.insert_str(extra).map_err(VmmError::Cmdline)?;
         }
-        let cmdline_string = cl
-            .as_cstring()
-            .map_err(|_| VmmError::Cmdline(linux_loader::cmdline::Error::InvalidAscii))?
-            .to_string_lossy()
-            .into_owned();
-        log::debug!("kernel command line: {cmdline_string}");
+        if let Ok(c) = cl.as_cstring() {
+            log::debug!("kernel command line: {}", c.to_string_lossy());
+        }
 
         // 10. Boot structures: MP table, page tables and GDT, boot_params.
         mptable::setup(&mem, config.cpus)?;
@@ -321,7 +318,7 @@ impl Vmm {
             config,
             _kvm: kvm,
             _vm: vm,
-            mem,
+            _mem: mem,
             vcpus,
             serial,
             devices,
@@ -330,19 +327,8 @@ impl Vmm {
             exit_status,
             guest_panicked,
             counters,
-            cmdline: cmdline_string,
             process_start,
         })
-    }
-
-    /// The kernel command line the guest gets.
-    pub fn cmdline(&self) -> &str {
-        &self.cmdline
-    }
-
-    /// Guest memory (for tests and diagnostics).
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
     }
 
     /// Start the vCPUs and wait until the VM ends.

@@ -256,9 +256,8 @@ pub fn run_env(
 
 /// Deadline for one boot: generous on hosts whose KVM interprets guest kernel code.
 pub fn boot_deadline(normal: Duration, emulated: Duration) -> Duration {
-    let emulated_host = std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native")
-        .map(|s| s.trim() == "Y")
-        .unwrap_or(false);
+    // The same detection microvm itself uses.
+    let emulated_host = microvm::vmm::host::kvm_is_emulated();
     if emulated_host {
         emulated
     } else {
