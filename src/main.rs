@@ -19,6 +19,13 @@ const EXIT_VMM_FAILURE: u8 = 125;
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    // Block SIGINT/SIGTERM before anything else: one that arrives while the VM
+    // is being built stays pending until the signal thread in `Vmm::run` takes
+    // it, so an early SIGTERM still ends with 143 instead of killing us.
+    if let Err(e) = microvm::vmm::host::block_stop_signals() {
+        eprintln!("microvm: error: cannot block signals: {e}");
+        return ExitCode::from(EXIT_VMM_FAILURE);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_target(false)
         .init();

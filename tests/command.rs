@@ -108,3 +108,32 @@ fn sigterm_stops_the_vm_with_143() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(143), "SIGTERM -> exit 143");
 }
+
+/// A SIGTERM that arrives while microvm is still starting (before the VM
+/// runs) must end it the same way: exit 143, not death by the signal.
+#[test]
+fn sigterm_right_after_spawn_gives_143() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    for delay_us in [0u64, 500, 2_000, 10_000, 50_000] {
+        let mut child = spawn(
+            &args(&[
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--initrd",
+                initrd.to_str().unwrap(),
+            ]),
+            &[],
+        );
+        std::thread::sleep(Duration::from_micros(delay_us));
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on the PID of the child this test spawned and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = wait_with_deadline(&mut child, Duration::from_secs(60));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(143),
+            "SIGTERM {delay_us} us after spawn -> exit 143 (got {status:?})"
+        );
+    }
+}

@@ -1,5 +1,7 @@
 //! Minimal CMOS real-time clock (ports 0x70/0x71): gives the guest the host's
-//! wall-clock time at boot, in binary 24-hour mode. The guest kernel reads it
+//! wall-clock time at boot, in BCD 24-hour mode (x86 Linux defines
+//! `RTC_ALWAYS_BCD` and decodes every register as BCD whatever status B says,
+//! so a binary clock read 2026-12-01 22:20 as 2020-12-01 16:14). The guest kernel reads it
 //! once (`rtc_cmos`/`mc146818`); without it a guest that has no kvmclock
 //! (for example with `nopv`) would start in 1970. Writes to the clock are
 //! accepted and ignored; the 114 bytes of NVRAM after the clock registers
@@ -21,8 +23,8 @@ const REG_B: u8 = 0x0b;
 const REG_C: u8 = 0x0c;
 const REG_D: u8 = 0x0d;
 const REG_CENTURY: u8 = 0x32;
-/// Status B: 24-hour clock, binary (not BCD) values.
-const B_24H_BINARY: u8 = 0x02 | 0x04;
+/// Status B: 24-hour clock, BCD values (data-mode bit 0x04 clear), as a PC's RTC.
+const B_24H_BCD: u8 = 0x02;
 /// Status D: the battery is fine, the time is valid.
 const D_VALID: u8 = 0x80;
 
@@ -71,6 +73,12 @@ pub fn from_unix(secs: i64) -> DateTime {
     }
 }
 
+/// The last two decimal digits of `v` as packed BCD (0x00..=0x99).
+fn bcd(v: i64) -> u8 {
+    let v = v.rem_euclid(100) as u8;
+    (v / 10) << 4 | (v % 10)
+}
+
 /// The CMOS RTC as a bus device at port 0x70 (index) / 0x71 (data).
 pub struct Cmos {
     index: u8,
@@ -94,17 +102,17 @@ impl Cmos {
 
     fn register(&self, reg: u8, now: &DateTime) -> u8 {
         match reg {
-            REG_SECONDS => now.second as u8,
-            REG_MINUTES => now.minute as u8,
-            REG_HOURS => now.hour as u8,
-            REG_WEEKDAY => now.weekday as u8,
-            REG_DAY => now.day as u8,
-            REG_MONTH => now.month as u8,
-            REG_YEAR => now.year.rem_euclid(100) as u8,
-            REG_CENTURY => now.year.div_euclid(100) as u8,
+            REG_SECONDS => bcd(i64::from(now.second)),
+            REG_MINUTES => bcd(i64::from(now.minute)),
+            REG_HOURS => bcd(i64::from(now.hour)),
+            REG_WEEKDAY => bcd(i64::from(now.weekday)),
+            REG_DAY => bcd(i64::from(now.day)),
+            REG_MONTH => bcd(i64::from(now.month)),
+            REG_YEAR => bcd(now.year),
+            REG_CENTURY => bcd(now.year.div_euclid(100)),
             // No update in progress, 32.768 kHz divider.
             REG_A => 0x26,
-            REG_B => B_24H_BINARY,
+            REG_B => B_24H_BCD,
             REG_C => 0,
             REG_D => D_VALID,
             r => self.nvram[usize::from(r & 0x7f)],
@@ -172,15 +180,32 @@ mod tests {
     }
 
     #[test]
+    fn clock_registers_are_bcd() {
+        // 2026-12-01 22:20:47 UTC, a Tuesday (CMOS 3).
+        let t = from_unix(1_796_163_647);
+        let c = Cmos::new();
+        let r = |reg| c.register(reg, &t);
+        assert_eq!(
+            [r(REG_CENTURY), r(REG_YEAR), r(REG_MONTH), r(REG_DAY)],
+            [0x20, 0x26, 0x12, 0x01]
+        );
+        assert_eq!(
+            [r(REG_HOURS), r(REG_MINUTES), r(REG_SECONDS), r(REG_WEEKDAY)],
+            [0x22, 0x20, 0x47, 0x03]
+        );
+        assert_eq!(r(REG_B) & 0x04, 0, "data mode must be BCD");
+    }
+
+    #[test]
     fn registers_through_ports() {
         let mut c = Cmos::new();
         let mut b = [0u8];
         c.write(0, &[REG_B]);
         c.read(1, &mut b);
-        assert_eq!(b[0], B_24H_BINARY);
+        assert_eq!(b[0], B_24H_BCD);
         c.write(0, &[0x80 | REG_CENTURY]); // NMI-mask bit ignored
         c.read(1, &mut b);
-        assert!(b[0] >= 20);
+        assert!(b[0] >= 0x20);
         c.write(0, &[0x40]);
         c.write(1, &[0x5a]);
         c.read(1, &mut b);
