@@ -9,6 +9,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod net;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;
 
