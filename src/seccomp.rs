@@ -87,9 +87,7 @@ mod kvm_nr {
             KVM_GET_VCPU_EVENTS(),
             KVM_SET_VCPU_EVENTS(),
         ]
-        .into_iter()
-        .map(u64::from)
-        .collect()
+        .to_vec()
     }
 }
 
@@ -376,8 +374,8 @@ mod tests {
                 libc::_exit(0);
             }
         }
-        // SAFETY: closing our copy of the write end; waiting for our own child.
         let mut status = 0;
+        // SAFETY: closing our copy of the write end; waiting for our own child.
         unsafe {
             libc::close(fds[1]);
             libc::waitpid(pid, &mut status, 0);
@@ -428,9 +426,12 @@ mod tests {
     #[test]
     fn forbidden_ioctl_request_is_refused() {
         let (status, err) = in_child(ThreadKind::Vcpu, || {
-            // SAFETY: an ioctl the vCPU filter does not list (TIOCGWINSZ on stderr).
-            let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-            unsafe { libc::ioctl(2, libc::TIOCGWINSZ, &mut ws) };
+            // SAFETY: winsize is plain old data; TIOCGWINSZ on stderr is an
+            // ioctl the vCPU filter does not list.
+            unsafe {
+                let mut ws: libc::winsize = std::mem::zeroed();
+                libc::ioctl(2, libc::TIOCGWINSZ, &mut ws);
+            }
         });
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
         assert!(err.contains("system call 16 (ioctl"), "message: {err}");
