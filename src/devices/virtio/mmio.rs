@@ -813,13 +813,10 @@ mod tests {
         assert_eq!(r32(&mut t, REG_QUEUE_READY), 1);
 
         // The device interrupts through the shared status and the irqfd.
-        state
-            .lock()
-            .unwrap()
-            .interrupt
-            .as_ref()
-            .unwrap()
-            .trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING);
+        let device_interrupt = |f: &dyn Fn(&Interrupt)| {
+            f(state.lock().unwrap().interrupt.as_ref().unwrap());
+        };
+        device_interrupt(&|i| i.trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING));
         assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), 1);
         assert_eq!(t.interrupt_evt().read().unwrap(), 1);
         w32(&mut t, REG_INTERRUPT_ACK, 1);
@@ -827,13 +824,7 @@ mod tests {
 
         // A device that found a broken ring says so through Status and a
         // configuration change interrupt; reset clears it.
-        state
-            .lock()
-            .unwrap()
-            .interrupt
-            .as_ref()
-            .unwrap()
-            .needs_reset();
+        device_interrupt(&Interrupt::needs_reset);
         assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS | STATUS_NEEDS_RESET);
         assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
         w32(&mut t, REG_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
@@ -908,29 +899,22 @@ mod tests {
     fn unusable_rings_at_driver_ok_set_needs_reset() {
         use vm_memory::Bytes;
         let (mut t, state) = transport(vec![16, 16]);
+        // Queue 0 with its available ring at `avail` and index `avail_idx`.
+        let mut driver_ok = |avail: u64, avail_idx: u16| {
+            w32(&mut t, REG_STATUS, 0);
+            assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+            setup_queue(&mut t, 0, 0x1000, avail, 0x3000, 16);
+            t.mem.write_obj(avail_idx, GuestAddress(avail + 2)).unwrap();
+            w32(&mut t, REG_STATUS, OK_STATUS);
+            (t.is_activated(), r32(&mut t, REG_STATUS))
+        };
+        let refused = (false, OK_STATUS | STATUS_NEEDS_RESET);
         // A ready queue whose available ring is at guest address 0.
-        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
-        setup_queue(&mut t, 0, 0x1000, 0, 0x3000, 16);
-        w32(&mut t, REG_STATUS, OK_STATUS);
-        assert!(!t.is_activated());
-        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS | STATUS_NEEDS_RESET);
-
+        assert_eq!(driver_ok(0, 0), refused);
         // An available index more than a queue ahead of the device.
-        w32(&mut t, REG_STATUS, 0);
-        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
-        setup_queue(&mut t, 0, 0x1000, 0x2000, 0x3000, 16);
-        t.mem.write_obj(17u16, GuestAddress(0x2002)).unwrap();
-        w32(&mut t, REG_STATUS, OK_STATUS);
-        assert!(!t.is_activated());
-        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS | STATUS_NEEDS_RESET);
-
+        assert_eq!(driver_ok(0x2000, 17), refused);
         // 16 ahead is a full ring, which is fine.
-        w32(&mut t, REG_STATUS, 0);
-        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
-        setup_queue(&mut t, 0, 0x1000, 0x2000, 0x3000, 16);
-        t.mem.write_obj(16u16, GuestAddress(0x2002)).unwrap();
-        w32(&mut t, REG_STATUS, OK_STATUS);
-        assert!(t.is_activated());
+        assert_eq!(driver_ok(0x2000, 16), (true, OK_STATUS));
         assert_eq!(state.lock().unwrap().activations, 1);
     }
 

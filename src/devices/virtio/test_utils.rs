@@ -79,9 +79,35 @@ pub fn write_linked_table<M: vm_memory::GuestMemory>(
     assert!(table.checked_add(raw.len() as u64).is_some());
 }
 
+/// A full queue of one chain: `descs` linked in `vq`'s own descriptor table,
+/// or, with `indirect_at`, in an indirect table there that descriptor 0
+/// points to; every available entry names descriptor 0. Returns the
+/// device's queue, its used ring moved to `used`.
+pub fn full_queue_of_one_chain<M: vm_memory::GuestMemory>(
+    vq: &virtio_queue::mock::MockSplitQueue<'_, M>,
+    mem: &M,
+    size: u16,
+    descs: &[(u64, u32, u16)],
+    indirect_at: Option<vm_memory::GuestAddress>,
+    used: vm_memory::GuestAddress,
+) -> virtio_queue::Queue {
+    match indirect_at {
+        Some(table) => {
+            write_linked_table(mem, table, descs);
+            let count = u32::try_from(descs.len()).unwrap();
+            vq.desc_table()
+                .store(0, indirect_desc(table.0, count))
+                .unwrap();
+        }
+        None => write_linked_table(mem, vq.desc_table_addr(), descs),
+    }
+    fill_avail_ring(vq, size, 0);
+    queue_with_used_ring_at(vq, used)
+}
+
 /// Make every entry of `vq`'s available ring name descriptor `head`, and
 /// publish them all (avail index = queue size).
-pub fn fill_avail_ring<M: vm_memory::GuestMemory>(
+fn fill_avail_ring<M: vm_memory::GuestMemory>(
     vq: &virtio_queue::mock::MockSplitQueue<'_, M>,
     size: u16,
     head: u16,
@@ -93,7 +119,7 @@ pub fn fill_avail_ring<M: vm_memory::GuestMemory>(
 }
 
 /// An indirect descriptor: `count` descriptors at `table`.
-pub fn indirect_desc(table: u64, count: u32) -> virtio_queue::desc::RawDescriptor {
+fn indirect_desc(table: u64, count: u32) -> virtio_queue::desc::RawDescriptor {
     let flags = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
     virtio_queue::desc::split::Descriptor::new(table, count * 16, flags, 0).into()
 }
@@ -101,7 +127,7 @@ pub fn indirect_desc(table: u64, count: u32) -> virtio_queue::desc::RawDescripto
 /// `vq`'s queue with its used ring moved to `used`: for large queues
 /// virtio-queue's mock places the used ring inside the available ring (it
 /// advances by the element count, not their size).
-pub fn queue_with_used_ring_at<M: vm_memory::GuestMemory>(
+fn queue_with_used_ring_at<M: vm_memory::GuestMemory>(
     vq: &virtio_queue::mock::MockSplitQueue<'_, M>,
     used: vm_memory::GuestAddress,
 ) -> virtio_queue::Queue {

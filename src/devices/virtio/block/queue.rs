@@ -137,8 +137,7 @@ mod tests {
     use super::super::{ID_BYTES, QUEUE_SIZE};
     use super::*;
     use crate::devices::virtio::test_utils::{
-        cpu_time_of, fill_avail_ring, indirect_desc, queue_with_used_ring_at, used_idx,
-        write_linked_table, KICK_CPU_BUDGET,
+        cpu_time_of, full_queue_of_one_chain, used_idx, KICK_CPU_BUDGET,
     };
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
@@ -454,42 +453,42 @@ mod tests {
     /// Where the CPU tests put the used ring of their full-size queue.
     const USED_RING: GuestAddress = GuestAddress(0x8000);
 
-    /// A disk, and a full-size queue at guest address 0.
-    fn full_queue_setup(
-        m: &GuestMemoryMmap,
-    ) -> (TempImage, Disk, MockSplitQueue<'_, GuestMemoryMmap>) {
+    /// One kick of a full-size queue whose every entry is the chain `descs`
+    /// (through an indirect table at `indirect_at`, if given; headers all
+    /// zero, a read of sector 0): the CPU it took, its result, the errors it
+    /// counted and the guest memory.
+    fn kick_full_queue(
+        descs: &[(u64, u32, u16)],
+        indirect_at: Option<GuestAddress>,
+    ) -> (
+        std::time::Duration,
+        Result<bool, QueueError>,
+        ErrorLog,
+        GuestMemoryMmap,
+    ) {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let (img, _) = image(4);
         let disk = Disk::open(img.path(), false).unwrap();
-        let vq = MockSplitQueue::create(m, GuestAddress(0), QUEUE_SIZE);
-        (img, disk, vq)
+        let vq = MockSplitQueue::create(&m, GuestAddress(0), QUEUE_SIZE);
+        let mut queue = full_queue_of_one_chain(&vq, &m, QUEUE_SIZE, descs, indirect_at, USED_RING);
+        let mut errors = ErrorLog::default();
+        let (cpu, r) =
+            cpu_time_of(|| process_queue(&m, &mut queue, &disk, &disk.limits(), &mut errors));
+        // Every chain is handed back.
+        assert_eq!(used_idx(&m, USED_RING), QUEUE_SIZE);
+        (cpu, r, errors, m)
     }
 
     /// Finding 2 of the hostile-guest review: every avail entry names one
     /// descriptor pointing at a 65,535-entry indirect table.
     #[test]
     fn one_kick_does_not_walk_a_huge_indirect_table() {
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let (_img, disk, vq) = full_queue_setup(&m);
-        let table = 0x10_0000u64;
-        let n = u16::MAX;
-        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
         let mut descs = vec![(HDR, 16, 0)];
-        descs.extend((2..n).map(|_| (DATA, 0, W)));
+        descs.extend((2..u16::MAX).map(|_| (DATA, 0, W)));
         descs.push((STATUS, 1, W));
-        write_linked_table(&m, GuestAddress(table), &descs);
-        vq.desc_table()
-            .store(0, indirect_desc(table, u32::from(n)))
-            .unwrap();
-        fill_avail_ring(&vq, QUEUE_SIZE, 0);
-        let mut queue = queue_with_used_ring_at(&vq, USED_RING);
-
-        let mut errors = ErrorLog::default();
-        let (cpu, r) =
-            cpu_time_of(|| process_queue(&m, &mut queue, &disk, &disk.limits(), &mut errors));
+        let (cpu, r, errors, _) = kick_full_queue(&descs, Some(GuestAddress(0x10_0000)));
         assert_eq!(r, Ok(true));
         assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
-        // Every chain is handed back.
-        assert_eq!(used_idx(&m, USED_RING), QUEUE_SIZE);
         assert_eq!(errors.count(), u64::from(QUEUE_SIZE));
     }
 
@@ -498,32 +497,22 @@ mod tests {
     /// descriptors, status), every avail entry naming the same chain.
     #[test]
     fn cpu_per_kick_for_a_full_queue_of_maximal_chains() {
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let (_img, disk, vq) = full_queue_setup(&m);
-        header(&m, HDR, VIRTIO_BLK_T_IN, 1);
         let mut descs = vec![(HDR, 16, 0), (DATA, 512, W)];
         descs.extend((3..QUEUE_SIZE).map(|_| (DATA, 0, W)));
         descs.push((STATUS, 1, W));
         assert_eq!(descs.len(), usize::from(QUEUE_SIZE));
-        write_linked_table(&m, vq.desc_table_addr(), &descs);
-        fill_avail_ring(&vq, QUEUE_SIZE, 0);
-        let mut queue = queue_with_used_ring_at(&vq, USED_RING);
-
-        let mut errors = ErrorLog::default();
-        let (cpu, r) =
-            cpu_time_of(|| process_queue(&m, &mut queue, &disk, &disk.limits(), &mut errors));
-        assert_eq!(r, Ok(true));
+        // The header is left all zero: VIRTIO_BLK_T_IN of sector 0.
+        let (cpu, r, errors, m) = kick_full_queue(&descs, None);
         eprintln!(
             "virtio-blk: one kick, {QUEUE_SIZE} chains of {QUEUE_SIZE} descriptors: {cpu:?} CPU"
         );
+        assert_eq!(r, Ok(true));
         assert_eq!(errors.count(), 0);
-        assert_eq!(used_idx(&m, USED_RING), QUEUE_SIZE);
-        assert_eq!(d_status(&m), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
         assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
-    }
-
-    fn d_status(m: &GuestMemoryMmap) -> u8 {
-        m.read_obj(GuestAddress(STATUS)).unwrap()
     }
 
     #[test]
