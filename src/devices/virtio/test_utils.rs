@@ -50,7 +50,7 @@ pub fn named_thread_cpu_time(name: &str) -> Option<Duration> {
 /// Host CPU one queue notify may cost the device: a full queue of the
 /// longest legal chains. Unit tests run unoptimised, hence the larger figure.
 pub const KICK_CPU_BUDGET: Duration = if cfg!(debug_assertions) {
-    Duration::from_millis(250)
+    Duration::from_millis(150)
 } else {
     Duration::from_millis(10)
 };
