@@ -3,8 +3,9 @@
 //!
 //! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
 //! `virtio-blk-N` epolls on the queue EventFd and a kill EventFd; each kick
-//! drains the queue ([`process_queue`]) and raises the interrupt. Reset and
-//! drop stop the thread and join it.
+//! drains the queue ([`process_queue`]) and raises the interrupt. A broken
+//! ring makes the thread report DEVICE_NEEDS_RESET and stop watching the
+//! queue. Reset and drop stop the thread and join it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
