@@ -3,8 +3,9 @@
 //!
 //! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
 //! `virtio-blk-N` epolls on the queue EventFd and a kill EventFd; each kick
-//! drains the queue ([`process_queue`]) and raises the interrupt. Reset and
-//! drop stop the thread and join it.
+//! drains the queue ([`process_queue`]) and raises the interrupt. A broken
+//! ring makes the thread report DEVICE_NEEDS_RESET and stop watching the
+//! queue. Reset and drop stop the thread and join it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use super::queue::process_queue;
 use super::request::Limits;
 use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::DriveConfig;
+use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
     ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
@@ -241,6 +243,24 @@ impl WorkerContext {
         Ok(())
     }
 
+    /// The ring is broken: stop watching the queue (until the driver resets
+    /// the device, which stops this thread) and tell the driver.
+    fn stop_serving(&self, e: &QueueError) {
+        use std::os::fd::AsRawFd;
+        log::warn!("virtio-blk-{}: {e}: device needs reset", self.index);
+        self.interrupt.needs_reset();
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.queue_evt.as_raw_fd(),
+            EpollEvent::default(),
+        ) {
+            log::error!(
+                "virtio-blk-{}: cannot stop watching the queue: {e}",
+                self.index
+            );
+        }
+    }
+
     fn run(mut self) {
         let mut errors = ErrorLog::default();
         let mut events = [EpollEvent::default(); 2];
@@ -260,14 +280,16 @@ impl WorkerContext {
             if ready.iter().any(|e| e.data() == TOKEN_QUEUE) {
                 // Non-blocking: EAGAIN just means another kick was merged.
                 let _ = self.queue_evt.read();
-                if process_queue(
+                match process_queue(
                     &self.mem,
                     &mut self.queue,
                     &self.disk,
                     &self.limits,
                     &mut errors,
                 ) {
-                    self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+                    Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+                    Ok(false) => {}
+                    Err(e) => self.stop_serving(&e),
                 }
             }
         }

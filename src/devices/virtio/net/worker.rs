@@ -11,6 +11,9 @@
 //! case the frame stays pending and the TAP is left alone until the guest
 //! kicks the RX queue. Batches are bounded so RX and TX take turns; the
 //! guest is interrupted after each batch.
+//!
+//! A broken ring ends the serving: the worker reports DEVICE_NEEDS_RESET and
+//! then waits only for the kill eventfd, never polling again.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -22,6 +25,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{FrameSink, FrameSource, NetStats, RxPath, RxStop, TxPath};
+use crate::devices::virtio::queue_guard::{self, QueueError};
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 use crate::net::Tap;
@@ -133,13 +137,37 @@ impl Worker {
                     _ => {}
                 }
             }
-            if tx_more {
-                tx_more = self.handle_tx();
-            }
-            if rx_more {
-                rx_more = self.handle_rx();
+            if let Err(e) = self.serve(&mut rx_more, &mut tx_more) {
+                self.stop_serving(&epoll, &e)?;
+                (rx_more, tx_more) = (false, false);
             }
         }
+    }
+
+    /// One turn of TX then RX; an error when a ring is broken.
+    fn serve(&mut self, rx_more: &mut bool, tx_more: &mut bool) -> Result<(), QueueError> {
+        if *tx_more {
+            *tx_more = self.handle_tx()?;
+        }
+        if *rx_more {
+            *rx_more = self.handle_rx()?;
+        }
+        Ok(())
+    }
+
+    /// A ring is broken: stop watching the queues and the TAP (until the
+    /// driver resets the device, which stops this thread) and tell the driver.
+    fn stop_serving(&self, epoll: &Epoll, e: &QueueError) -> io::Result<()> {
+        log::warn!("{}: {e}: device needs reset", self.label);
+        self.interrupt.needs_reset();
+        for fd in [
+            self.tap.as_raw_fd(),
+            self.rx_evt.as_raw_fd(),
+            self.tx_evt.as_raw_fd(),
+        ] {
+            epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())?;
+        }
+        Ok(())
     }
 
     /// Interrupt the guest unless the driver asked not to be.
@@ -150,17 +178,15 @@ impl Worker {
     }
 
     /// Drain the TX queue with guest notifications off; true if work is left.
-    fn handle_tx(&mut self) -> bool {
+    fn handle_tx(&mut self) -> Result<bool, QueueError> {
         for _ in 0..TX_PASSES {
-            if let Err(e) = self.tx_queue.disable_notification(&self.mem) {
-                log::debug!("{}: cannot disable TX notifications: {e}", self.label);
-            }
+            queue_guard::disable_notification(&mut self.tx_queue, &self.mem)?;
             let batch = self.tx.process(
                 &mut self.tx_queue,
                 &self.mem,
                 &mut TapIo(&self.tap),
                 &self.stats,
-            );
+            )?;
             if batch.used > 0 {
                 Self::signal(&self.interrupt, &mut self.tx_queue, &self.mem);
             }
@@ -169,30 +195,25 @@ impl Worker {
             }
             // Re-enable, then look again: the driver may have added chains
             // while it believed we were not listening.
-            match self.tx_queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => return false,
-                Err(e) => {
-                    log::warn!("{}: cannot enable TX notifications: {e}", self.label);
-                    return false;
-                }
+            if !queue_guard::enable_notification(&mut self.tx_queue, &self.mem)? {
+                return Ok(false);
             }
         }
-        true
+        Ok(true)
     }
 
     /// Move one batch of frames to the guest; true if the TAP may have more.
-    fn handle_rx(&mut self) -> bool {
+    fn handle_rx(&mut self) -> Result<bool, QueueError> {
         let batch = self.rx.process(
             &mut self.rx_queue,
             &self.mem,
             &mut TapIo(&self.tap),
             &self.stats,
             RX_BUDGET,
-        );
+        )?;
         if batch.used > 0 {
             Self::signal(&self.interrupt, &mut self.rx_queue, &self.mem);
         }
-        batch.stop == RxStop::Budget
+        Ok(batch.stop == RxStop::Budget)
     }
 }
