@@ -10,6 +10,8 @@ PKGS=(
   debootstrap busybox-static e2fsprogs
   # end-to-end tests: network namespaces, HTTP client
   iproute2 curl
+  # image tests: OCI layouts and docker archives made with tools that are not ours
+  umoci skopeo zstd
 )
 PKGS+=("$@")
 
