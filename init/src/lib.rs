@@ -227,13 +227,16 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Identity, S
     };
     let u = if u.is_empty() { "0" } else { u };
     // name:x:uid:gid:gecos:home:shell
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 7 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
     let (uid, mut gid, name, home) = match (&entry, u.parse::<u32>()) {
         (Some(f), _) => (
-            f[2].parse().map_err(|_| format!("bad /etc/passwd entry for {u}"))?,
-            f[3].parse().map_err(|_| format!("bad /etc/passwd entry for {u}"))?,
+            f[2].parse()
+                .map_err(|_| format!("bad /etc/passwd entry for {u}"))?,
+            f[3].parse()
+                .map_err(|_| format!("bad /etc/passwd entry for {u}"))?,
             Some(f[0]),
             Some(f[5].to_string()),
         ),
@@ -248,7 +251,9 @@ pub fn resolve_user(user: &str, passwd: &str, group: &str) -> Result<Identity, S
         .collect();
     if let Some(g) = g.filter(|g| !g.is_empty()) {
         gid = match groups_fields.iter().find(|f| f[0] == g) {
-            Some(f) => f[2].parse().map_err(|_| format!("bad /etc/group entry for {g}"))?,
+            Some(f) => f[2]
+                .parse()
+                .map_err(|_| format!("bad /etc/group entry for {g}"))?,
             None => g
                 .parse()
                 .map_err(|_| format!("group {g} not found in /etc/group"))?,
@@ -286,12 +291,13 @@ pub fn process_env(
     inherited: &[(String, String)],
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
-    let set = |env: &mut Vec<(String, String)>, k: &str, v: String, replace: bool| {
-        match env.iter_mut().find(|(ek, _)| ek == k) {
-            Some(e) if replace => e.1 = v,
-            Some(_) => {}
-            None => env.push((k.to_string(), v)),
-        }
+    let set = |env: &mut Vec<(String, String)>, k: &str, v: String, replace: bool| match env
+        .iter_mut()
+        .find(|(ek, _)| ek == k)
+    {
+        Some(e) if replace => e.1 = v,
+        Some(_) => {}
+        None => env.push((k.to_string(), v)),
     };
     for kv in image_env {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -299,11 +305,21 @@ pub fn process_env(
             set(&mut env, k, v.to_string(), true);
         }
     }
-    let inh = |k: &str| inherited.iter().find(|(ik, _)| ik == k).map(|(_, v)| v.clone());
+    let inh = |k: &str| {
+        inherited
+            .iter()
+            .find(|(ik, _)| ik == k)
+            .map(|(_, v)| v.clone())
+    };
     set(&mut env, "PATH", DEFAULT_PATH.into(), false);
     set(&mut env, "HOSTNAME", HOSTNAME.into(), false);
     set(&mut env, "HOME", home.into(), false);
-    set(&mut env, "TERM", inh("TERM").unwrap_or_else(|| "linux".into()), false);
+    set(
+        &mut env,
+        "TERM",
+        inh("TERM").unwrap_or_else(|| "linux".into()),
+        false,
+    );
     if noxsave {
         let tun = env
             .iter()
@@ -424,7 +440,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.argv(None), s(&["/entry", "false"]));
-        assert_eq!(c.argv(Some(&s(&["echo", "hi"]))), s(&["/entry", "echo", "hi"]));
+        assert_eq!(
+            c.argv(Some(&s(&["echo", "hi"]))),
+            s(&["/entry", "echo", "hi"])
+        );
         let c = ImageConfig {
             cmd: s(&["python3", "/app/app.py"]),
             ..Default::default()
@@ -435,7 +454,9 @@ mod tests {
     #[test]
     fn kernel_args() {
         // "sh\0-c\0exit 42\0" in standard and URL-safe alphabets, no padding.
-        let k = KernelArgs::parse("console=ttyS0 noxsave microvm.cmd=c2gALWMAZXhpdCA0MgA microvm.verbose");
+        let k = KernelArgs::parse(
+            "console=ttyS0 noxsave microvm.cmd=c2gALWMAZXhpdCA0MgA microvm.verbose",
+        );
         assert_eq!(k.command, Some(Ok(s(&["sh", "-c", "exit 42"]))));
         assert!(k.verbose && k.noxsave);
         let k = KernelArgs::parse("microvm.cmd=!!! microvm.verbose=0");
@@ -444,7 +465,10 @@ mod tests {
         assert_eq!(KernelArgs::parse("quiet").command, None);
         assert_eq!(KernelArgs::parse("microvm.cmd=").command, Some(Err(())));
         // "a?\0" encodes with '/' in the standard alphabet, '_' in URL-safe.
-        assert_eq!(KernelArgs::parse("microvm.cmd=YT8A").command, Some(Ok(s(&["a?"]))));
+        assert_eq!(
+            KernelArgs::parse("microvm.cmd=YT8A").command,
+            Some(Ok(s(&["a?"])))
+        );
     }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:App:/home/app:/bin/sh\n";
@@ -453,7 +477,10 @@ mod tests {
     #[test]
     fn users_resolve_like_runc() {
         let id = resolve_user("app", PASSWD, GROUP).unwrap();
-        assert_eq!((id.uid, id.gid, id.groups.clone()), (1000, 1001, vec![1001, 50]));
+        assert_eq!(
+            (id.uid, id.gid, id.groups.clone()),
+            (1000, 1001, vec![1001, 50])
+        );
         assert_eq!(id.home.as_deref(), Some("/home/app"));
         let id = resolve_user("1000:staff", PASSWD, GROUP).unwrap();
         assert_eq!((id.uid, id.gid), (1000, 50));
@@ -468,7 +495,12 @@ mod tests {
 
     #[test]
     fn environment_like_docker() {
-        let env = process_env(&s(&["PATH=/opt/bin", "MSG=hi there", "EMPTY"]), "/root", false, &[]);
+        let env = process_env(
+            &s(&["PATH=/opt/bin", "MSG=hi there", "EMPTY"]),
+            "/root",
+            false,
+            &[],
+        );
         let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
         assert_eq!(get("PATH"), Some("/opt/bin"));
         assert_eq!(get("MSG"), Some("hi there"));
@@ -477,7 +509,12 @@ mod tests {
         assert_eq!(get("HOSTNAME"), Some("microvm"));
         assert_eq!(get("GLIBC_TUNABLES"), None);
 
-        let env = process_env(&s(&["GLIBC_TUNABLES=glibc.malloc.arena_max=1"]), "/", true, &[]);
+        let env = process_env(
+            &s(&["GLIBC_TUNABLES=glibc.malloc.arena_max=1"]),
+            "/",
+            true,
+            &[],
+        );
         let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
         assert_eq!(get("PATH"), Some(DEFAULT_PATH));
         assert_eq!(
@@ -485,7 +522,10 @@ mod tests {
             Some(format!("glibc.malloc.arena_max=1:{HWCAPS_TUNABLE}").as_str())
         );
         assert_eq!(get("OPENSSL_ia32cap"), Some(OPENSSL_IA32CAP));
-        let given = [("GLIBC_TUNABLES".to_string(), "glibc.cpu.hwcaps=-AVX".to_string())];
+        let given = [(
+            "GLIBC_TUNABLES".to_string(),
+            "glibc.cpu.hwcaps=-AVX".to_string(),
+        )];
         let env = process_env(&[], "/", true, &given);
         assert!(env.contains(&("GLIBC_TUNABLES".into(), "glibc.cpu.hwcaps=-AVX".into())));
     }

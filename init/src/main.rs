@@ -75,9 +75,20 @@ fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: &str) {
     let _ = std::fs::create_dir_all(target);
     let (src, t, ty, d) = (cstr(fstype), cstr(target), cstr(fstype), cstr(data));
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(src.as_ptr(), t.as_ptr(), ty.as_ptr(), flags, d.as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            t.as_ptr(),
+            ty.as_ptr(),
+            flags,
+            d.as_ptr().cast(),
+        )
+    };
     if rc != 0 && loud() {
-        warn(&format!("mount {fstype} on {target}: {}", std::io::Error::last_os_error()));
+        warn(&format!(
+            "mount {fstype} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
 }
 
@@ -157,7 +168,12 @@ fn setup_system() {
     mount("sysfs", "/sys", nosuid_nodev | libc::MS_NOEXEC, "");
     mount("tmpfs", "/run", nosuid_nodev, "mode=0755");
     mount("tmpfs", "/tmp", nosuid_nodev, "mode=1777");
-    mount("devpts", "/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666");
+    mount(
+        "devpts",
+        "/dev/pts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=620,ptmxmode=666",
+    );
     mount("tmpfs", "/dev/shm", nosuid_nodev, "mode=1777");
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
@@ -250,10 +266,13 @@ fn start(
         warn(&format!("User {:?}: {e}", cfg.user));
         126
     })?;
-    let home = id
-        .home
-        .clone()
-        .unwrap_or_else(|| if id.uid == 0 { "/root".into() } else { "/".into() });
+    let home = id.home.clone().unwrap_or_else(|| {
+        if id.uid == 0 {
+            "/root".into()
+        } else {
+            "/".into()
+        }
+    });
     let inherited: Vec<(String, String)> = std::env::vars().collect();
     let env = process_env(&cfg.env, &home, noxsave, &inherited);
     let path = env
@@ -265,7 +284,11 @@ fn start(
         warn(&format!("{}: command not found", argv[0]));
         return Err(127);
     };
-    let workdir = if cfg.working_dir.is_empty() { "/" } else { &cfg.working_dir };
+    let workdir = if cfg.working_dir.is_empty() {
+        "/"
+    } else {
+        &cfg.working_dir
+    };
     let _ = std::fs::create_dir_all(workdir); // Docker creates a missing WorkingDir too
     let mut cmd = Command::new(&prog);
     cmd.arg0(&argv[0])
@@ -298,7 +321,11 @@ fn start(
         Ok(child) => libc::pid_t::try_from(child.id()).map_err(|_| 126),
         Err(e) => {
             warn(&format!("cannot start {}: {e}", argv[0]));
-            Err(if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 })
+            Err(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            })
         }
     }
 }
@@ -322,10 +349,14 @@ fn supervise(pid: libc::pid_t, set: &libc::sigset_t, ports: &[u16]) -> u8 {
                 waiting_ready = false;
             }
         }
-        let wait = if waiting_ready { READY_POLL } else { Duration::from_secs(3600) };
+        let wait = if waiting_ready {
+            READY_POLL
+        } else {
+            Duration::from_secs(3600)
+        };
         let ts = libc::timespec {
             tv_sec: libc::time_t::try_from(wait.as_secs()).unwrap_or(3600),
-            tv_nsec: libc::c_long::try_from(wait.subsec_nanos()).unwrap_or(0),
+            tv_nsec: libc::c_long::from(wait.subsec_nanos()),
         };
         // SAFETY: valid set and timespec; no siginfo wanted.
         let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
@@ -380,7 +411,12 @@ fn finish(status: u8) -> ! {
 fn main() {
     let first_stage = std::env::var_os(STAGE_VAR).is_none();
     if std::fs::metadata("/proc/self/stat").is_err() {
-        mount("proc", "/proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "");
+        mount(
+            "proc",
+            "/proc",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            "",
+        );
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let args = KernelArgs::parse(&cmdline);
@@ -424,7 +460,11 @@ fn main() {
     let set = signal_set();
     let status = match start(&argv, &cfg, command.is_some(), args.noxsave) {
         Ok(pid) => {
-            let ports = if command.is_some() { &[][..] } else { &cfg.tcp_ports[..] };
+            let ports = if command.is_some() {
+                &[][..]
+            } else {
+                &cfg.tcp_ports[..]
+            };
             supervise(pid, &set, ports)
         }
         Err(st) => st,
