@@ -5,85 +5,13 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const HOST_IP: &str = "10.213.0.1";
 const GUEST_IP: &str = "10.213.0.2";
-
-/// A network namespace deleted on drop (also when the test panics).
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Self> {
-        let name = format!("microvm-test-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        match Command::new("ip").args(["netns", "add", &name]).status() {
-            Ok(s) if s.success() => {}
-            other => {
-                missing(&format!(
-                    "cannot create a network namespace with `ip netns add` ({other:?}); needs root and iproute2"
-                ));
-                return None;
-            }
-        }
-        let ns = Netns(name);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        Some(ns)
-    }
-
-    fn command(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(argv);
-        c
-    }
-
-    fn exec(&self, argv: &[&str]) -> std::process::Output {
-        self.command(argv).output().expect("ip netns exec")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Kills the VM (by the PID we started) if the test ends early.
-struct Vm(std::process::Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Collect everything `r` produces into a shared string, on a thread; never
-/// hold the lock while blocked in `read`.
-fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let t = text.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            t.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    text
-}
 
 #[test]
 fn flask_app_answers_over_virtio_net() {

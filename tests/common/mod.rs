@@ -9,7 +9,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Default cache the build scripts write to.
@@ -284,4 +284,74 @@ pub fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<ExitS
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A network namespace deleted on drop (also when the test panics).
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn create() -> Option<Self> {
+        let name = format!("microvm-test-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        match Command::new("ip").args(["netns", "add", &name]).status() {
+            Ok(s) if s.success() => {}
+            other => {
+                missing(&format!(
+                    "cannot create a network namespace with `ip netns add` ({other:?}); needs root and iproute2"
+                ));
+                return None;
+            }
+        }
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(argv);
+        c
+    }
+
+    pub fn exec(&self, argv: &[&str]) -> std::process::Output {
+        self.command(argv).output().expect("ip netns exec")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Kills the VM (by the PID we started) if the test ends early.
+pub struct Vm(pub std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Collect everything `r` produces into a shared string, on a thread; never
+/// hold the lock while blocked in `read`.
+pub fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let t = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            t.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
 }
