@@ -14,7 +14,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -154,60 +154,14 @@ fn flask_image_answers_and_sees_its_config() {
     image_build(&archive, &disk, &init);
 
     let Some(ns) = Netns::create() else { return };
-    let net = format!("host={HOST_IP}/30,guest={GUEST_IP}");
-    let start = Instant::now();
-    let bin = microvm_bin();
-    let mut child = ns
-        .command(&[
-            p(&bin),
-            "--kernel",
-            p(&kernel),
-            "--rootfs",
-            p(&disk),
-            "--memory",
-            "256",
-            "--net",
-            &net,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn microvm in the namespace");
-    let console = pump(child.stdout.take().unwrap());
-    let stderr = pump(child.stderr.take().unwrap());
-    let mut vm = Vm(child);
-    let report = |what: &str| -> ! {
-        panic!(
-            "{what}\n--- console:\n{}\n--- stderr:\n{}",
-            console.lock().unwrap(),
-            stderr.lock().unwrap()
-        )
-    };
-    let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(1500));
-    while !console
-        .lock()
-        .unwrap()
-        .contains("microvm-init: app ready on port 80")
-    {
-        if let Ok(Some(st)) = vm.0.try_wait() {
-            report(&format!("microvm exited early: {st}"));
-        }
-        if start.elapsed() > deadline {
-            report("app not ready before the deadline");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let mut vm = NetVm::boot(&ns, &kernel, &disk, HOST_IP, GUEST_IP);
+    let ready = vm.wait_for("microvm-init: app ready on port 80");
     eprintln!(
         "image: boot to Flask app ready: {:.1} s",
-        start.elapsed().as_secs_f64()
+        ready.as_secs_f64()
     );
-    if !console
-        .lock()
-        .unwrap()
-        .contains("app: starting in /app, APP_MESSAGE=set-by-the-image-config")
-    {
-        report("the app did not get the image's WorkingDir and Env");
+    if !vm.console_has("app: starting in /app, APP_MESSAGE=set-by-the-image-config") {
+        vm.fail("the app did not get the image's WorkingDir and Env");
     }
     let one = ns.exec(&[
         "curl",
@@ -218,17 +172,12 @@ fn flask_image_answers_and_sees_its_config() {
     ]);
     let body = String::from_utf8_lossy(&one.stdout).to_string();
     if body.trim() != "Hello, World!" {
-        report(&format!(
+        vm.fail(&format!(
             "unexpected body {body:?} (curl: {:?})",
             one.status
         ));
     }
-    let pid = vm.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let st = vm.0.wait().unwrap();
-    if st.code() != Some(143) {
-        report(&format!("SIGTERM should give exit 143, got {st}"));
-    }
+    vm.sigterm_gives_143();
 }
 
 /// Checks the whiteouts from inside the guest, then runs its arguments.

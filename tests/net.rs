@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use common::*;
 
@@ -26,72 +26,18 @@ fn flask_app_answers_over_virtio_net() {
     let disk = dir.path("root.ext4");
     std::fs::copy(&rootfs, &disk).unwrap();
 
-    let bin = microvm_bin();
-    let net = format!("host={HOST_IP}/30,guest={GUEST_IP}");
-    let start = Instant::now();
-    let mut child = ns
-        .command(&[
-            bin.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--rootfs",
-            disk.to_str().unwrap(),
-            "--memory",
-            "256",
-            "--net",
-            &net,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn microvm in the namespace");
-    let console = pump(child.stdout.take().unwrap());
-    let stderr = pump(child.stderr.take().unwrap());
-    let mut vm = Vm(child);
-
-    let report = |what: &str| -> ! {
-        panic!(
-            "{what}\n--- console:\n{}\n--- stderr:\n{}",
-            console.lock().unwrap(),
-            stderr.lock().unwrap()
-        )
-    };
-
-    let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(1500));
-    loop {
-        if console
-            .lock()
-            .unwrap()
-            .contains("microvm-init: app ready on port 80")
-        {
-            break;
-        }
-        if let Ok(Some(st)) = vm.0.try_wait() {
-            report(&format!("microvm exited early: {st}"));
-        }
-        if start.elapsed() > deadline {
-            report("app not ready before the deadline");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!(
-        "boot to Flask app ready: {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
-    {
-        let c = console.lock().unwrap();
-        if !c.contains("EXT4-fs (vda): mounted filesystem") {
-            drop(c);
-            report("kernel did not report mounting ext4 from /dev/vda");
-        }
+    let mut vm = NetVm::boot(&ns, &kernel, &disk, HOST_IP, GUEST_IP);
+    let ready = vm.wait_for("microvm-init: app ready on port 80");
+    eprintln!("boot to Flask app ready: {:.1} s", ready.as_secs_f64());
+    if !vm.console_has("EXT4-fs (vda): mounted filesystem") {
+        vm.fail("kernel did not report mounting ext4 from /dev/vda");
     }
 
     let url = format!("http://{GUEST_IP}/");
     let one = ns.exec(&["curl", "-s", "--max-time", "120", &url]);
     let body = String::from_utf8_lossy(&one.stdout).to_string();
     if body.trim() != "Hello, World!" {
-        report(&format!(
+        vm.fail(&format!(
             "unexpected body {body:?} (curl status {:?})",
             one.status
         ));
@@ -112,14 +58,8 @@ fn flask_app_answers_over_virtio_net() {
         t.elapsed().as_secs_f64()
     );
     if ok != 100 {
-        report(&format!("only {ok}/100 requests succeeded: {codes}"));
+        vm.fail(&format!("only {ok}/100 requests succeeded: {codes}"));
     }
 
-    // Stop the VM the way a user would; it must exit 143.
-    let pid = vm.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let st = vm.0.wait().unwrap();
-    if st.code() != Some(143) {
-        report(&format!("SIGTERM should give exit 143, got {st}"));
-    }
+    vm.sigterm_gives_143();
 }

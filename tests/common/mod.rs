@@ -355,3 +355,92 @@ pub fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
     });
     text
 }
+
+/// A VM with a root filesystem and one virtio-net interface, started inside
+/// `ns`; its console and stderr are collected on threads.
+pub struct NetVm {
+    pub vm: Vm,
+    pub console: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+    pub start: Instant,
+}
+
+impl NetVm {
+    /// Boot `disk` (a private copy) with 256 MiB and `--net host=HOST/30,guest=GUEST`.
+    pub fn boot(
+        ns: &Netns,
+        kernel: &std::path::Path,
+        disk: &std::path::Path,
+        host: &str,
+        guest: &str,
+    ) -> Self {
+        let bin = microvm_bin();
+        let net = format!("host={host}/30,guest={guest}");
+        let start = Instant::now();
+        let mut child = ns
+            .command(&[
+                bin.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--rootfs",
+                disk.to_str().unwrap(),
+                "--memory",
+                "256",
+                "--net",
+                &net,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn microvm in the namespace");
+        let console = pump(child.stdout.take().unwrap());
+        let stderr = pump(child.stderr.take().unwrap());
+        Self {
+            vm: Vm(child),
+            console,
+            stderr,
+            start,
+        }
+    }
+
+    /// Fail the test with `what` and everything the VM printed.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n--- console:\n{}\n--- stderr:\n{}",
+            self.console.lock().unwrap(),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// Does the console show `text`?
+    pub fn console_has(&self, text: &str) -> bool {
+        self.console.lock().unwrap().contains(text)
+    }
+
+    /// Wait until the console shows `marker`; fail if the VM exits first or
+    /// the boot deadline passes. Returns the time since spawn.
+    pub fn wait_for(&mut self, marker: &str) -> Duration {
+        let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(1500));
+        while !self.console_has(marker) {
+            if let Ok(Some(st)) = self.vm.0.try_wait() {
+                self.fail(&format!("microvm exited early: {st}"));
+            }
+            if self.start.elapsed() > deadline {
+                self.fail(&format!("no {marker:?} before the deadline"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.start.elapsed()
+    }
+
+    /// Stop the VM the way a user would; it must exit 143.
+    pub fn sigterm_gives_143(&mut self) {
+        let pid = self.vm.0.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let st = self.vm.0.wait().unwrap();
+        if st.code() != Some(143) {
+            self.fail(&format!("SIGTERM should give exit 143, got {st}"));
+        }
+    }
+}
