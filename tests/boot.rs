@@ -61,7 +61,8 @@ fn bad_options_are_usage_errors() {
 }
 
 /// One boot, several checks: the marker from user space, both CPUs online,
-/// the exit status the guest reported, and a clean exit code.
+/// the guest's wall clock, the exit status the guest reported, and a clean
+/// exit code.
 #[test]
 fn boots_initramfs_with_two_cpus() {
     let Some(kernel) = boot_prereqs() else { return };
@@ -95,6 +96,13 @@ fn boots_initramfs_with_two_cpus() {
         "exit status reported through the exit device",
     );
     r.check(r.stderr.contains("Guest-boot-time"), "boot timer logged");
+    let date = r
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("microvm-test-init: date -u +%s: "))
+        .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok());
+    r.check(date.is_some(), "the guest printed its clock");
+    r.check_guest_clock(date.unwrap_or_default(), Duration::from_secs(5));
 }
 
 #[test]

@@ -125,9 +125,34 @@ pub struct Run {
     /// Time from spawn to the first occurrence of the awaited marker, if any.
     pub marker_at: Option<Duration>,
     pub elapsed: Duration,
+    /// Host wall-clock time at spawn.
+    pub started_at: std::time::SystemTime,
 }
 
 impl Run {
+    /// Check that a guest clock reading (Unix seconds) printed during this run
+    /// lies within the run's host wall-clock span, give or take `slack`.
+    pub fn check_guest_clock(&self, guest_unix: i64, slack: Duration) {
+        let start = self
+            .started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("host clock after 1970")
+            .as_secs_f64();
+        let (lo, hi) = (
+            start - slack.as_secs_f64(),
+            start + self.elapsed.as_secs_f64() + slack.as_secs_f64(),
+        );
+        let g = guest_unix as f64;
+        self.check(
+            (lo..=hi).contains(&g),
+            &format!(
+                "guest clock {guest_unix} is off: the host's ran from {start:.0} to {:.0} (off by {:+.0} s)",
+                start + self.elapsed.as_secs_f64(),
+                if g < lo { g - start } else { g - (start + self.elapsed.as_secs_f64()) }
+            ),
+        );
+    }
+
     pub fn code(&self) -> Option<i32> {
         self.status.and_then(|s| s.code())
     }
@@ -170,6 +195,7 @@ pub fn run_env(
     deadline: Duration,
 ) -> Run {
     let start = Instant::now();
+    let started_at = std::time::SystemTime::now();
     let mut child = spawn(args, envs);
     let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
     let mut out = child.stdout.take().expect("stdout");
@@ -251,6 +277,7 @@ pub fn run_env(
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         marker_at,
         elapsed: start.elapsed(),
+        started_at,
     }
 }
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The nested normal-KVM lane: run the end-to-end test suites (tests/*.rs)
+# inside an L1 guest with a normal /dev/kvm (see run.sh), one test at a time,
+# and end with one summary line for the whole lane.
+#
+#   tests/nested/e2e.sh [SUITE...]     SUITE: boot, command, net, ... (default: all)
+#
+# Builds the test executables here first (cargo test --no-run); the L1 runs
+# them from this host's filesystem. The guest artifacts come from the
+# MICROVM_KERNEL, MICROVM_TEST_INITRD and MICROVM_ROOTFS variables (or the cache).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+mapfile -t bins < <(cargo test --no-run --tests --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+want = set(sys.argv[1:])
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("kind") == ["test"] and m.get("executable"):
+        if not want or t["name"] in want:
+            print(t["name"], m["executable"])
+' "$@" | sort)
+((${#bins[@]})) || { echo "tests/nested/e2e.sh: no end-to-end test executables found" >&2; exit 1; }
+
+# The L1 reads the job from this host's filesystem, where /tmp is hidden by
+# its own tmpfs: keep the script in the cache.
+mkdir -p "${MICROVM_CACHE:-/var/cache/microvm}/nested"
+dir=$(mktemp -d "${MICROVM_CACHE:-/var/cache/microvm}/nested/.job.XXXXXX")
+trap 'rm -rf "$dir"' EXIT
+chmod 0755 "$dir"
+job=$dir/e2e.sh
+{
+    echo 'passed=0 failed=0 rc=0'
+    for b in "${bins[@]}"; do
+        name=${b%% *} exe=${b#* }
+        printf 'echo "=== nested normal KVM: %s"\n' "$name"
+        # One test at a time: the L1 has a single vCPU.
+        printf '%q --test-threads=1 2>&1 | tee /tmp/suite.out; st=${PIPESTATUS[0]}\n' "$exe"
+        cat <<'EOF'
+[[ $st == 0 ]] || rc=1
+if r=$(grep -E '^test result: ' /tmp/suite.out | tail -n1); then
+    [[ $r =~ ([0-9]+)\ passed ]] && passed=$((passed + BASH_REMATCH[1]))
+    [[ $r =~ ([0-9]+)\ failed ]] && failed=$((failed + BASH_REMATCH[1]))
+elif [[ $st != 0 ]]; then
+    failed=$((failed + 1)) # the suite died before its summary
+fi
+EOF
+    done
+    echo 'echo "nested-kvm: $passed passed, $failed failed"'
+    echo 'exit $rc'
+} >"$job"
+tests/nested/run.sh --timeout "${MICROVM_NESTED_TIMEOUT:-2400}" -- bash "$job"
