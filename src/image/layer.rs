@@ -271,10 +271,12 @@ impl Applier {
             }
         }
 
-        // A directory replaces a non-directory and vice versa.
+        // A directory entry merges into an existing directory; anything else
+        // replaces what is there (hard links and device nodes would fail on
+        // an existing name, a directory would not be replaced at all).
         let dst = parent.join(&name);
         if let Ok(m) = std::fs::symlink_metadata(&dst) {
-            if m.is_dir() != kind.is_dir() {
+            if !(m.is_dir() && kind.is_dir()) {
                 remove_any(&dst).map_err(io_err(layer, format!("replace {shown}")))?;
             }
         }

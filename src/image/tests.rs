@@ -195,6 +195,7 @@ fn base_layer() -> Vec<u8> {
         .dir("bin")
         .file_owned("bin/tool", "#!/bin/sh\n", 0o4755, 0)
         .file_owned("home/app/own", "mine", 0o600, 1000)
+        .file_owned("srv/owned", "mine", 0o600, 1000)
         .link(tar::EntryType::Link, "bin/tool-hard", "bin/tool")
         .symlink("bin/sh", "tool")
         .xattr_file("bin/capped", "user.microvm", "yes")
@@ -208,6 +209,10 @@ fn base_layer() -> Vec<u8> {
 
 fn top_layer() -> Vec<u8> {
     LayerTar::new()
+        // Lower files replaced: a hard link over a file, a file over a directory.
+        .file("etc/kept", "kept, upper")
+        .link(tar::EntryType::Link, "bin/tool-hard", "etc/kept")
+        .file("home/app", "now a file")
         .file("etc/.wh.gone", "")
         .file("data/new", "upper") // before the opaque marker: must survive it
         .file("data/.wh..wh..opq", "")
@@ -238,12 +243,22 @@ fn oci_layout_layers_whiteouts_and_metadata() {
     assert!(exists(img, "/data/new") && exists(img, "/data/sub/fresh"));
     assert!(!exists(img, "/data/.wh..wh..opq") && !exists(img, "/etc/.wh.gone"));
 
+    // Replacements by the upper layer.
+    assert_eq!(debugfs(img, "cat /bin/tool-hard"), "kept, upper");
+    assert!(debugfs(img, "stat /etc/kept").contains("Links: 2"));
+    assert_eq!(debugfs(img, "cat /home/app"), "now a file");
+
     // Modes (setuid too), owners, symlinks, hard links, xattrs.
     let st = debugfs(img, "stat /bin/tool");
     assert!(st.contains("Mode:  04755"), "{st}");
-    assert!(st.contains("Links: 2"), "hard link kept: {st}");
+    assert!(
+        st.contains("Links: 1"),
+        "its hard link now points elsewhere: {st}"
+    );
     assert!(debugfs(img, "stat /bin/sh").contains("Fast link dest: \"tool\""));
-    let own = debugfs(img, "stat /home/app/own");
+    let own = debugfs(img, "stat /data/new");
+    assert!(own.contains("Mode:  0644"), "{own}");
+    let own = debugfs(img, "stat /srv/owned");
     assert!(own.contains("Mode:  0600"), "{own}");
     if root_user() {
         assert!(own.contains("User:  1000   Group:  1000"), "{own}");
