@@ -8,7 +8,8 @@
 //! - A busybox-only image (no libc, no shell but busybox) as a docker-save
 //!   tarball made by skopeo, with a layer that deletes a lower file (umoci's
 //!   whiteout) and one with an opaque directory: `-- echo hi` exits 0 and its
-//!   entrypoint sees the whiteouts applied; its `false` Cmd exits 1.
+//!   entrypoint sees the whiteouts applied and runs as the image's User in
+//!   its WorkingDir; its `false` Cmd exits 1.
 
 mod common;
 
@@ -185,6 +186,10 @@ const ENTRYPOINT: &str = r#"#!/bin/sh
 [ -e /etc/gone ] && echo "check: whiteout FAILED" || echo "check: whiteout ok"
 [ -e /data/old ] || [ -e /data/sub/deep ] && echo "check: opaque FAILED" || echo "check: opaque ok"
 [ -e /data/new ] && echo "check: upper ok" || echo "check: upper FAILED"
+while read -r k v rest; do
+    case $k in Uid:|SigBlk:) echo "check: $k $v" ;; esac
+done </proc/self/status
+echo "check: cwd $PWD home $HOME"
 exec "$@"
 "#;
 
@@ -247,6 +252,10 @@ fn busybox_image_runs_commands_and_exit_codes() {
         "/entrypoint.sh",
         "--config.cmd",
         "false",
+        "--config.user",
+        "1000:1000",
+        "--config.workingdir",
+        "/data",
     ]);
     // As `docker save` would write it.
     let archive = dir.path("busybox-docker.tar");
@@ -279,6 +288,17 @@ fn busybox_image_runs_commands_and_exit_codes() {
         r.check(
             lines.contains(&format!("check: {check} ok").as_str()),
             &format!("the guest sees the {check} layer applied"),
+        );
+    }
+    // User and WorkingDir from the config; no signal left blocked by PID 1.
+    for want in [
+        "check: Uid: 1000",
+        "check: SigBlk: 0000000000000000",
+        "check: cwd /data home /",
+    ] {
+        r.check(
+            lines.contains(&want),
+            &format!("the entrypoint printed {want:?}"),
         );
     }
     let r = boot(&disk2, &[]);

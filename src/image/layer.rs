@@ -57,6 +57,9 @@ impl Applier {
             .map_err(ImageError::io("resolve", root))?;
         // SAFETY: geteuid(2) has no preconditions.
         let privileged = unsafe { libc::geteuid() } == 0;
+        if !privileged {
+            log::warn!("not root: file owners in the image become yours, device nodes are skipped");
+        }
         Ok(Self {
             root: root.to_path_buf(),
             canon_root,
@@ -320,7 +323,7 @@ impl Applier {
         let kind = h.entry_type();
         if !self.privileged && kind != tar::EntryType::Fifo {
             if !self.warned_unprivileged {
-                log::warn!("not root: device nodes in the image are skipped (first: {shown})");
+                log::warn!("device node {shown} skipped (not root)");
                 self.warned_unprivileged = true;
             }
             return Ok(());
