@@ -215,7 +215,7 @@ fn loopback_up() {
 }
 
 /// Block the signals PID 1 handles so that `sigtimedwait` takes them without
-/// races; the child starts with an empty mask (std's spawn resets it).
+/// races; `start` gives the child an empty mask again.
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset right away.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -302,10 +302,15 @@ fn start(
     let groups: Vec<libc::gid_t> = id.groups.clone();
     let (uid, gid) = (id.uid, id.gid);
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setsid, setgroups, setgid, setuid) on data
-    // prepared before the fork.
+    // async-signal-safe functions (sigprocmask, setsid, setgroups, setgid,
+    // setuid) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // PID 1 blocks the signals it waits for; the child must not
+            // inherit that mask (std's spawn keeps it).
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             // Its own session and process group, as under a container runtime.
             libc::setsid();
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
