@@ -10,6 +10,7 @@ pub mod image;
 pub mod layout;
 pub mod memory;
 pub mod net;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;
 
