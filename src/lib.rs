@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod image;
 pub mod layout;
 pub mod memory;
 pub mod net;
