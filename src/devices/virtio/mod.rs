@@ -121,4 +121,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
     /// Flush any buffered state to the host (called before the VMM exits).
     fn flush(&mut self) {}
+    /// Serve a new backing file from now on (block devices); the caller
+    /// then tells the driver that the configuration changed.
+    fn swap_backing_file(&mut self, _path: &std::path::Path) -> Result<(), block::DiskError> {
+        Err(block::DiskError::NoBackingFile)
+    }
 }

@@ -7,7 +7,7 @@
 //! drop stop the thread and join it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -21,7 +21,7 @@ use super::disk::{Disk, DiskError};
 use super::queue::process_queue;
 use super::request::Limits;
 use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
-use crate::config::DriveConfig;
+use crate::config::{CacheType, DriveConfig};
 use crate::devices::virtio::{
     ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
@@ -37,9 +37,18 @@ const TOKEN_KILL: u64 = 1;
 /// Names worker threads `virtio-blk-0`, `-1`, ... in creation order.
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
 
+/// The disk a device serves, shared with its worker; replaced whole when
+/// the backing file is swapped (the worker picks the new one up at its next
+/// batch, and the old file is closed when the last batch using it ends).
+type SharedDisk = Arc<Mutex<Arc<Disk>>>;
+
+fn current(disk: &SharedDisk) -> Arc<Disk> {
+    disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// A virtio block device.
 pub struct Block {
-    disk: Arc<Disk>,
+    disk: SharedDisk,
     index: usize,
     avail_features: u64,
     acked_features: u64,
@@ -51,7 +60,11 @@ pub struct Block {
 impl Block {
     /// Open (and lock) the drive's backing file.
     pub fn new(cfg: &DriveConfig) -> Result<Self, DiskError> {
-        Ok(Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?))
+        let mut b = Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?);
+        if cfg.cache == CacheType::Unsafe {
+            b.avail_features &= !(1 << VIRTIO_BLK_F_FLUSH);
+        }
+        Ok(b)
     }
 
     /// A device serving an already open disk.
@@ -71,7 +84,7 @@ impl Block {
         // 16..20: geometry, not offered.
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Self {
-            disk: Arc::new(disk),
+            disk: Arc::new(Mutex::new(Arc::new(disk))),
             index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
             avail_features,
             acked_features: 0,
@@ -82,8 +95,8 @@ impl Block {
     }
 
     /// The backing file engine.
-    pub fn disk(&self) -> &Disk {
-        &self.disk
+    pub fn disk(&self) -> Arc<Disk> {
+        current(&self.disk)
     }
 
     /// Features the driver accepted.
@@ -97,15 +110,9 @@ impl Block {
     }
 
     /// Request limits: seg_max and size_max bind only a driver that accepted them.
+    #[cfg(test)]
     fn limits(&self) -> Limits {
-        let mut limits = self.disk.limits();
-        if self.acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
-            limits.seg_max = u32::MAX;
-        }
-        if self.acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
-            limits.size_max = u32::MAX;
-        }
-        limits
+        limits_for(&self.disk(), self.acked_features)
     }
 
     fn stop_worker(&mut self) {
@@ -113,6 +120,19 @@ impl Block {
             worker.stop(&format!("virtio-blk-{}", self.index));
         }
     }
+}
+
+/// Request limits of `disk`: seg_max and size_max bind only a driver that
+/// accepted them.
+fn limits_for(disk: &Disk, acked_features: u64) -> Limits {
+    let mut limits = disk.limits();
+    if acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
+        limits.seg_max = u32::MAX;
+    }
+    if acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
+        limits.size_max = u32::MAX;
+    }
+    limits
 }
 
 impl VirtioDevice for Block {
@@ -176,7 +196,7 @@ impl VirtioDevice for Block {
             kill: kill.try_clone().map_err(ActivateError::Worker)?,
             interrupt,
             disk: self.disk.clone(),
-            limits: self.limits(),
+            acked_features: self.acked_features,
             epoll: Epoll::new().map_err(ActivateError::Worker)?,
         };
         ctx.register().map_err(ActivateError::Worker)?;
@@ -195,14 +215,33 @@ impl VirtioDevice for Block {
     }
 
     fn flush(&mut self) {
-        if let Err(e) = self.disk.flush() {
+        let disk = self.disk();
+        if let Err(e) = disk.flush() {
             log::error!(
                 "virtio-blk-{}: {}: {}",
                 self.index,
-                self.disk.path().display(),
+                disk.path().display(),
                 crate::error_chain(&e)
             );
         }
+    }
+
+    fn swap_backing_file(&mut self, path: &std::path::Path) -> Result<(), DiskError> {
+        let old = self.disk();
+        let new = Disk::open(path, old.read_only())?;
+        // What the guest wrote to the old file is on it before we let go.
+        if let Err(e) = old.flush() {
+            log::warn!("virtio-blk-{}: flushing the old backing file: {e}", self.index);
+        }
+        self.config[0..8].copy_from_slice(&new.capacity_sectors().to_le_bytes());
+        log::info!(
+            "virtio-blk-{}: backing file now {} ({} sectors)",
+            self.index,
+            path.display(),
+            new.capacity_sectors()
+        );
+        *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        Ok(())
     }
 }
 
@@ -220,8 +259,8 @@ struct WorkerContext {
     queue_evt: EventFd,
     kill: EventFd,
     interrupt: Interrupt,
-    disk: Arc<Disk>,
-    limits: Limits,
+    disk: SharedDisk,
+    acked_features: u64,
     epoll: Epoll,
 }
 
@@ -260,13 +299,9 @@ impl WorkerContext {
             if ready.iter().any(|e| e.data() == TOKEN_QUEUE) {
                 // Non-blocking: EAGAIN just means another kick was merged.
                 let _ = self.queue_evt.read();
-                if process_queue(
-                    &self.mem,
-                    &mut self.queue,
-                    &self.disk,
-                    &self.limits,
-                    &mut errors,
-                ) {
+                let disk = current(&self.disk);
+                let limits = limits_for(&disk, self.acked_features);
+                if process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut errors) {
                     self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
                 }
             }
@@ -294,7 +329,7 @@ mod tests {
         let cfg = DriveConfig {
             path: img.path().to_owned(),
             read_only,
-            is_root: false,
+            ..Default::default()
         };
         let b = Block::new(&cfg).unwrap();
         (img, b)
