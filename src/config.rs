@@ -197,6 +197,14 @@ impl VmConfig {
         Ok(())
     }
 
+    /// The drive with id `id`, to change it; the error names it.
+    pub fn drive_mut(&mut self, id: &str) -> Result<&mut DriveConfig, String> {
+        self.drives
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or_else(|| format!("no drive with id '{id}'"))
+    }
+
     /// The root drive, if any.
     pub fn root_drive(&self) -> Option<&DriveConfig> {
         self.drives.iter().find(|d| d.is_root)

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod net;
+pub mod pause;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;

@@ -43,7 +43,7 @@ fn config_file_boots_the_flask_vm() {
     assert_eq!(got["machine-config"]["mem_size_mib"], cfg["machine-config"]["mem_size_mib"]);
     assert_eq!(got["drives"][0]["path_on_host"], cfg["drives"][0]["path_on_host"]);
 
-    let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(600));
+    let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(900));
     let ready = vm.wait_for(deadline, |vm| {
         vm.stdout().contains(APP_READY) || vm.child_exited()
     });

@@ -205,12 +205,7 @@ impl Preboot {
 
     fn patch_drive(&mut self, p: &PartialDrive) -> Result<(), String> {
         let new_path = p.new_path()?;
-        let d = self
-            .config
-            .drives
-            .iter_mut()
-            .find(|d| d.id == p.drive_id)
-            .ok_or_else(|| format!("no drive with id '{}'", p.drive_id))?;
+        let d = self.config.drive_mut(&p.drive_id)?;
         if let Some(path) = new_path {
             d.path = path;
         }

@@ -2,7 +2,7 @@
 //! joined from the main thread.
 //!
 //! A vCPU leaves `KVM_RUN` only on an exit, so pausing it means kicking it:
-//! the main thread records what it wants in [`VcpuControl`], then sends the
+//! the main thread records what it wants in a [`VcpuControl`], then sends the
 //! vCPU thread [`kick_signal`]. The handler runs on the vCPU thread and sets
 //! `immediate_exit` in that thread's own `kvm_run`, so a kick that lands
 //! just before `KVM_RUN` is not lost: the next `KVM_RUN` returns `EINTR` at
@@ -10,117 +10,14 @@
 //! variable, using no CPU until it is resumed.
 
 use std::cell::Cell;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_bindings::kvm_run;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-/// What the main thread wants a vCPU to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wanted {
-    /// Run the guest.
-    Run,
-    /// Leave `KVM_RUN` and wait.
-    Pause,
-    /// Leave `KVM_RUN` and end the thread.
-    Exit,
-}
-
-#[derive(Debug)]
-struct ControlState {
-    wanted: Wanted,
-    /// The vCPU thread is parked (paused) or gone.
-    parked: bool,
-}
-
-/// Shared between the main thread and one vCPU thread.
-#[derive(Debug)]
-pub struct VcpuControl {
-    state: Mutex<ControlState>,
-    changed: Condvar,
-}
-
-impl Default for VcpuControl {
-    fn default() -> Self {
-        Self {
-            state: Mutex::new(ControlState {
-                wanted: Wanted::Run,
-                parked: false,
-            }),
-            changed: Condvar::new(),
-        }
-    }
-}
-
-impl VcpuControl {
-    fn lock(&self) -> MutexGuard<'_, ControlState> {
-        // The state is two plain fields: still consistent after a panic.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Called by the vCPU thread after `KVM_RUN` was interrupted (and before
-    /// every entry): parks while paused. Returns false when the thread must end.
-    pub fn may_run(&self) -> bool {
-        let mut s = self.lock();
-        loop {
-            match s.wanted {
-                Wanted::Run => {
-                    if s.parked {
-                        s.parked = false;
-                        self.changed.notify_all();
-                    }
-                    return true;
-                }
-                Wanted::Exit => {
-                    s.parked = true;
-                    self.changed.notify_all();
-                    return false;
-                }
-                Wanted::Pause => {
-                    if !s.parked {
-                        s.parked = true;
-                        self.changed.notify_all();
-                    }
-                    s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-        }
-    }
-
-    /// Ask for `wanted` (the caller then kicks the thread).
-    pub fn request(&self, wanted: Wanted) {
-        let mut s = self.lock();
-        s.wanted = wanted;
-        self.changed.notify_all();
-    }
-
-    /// Mark the vCPU gone (its run loop returned on its own).
-    pub fn set_gone(&self) {
-        let mut s = self.lock();
-        s.parked = true;
-        self.changed.notify_all();
-    }
-
-    /// Wait until the vCPU is parked, up to `timeout`. True if it is.
-    pub fn wait_parked(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.lock();
-        while !s.parked {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
-    }
-}
+pub use crate::pause::{PauseControl as VcpuControl, Wanted};
 
 thread_local! {
     /// This thread's `kvm_run`, for the kick handler; null outside vCPU threads.
@@ -212,33 +109,5 @@ impl VcpuHandle {
                 log::error!("vcpu{}: thread panicked", self.index);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pause_parks_and_resume_runs() {
-        let c = Arc::new(VcpuControl::default());
-        assert!(c.may_run());
-        c.request(Wanted::Pause);
-        let c2 = c.clone();
-        let t = std::thread::spawn(move || {
-            let mut rounds = 0;
-            while c2.may_run() {
-                rounds += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            rounds
-        });
-        assert!(c.wait_parked(Duration::from_secs(5)));
-        c.request(Wanted::Run);
-        std::thread::sleep(Duration::from_millis(20));
-        c.request(Wanted::Exit);
-        let rounds = t.join().unwrap();
-        assert!(rounds > 0, "ran after resume");
-        assert!(c.wait_parked(Duration::from_millis(1)));
     }
 }

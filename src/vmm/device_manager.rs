@@ -163,7 +163,7 @@ impl DeviceManager {
         }
     }
 
-    /// Put a port-I/O device at `[base, base + len)`.
+    /// Put a port-I/O device (`what`, for errors) at `[base, base + len)`.
     pub fn attach_pio(
         &mut self,
         what: &'static str,
@@ -171,9 +171,7 @@ impl DeviceManager {
         base: u64,
         len: u64,
     ) -> Result<(), DeviceManagerError> {
-        self.pio_bus
-            .insert(device, base, len)
-            .map_err(|source| DeviceManagerError::Platform { what, base, source })
+        insert_platform(&mut self.pio_bus, what, device, base, len)
     }
 
     /// Put a (non-virtio) MMIO device at `[base, base + len)`.
@@ -184,9 +182,7 @@ impl DeviceManager {
         base: u64,
         len: u64,
     ) -> Result<(), DeviceManagerError> {
-        self.mmio_bus
-            .insert(device, base, len)
-            .map_err(|source| DeviceManagerError::Platform { what, base, source })
+        insert_platform(&mut self.mmio_bus, what, device, base, len)
     }
 
     /// The port-I/O bus, for the vCPUs.
@@ -207,6 +203,32 @@ impl DeviceManager {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .activate_if_pending();
+        }
+    }
+
+    /// Park every device worker (the vCPUs are already paused); false if
+    /// one did not park in time.
+    pub fn pause_all(&self) -> bool {
+        let mut all = true;
+        for d in &self.devices {
+            all &= d
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .pause();
+        }
+        all
+    }
+
+    /// Let every device worker serve again.
+    pub fn resume_all(&self) {
+        for d in &self.devices {
+            d.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .resume();
         }
     }
 
@@ -312,6 +334,17 @@ impl DeviceManager {
             t.device_mut().flush();
         }
     }
+}
+
+fn insert_platform(
+    bus: &mut Bus,
+    what: &'static str,
+    device: SharedDevice,
+    base: u64,
+    len: u64,
+) -> Result<(), DeviceManagerError> {
+    bus.insert(device, base, len)
+        .map_err(|source| DeviceManagerError::Platform { what, base, source })
 }
 
 /// Open the drive's backing file and build its virtio-blk device.

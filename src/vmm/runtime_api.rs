@@ -66,10 +66,16 @@ impl Vmm {
         match want {
             VmStateValue::Paused => {
                 Self::pause_vcpus(vcpus)?;
+                // With the vCPUs parked the guest queues nothing new; the
+                // workers finish their batch and park too.
+                if !self.devices.pause_all() {
+                    return Err("a device worker did not stop in time".into());
+                }
                 *state = RunState::Paused;
                 log::info!("VM paused");
             }
             VmStateValue::Resumed => {
+                self.devices.resume_all();
                 Self::resume_vcpus(vcpus);
                 *state = RunState::Running;
                 log::info!("VM resumed");
@@ -82,12 +88,7 @@ impl Vmm {
         let Some(path) = p.new_path()? else {
             return Ok(());
         };
-        let drive = self
-            .config
-            .drives
-            .iter_mut()
-            .find(|d| d.id == p.drive_id)
-            .ok_or_else(|| format!("no drive with id '{}'", p.drive_id))?;
+        let drive = self.config.drive_mut(&p.drive_id)?;
         crate::config::check_file("drive", &path).map_err(|e| e.to_string())?;
         let transport = self.devices.drive(&p.drive_id).map_err(|e| e.to_string())?;
         let mut t = transport.lock().unwrap_or_else(|e| e.into_inner());

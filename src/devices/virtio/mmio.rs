@@ -799,6 +799,40 @@ mod tests {
     }
 
     #[test]
+    fn activation_waits_for_the_event_loop() {
+        let (mut t, state) = transport(vec![16]);
+        let m = mem();
+        let q0 = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        t.set_activate_evt(evt.try_clone().unwrap());
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        let (d, a, u) = (q0.desc_table_addr().0, q0.avail_addr().0, q0.used_addr().0);
+        setup_queue(&mut t, 0, d, a, u, 16);
+
+        // DRIVER_OK on the "vCPU": recorded and signalled, not activated.
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS);
+        assert!(!t.is_activated());
+        assert_eq!(state.lock().unwrap().activations, 0);
+        assert_eq!(evt.read().unwrap(), 1);
+        // The event loop activates, once.
+        t.activate_if_pending();
+        assert!(t.is_activated());
+        t.activate_if_pending();
+        assert_eq!(state.lock().unwrap().activations, 1);
+
+        // A reset before the loop gets to it cancels the activation.
+        w32(&mut t, REG_STATUS, 0);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, d, a, u, 16);
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        w32(&mut t, REG_STATUS, 0);
+        t.activate_if_pending();
+        assert!(!t.is_activated());
+        assert_eq!(state.lock().unwrap().activations, 1);
+    }
+
+    #[test]
     fn full_handshake_activates_and_reset_stops() {
         let (mut t, state) = transport(vec![16, 8]);
         let m = mem();

@@ -14,8 +14,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SIZE_MAX,
 };
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, DiskError};
 use super::queue::process_queue;
@@ -23,7 +23,8 @@ use super::request::Limits;
 use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, DriveConfig};
 use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    ActivateError, EpollHandler, Interrupt, Served, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -32,7 +33,6 @@ use crate::memory::GuestMemoryMmap;
 const CONFIG_LEN: usize = 24;
 
 const TOKEN_QUEUE: u64 = 0;
-const TOKEN_KILL: u64 = 1;
 
 /// Names worker threads `virtio-blk-0`, `-1`, ... in creation order.
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
@@ -117,7 +117,7 @@ impl Block {
 
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.stop(&format!("virtio-blk-{}", self.index));
+            worker.stop();
         }
     }
 }
@@ -187,24 +187,18 @@ impl VirtioDevice for Block {
             .ok_or(ActivateError::QueueCount { want: 1, got })?;
         self.stop_worker();
 
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let ctx = WorkerContext {
-            index: self.index,
+        let handler = BlockHandler {
             mem,
             queue,
             queue_evt,
-            kill: kill.try_clone().map_err(ActivateError::Worker)?,
             interrupt,
             disk: self.disk.clone(),
             acked_features: self.acked_features,
-            epoll: Epoll::new().map_err(ActivateError::Worker)?,
+            errors: ErrorLog::default(),
         };
-        ctx.register().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name(format!("virtio-blk-{}", self.index))
-            .spawn(move || ctx.run())
+        let worker = WorkerHandle::spawn(format!("virtio-blk-{}", self.index), handler)
             .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle::new(kill, handle));
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -212,6 +206,16 @@ impl VirtioDevice for Block {
         self.stop_worker();
         self.acked_features = 0;
         true
+    }
+
+    fn pause(&mut self) -> bool {
+        self.worker.as_ref().is_none_or(WorkerHandle::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn flush(&mut self) {
@@ -251,61 +255,33 @@ impl Drop for Block {
     }
 }
 
-/// Everything the worker thread owns.
-struct WorkerContext {
-    index: usize,
+/// What the worker thread owns: the queue and the disk it serves.
+struct BlockHandler {
     mem: GuestMemoryMmap,
     queue: Queue,
     queue_evt: EventFd,
-    kill: EventFd,
     interrupt: Interrupt,
     disk: SharedDisk,
     acked_features: u64,
-    epoll: Epoll,
+    errors: ErrorLog,
 }
 
-impl WorkerContext {
-    fn register(&self) -> std::io::Result<()> {
+impl EpollHandler for BlockHandler {
+    fn watch(&self) -> Vec<(std::os::fd::RawFd, u64, EventSet)> {
         use std::os::fd::AsRawFd;
-        for (fd, token) in [
-            (self.queue_evt.as_raw_fd(), TOKEN_QUEUE),
-            (self.kill.as_raw_fd(), TOKEN_KILL),
-        ] {
-            self.epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        Ok(())
+        vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)]
     }
 
-    fn run(mut self) {
-        let mut errors = ErrorLog::default();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("virtio-blk-{}: epoll failed, worker stops: {e}", self.index);
-                    return;
-                }
-            };
-            let ready = &events[..n];
-            if ready.iter().any(|e| e.data() == TOKEN_KILL) {
-                return;
-            }
-            if ready.iter().any(|e| e.data() == TOKEN_QUEUE) {
-                // Non-blocking: EAGAIN just means another kick was merged.
-                let _ = self.queue_evt.read();
-                let disk = current(&self.disk);
-                let limits = limits_for(&disk, self.acked_features);
-                if process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut errors) {
-                    self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
-                }
-            }
+    fn serve(&mut self, _ready: &[u64]) -> Served {
+        // The only fd is the queue's: whether kicked or at start, drain it.
+        // Non-blocking: EAGAIN just means another kick was merged.
+        let _ = self.queue_evt.read();
+        let disk = current(&self.disk);
+        let limits = limits_for(&disk, self.acked_features);
+        if process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
+            self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
         }
+        Served::default()
     }
 }
 
@@ -323,6 +299,7 @@ mod tests {
 
     use super::super::test_utils::TempImage;
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn block(contents: &[u8], read_only: bool) -> (TempImage, Block) {
         let img = TempImage::new(contents);
