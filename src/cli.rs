@@ -126,6 +126,7 @@ pub enum CliError {
 }
 
 /// What to do, from the command line.
+#[derive(Debug)]
 pub struct Launch {
     /// The VM as far as the command line (or config file) describes it.
     pub config: VmConfig,
@@ -157,7 +158,8 @@ impl Cli {
             config.timeout = Some(Duration::from_secs_f64(t));
         }
         config.command = self.command;
-        if boot_now || !config.command.is_empty() {
+        // Without a kernel the API supplies the rest; InstanceStart validates.
+        if boot_now {
             config.validate()?;
         }
         Ok(Launch {
@@ -237,6 +239,53 @@ mod tests {
         assert_eq!(c.memory_mib, 128);
         assert_eq!(c.cpus, 1);
         assert!(c.drives.is_empty() && c.command.is_empty() && c.timeout.is_none());
+    }
+
+    fn launch(args: &[&str]) -> Result<Launch, String> {
+        let mut v = vec!["microvm"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .into_launch()
+            .map_err(|e| microvm::error_chain(&e))
+    }
+
+    #[test]
+    fn api_and_config_file_modes() {
+        let l = launch(&["--api-sock", "/tmp/x.sock", "--id", "vm7"]).unwrap();
+        assert!(!l.boot_now && l.id == "vm7");
+        assert_eq!(l.api_sock.as_deref(), Some(std::path::Path::new("/tmp/x.sock")));
+        assert_eq!(launch(&["--api-sock", "/tmp/x.sock"]).unwrap().id, DEFAULT_ID);
+        assert!(launch(&[]).is_err(), "a kernel, an API or a config file is required");
+        assert!(launch(&["--config-file", "/x.json", "--kernel", "/k"])
+            .unwrap_err()
+            .contains("cannot be used with"));
+        assert!(launch(&["--config-file", "/nonexistent.json"])
+            .unwrap_err()
+            .starts_with("config file '/nonexistent.json'"));
+
+        let dir = std::env::temp_dir().join(format!("microvm-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        let k = some_file();
+        std::fs::write(
+            &file,
+            format!(r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}}}}"#),
+        )
+        .unwrap();
+        let l = launch(&["--config-file", file.to_str().unwrap(), "--timeout", "5"]).unwrap();
+        assert!(l.boot_now);
+        assert_eq!((l.config.cpus, l.config.memory_mib), (2, 64));
+        assert_eq!(l.config.timeout, Some(Duration::from_secs(5)));
+        std::fs::write(&file, r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {}}"#).unwrap();
+        assert!(launch(&["--config-file", file.to_str().unwrap()])
+            .unwrap_err()
+            .contains("unknown field `logger`"));
+        std::fs::write(&file, r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#).unwrap();
+        assert!(launch(&["--config-file", file.to_str().unwrap()])
+            .unwrap_err()
+            .starts_with("kernel '/nonexistent/k'"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
