@@ -254,9 +254,18 @@ mod tests {
     fn api_and_config_file_modes() {
         let l = launch(&["--api-sock", "/tmp/x.sock", "--id", "vm7"]).unwrap();
         assert!(!l.boot_now && l.id == "vm7");
-        assert_eq!(l.api_sock.as_deref(), Some(std::path::Path::new("/tmp/x.sock")));
-        assert_eq!(launch(&["--api-sock", "/tmp/x.sock"]).unwrap().id, DEFAULT_ID);
-        assert!(launch(&[]).is_err(), "a kernel, an API or a config file is required");
+        assert_eq!(
+            l.api_sock.as_deref(),
+            Some(std::path::Path::new("/tmp/x.sock"))
+        );
+        assert_eq!(
+            launch(&["--api-sock", "/tmp/x.sock"]).unwrap().id,
+            DEFAULT_ID
+        );
+        assert!(
+            launch(&[]).is_err(),
+            "a kernel, an API or a config file is required"
+        );
         assert!(launch(&["--config-file", "/x.json", "--kernel", "/k"])
             .unwrap_err()
             .contains("cannot be used with"));
@@ -277,11 +286,19 @@ mod tests {
         assert!(l.boot_now);
         assert_eq!((l.config.cpus, l.config.memory_mib), (2, 64));
         assert_eq!(l.config.timeout, Some(Duration::from_secs(5)));
-        std::fs::write(&file, r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {}}"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {}}"#,
+        )
+        .unwrap();
         assert!(launch(&["--config-file", file.to_str().unwrap()])
             .unwrap_err()
             .contains("unknown field `logger`"));
-        std::fs::write(&file, r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#,
+        )
+        .unwrap();
         assert!(launch(&["--config-file", file.to_str().unwrap()])
             .unwrap_err()
             .starts_with("kernel '/nonexistent/k'"));

@@ -150,8 +150,18 @@ impl VmConfig {
         }
         let mut root: Option<&DriveConfig> = None;
         for (i, d) in self.drives.iter().enumerate() {
-            check_file(if d.is_root { "root filesystem" } else { "drive" }, &d.path)?;
-            if self.drives[..i].iter().any(|o| !d.id.is_empty() && o.id == d.id) {
+            check_file(
+                if d.is_root {
+                    "root filesystem"
+                } else {
+                    "drive"
+                },
+                &d.path,
+            )?;
+            if self.drives[..i]
+                .iter()
+                .any(|o| !d.id.is_empty() && o.id == d.id)
+            {
                 return Err(ConfigError::DuplicateId {
                     what: "drive",
                     id: d.id.clone(),
@@ -165,7 +175,10 @@ impl VmConfig {
             }
         }
         for (i, n) in self.nets.iter().enumerate() {
-            if self.nets[..i].iter().any(|o| !n.id.is_empty() && o.id == n.id) {
+            if self.nets[..i]
+                .iter()
+                .any(|o| !n.id.is_empty() && o.id == n.id)
+            {
                 return Err(ConfigError::DuplicateId {
                     what: "network interface",
                     id: n.id.clone(),
@@ -311,8 +324,12 @@ mod tests {
         ok.validate().unwrap();
         let msg = |c: &VmConfig| c.validate().unwrap_err().to_string();
 
-        assert_eq!(msg(&VmConfig::new("")), "no kernel image: a kernel path is required to boot");
-        assert!(msg(&VmConfig::new("/nonexistent/vmlinux")).starts_with("kernel '/nonexistent/vmlinux': "));
+        assert_eq!(
+            msg(&VmConfig::new("")),
+            "no kernel image: a kernel path is required to boot"
+        );
+        assert!(msg(&VmConfig::new("/nonexistent/vmlinux"))
+            .starts_with("kernel '/nonexistent/vmlinux': "));
         assert!(msg(&VmConfig::new("/tmp")).ends_with("not a regular file"));
 
         let mut c = ok.clone();
@@ -337,7 +354,10 @@ mod tests {
 
         let mut c = ok.clone();
         c.drives = vec![drive("a", true), drive("b", true)];
-        assert_eq!(msg(&c), "drives 'a' and 'b' are both the root device; only one can be");
+        assert_eq!(
+            msg(&c),
+            "drives 'a' and 'b' are both the root device; only one can be"
+        );
         c.drives = vec![drive("a", true), drive("a", false)];
         assert_eq!(msg(&c), "drive id 'a' is used twice");
         c.drives = vec![drive("a", false)];

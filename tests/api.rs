@@ -56,7 +56,12 @@ fn api_refuses_what_it_must() {
     let msg = fault(&call(&sock, "PUT", "/actions", Some(start)));
     assert!(msg.contains("no kernel image"), "{msg}");
     // Bad JSON, unknown field, missing field, wrong type.
-    let msg = fault(&call(&sock, "PUT", "/boot-source", Some("{\"kernel_image_path\": ")));
+    let msg = fault(&call(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some("{\"kernel_image_path\": "),
+    ));
     assert!(msg.starts_with("invalid JSON body"), "{msg}");
     let msg = fault(&call(
         &sock,
@@ -65,7 +70,12 @@ fn api_refuses_what_it_must() {
         Some(r#"{"kernel_image_path": "/k", "kernel_args": "x"}"#),
     ));
     assert!(msg.contains("unknown field `kernel_args`"), "{msg}");
-    let msg = fault(&call(&sock, "PUT", "/machine-config", Some(r#"{"vcpu_count": 1}"#)));
+    let msg = fault(&call(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1}"#),
+    ));
     assert!(msg.contains("missing field `mem_size_mib`"), "{msg}");
     let msg = fault(&call(
         &sock,
@@ -92,9 +102,17 @@ fn api_refuses_what_it_must() {
     let msg = fault(&call(&sock, "PUT", "/actions", Some(start)));
     assert!(msg.contains("kernel '/nonexistent/vmlinux'"), "{msg}");
     // Paths and methods that do not exist.
-    for (m, p) in [("GET", "/nope"), ("DELETE", "/"), ("GET", "/drives"), ("POST", "/actions")] {
+    for (m, p) in [
+        ("GET", "/nope"),
+        ("DELETE", "/"),
+        ("GET", "/drives"),
+        ("POST", "/actions"),
+    ] {
         let msg = fault(&call(&sock, m, p, None));
-        assert!(msg.starts_with("Invalid request method and/or path"), "{m} {p}: {msg}");
+        assert!(
+            msg.starts_with("Invalid request method and/or path"),
+            "{m} {p}: {msg}"
+        );
     }
     // Ids in path and body must agree.
     let msg = fault(&call(
@@ -121,7 +139,10 @@ fn api_refuses_what_it_must() {
         &sock,
         b"PUT /boot-source HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n",
     );
-    assert!(out.starts_with("HTTP/1.1 400") && out.contains("larger"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 400") && out.contains("larger"),
+        "{out}"
+    );
     // The configuration so far.
     let (code, body) = call(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200);
@@ -142,7 +163,10 @@ fn api_refuses_what_it_must() {
     // SIGTERM before start: 143, and the socket is gone.
     vm.terminate();
     let st = vm.wait_exit(Duration::from_secs(30));
-    vm.check(st.and_then(|s| s.code()) == Some(143), "exit 143 on SIGTERM");
+    vm.check(
+        st.and_then(|s| s.code()) == Some(143),
+        "exit 143 on SIGTERM",
+    );
     assert!(!sock.exists(), "socket removed on exit");
 
     // A regular file in the way is refused.
@@ -152,7 +176,10 @@ fn api_refuses_what_it_must() {
         None,
         Duration::from_secs(30),
     );
-    r.check(r.code() == Some(2), "exit 2 for a path that is not a socket");
+    r.check(
+        r.code() == Some(2),
+        "exit 2 for a path that is not a socket",
+    );
     r.check(r.stderr.contains("already exists"), "says why");
 }
 
@@ -181,7 +208,11 @@ fn api_drives_a_vm() {
     .to_string();
     for (m, p, b) in [
         ("PUT", "/boot-source", boot_source.as_str()),
-        ("PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": false}"#),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": false}"#,
+        ),
         (
             "PUT",
             "/drives/scratch",
@@ -198,7 +229,12 @@ fn api_drives_a_vm() {
     let (_, body) = call(&sock, "GET", "/machine-config", None);
     assert_eq!(json(&body)["mem_size_mib"], 128);
 
-    let r = call(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    let r = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
     vm.check(r.0 == 204, &format!("InstanceStart: {r:?}"));
     let (_, body) = call(&sock, "GET", "/", None);
     assert_eq!(json(&body)["state"], "Running");
@@ -206,7 +242,12 @@ fn api_drives_a_vm() {
     // Pre-boot-only requests are refused now.
     let msg = fault(&call(&sock, "PUT", "/boot-source", Some(&boot_source)));
     assert!(msg.contains("not supported after starting"), "{msg}");
-    let msg = fault(&call(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)));
+    let msg = fault(&call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    ));
     assert!(msg.contains("already running"), "{msg}");
 
     let boot = boot_deadline(Duration::from_secs(60), Duration::from_secs(400));
@@ -251,7 +292,9 @@ fn api_drives_a_vm() {
     // Resume: it goes on.
     let r = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     vm.check(r.0 == 204, &format!("resume: {r:?}"));
-    let resumed = vm.wait_for(Duration::from_secs(120), |vm| ticks(&vm.stdout()) > ticks1 + 1);
+    let resumed = vm.wait_for(Duration::from_secs(120), |vm| {
+        ticks(&vm.stdout()) > ticks1 + 1
+    });
     vm.check(resumed, "console advances after resume");
 
     // Swap the drive: the guest sees the new capacity (3 MiB = 6144 sectors).
@@ -275,7 +318,12 @@ fn api_drives_a_vm() {
     // Ctrl-Alt-Del: the guest reboots if its kernel has an i8042 keyboard
     // driver; the test kernel has none, so then stop the guest through its
     // console instead.
-    let r = call(&sock, "PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    let r = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
     vm.check(r.0 == 204, &format!("SendCtrlAltDel: {r:?}"));
     let t = Instant::now();
     let rebooted = vm.wait_for(Duration::from_secs(20), |vm| {

@@ -37,24 +37,44 @@ fn config_file_boots_the_flask_vm() {
     let (code, body) = call(&sock, "GET", "/", None);
     assert_eq!(code, 200);
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((info["id"].as_str(), info["state"].as_str()), (Some("flask"), Some("Running")));
+    assert_eq!(
+        (info["id"].as_str(), info["state"].as_str()),
+        (Some("flask"), Some("Running"))
+    );
     let (_, body) = call(&sock, "GET", "/vm/config", None);
     let got: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(got["machine-config"]["mem_size_mib"], cfg["machine-config"]["mem_size_mib"]);
-    assert_eq!(got["drives"][0]["path_on_host"], cfg["drives"][0]["path_on_host"]);
+    assert_eq!(
+        got["machine-config"]["mem_size_mib"],
+        cfg["machine-config"]["mem_size_mib"]
+    );
+    assert_eq!(
+        got["drives"][0]["path_on_host"],
+        cfg["drives"][0]["path_on_host"]
+    );
 
     let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(900));
     let ready = vm.wait_for(deadline, |vm| {
         vm.stdout().contains(APP_READY) || vm.child_exited()
     });
-    vm.check(ready && vm.stdout().contains(APP_READY), "the Flask app is ready");
+    vm.check(
+        ready && vm.stdout().contains(APP_READY),
+        "the Flask app is ready",
+    );
 
     for state in ["Paused", "Resumed"] {
-        let r = call(&sock, "PATCH", "/vm", Some(&format!(r#"{{"state": "{state}"}}"#)));
+        let r = call(
+            &sock,
+            "PATCH",
+            "/vm",
+            Some(&format!(r#"{{"state": "{state}"}}"#)),
+        );
         vm.check(r.0 == 204, &format!("{state}: {r:?}"));
     }
     vm.terminate();
     let st = vm.wait_exit(Duration::from_secs(60));
-    vm.check(st.and_then(|s| s.code()) == Some(143), "SIGTERM ends the VM with 143");
+    vm.check(
+        st.and_then(|s| s.code()) == Some(143),
+        "SIGTERM ends the VM with 143",
+    );
     assert!(!sock.exists(), "socket removed on exit");
 }

@@ -123,9 +123,7 @@ pub fn read_head<R: BufRead>(r: &mut R) -> Result<Option<Head>, HttpError> {
         let value = value.trim();
         match name.to_ascii_lowercase().as_str() {
             "content-length" => {
-                let n: usize = value
-                    .parse()
-                    .map_err(|_| bad("invalid Content-Length"))?;
+                let n: usize = value.parse().map_err(|_| bad("invalid Content-Length"))?;
                 if seen_length && n != head.content_length {
                     return Err(bad("conflicting Content-Length headers"));
                 }
@@ -136,7 +134,9 @@ pub fn read_head<R: BufRead>(r: &mut R) -> Result<Option<Head>, HttpError> {
                 head.content_length = n;
             }
             "transfer-encoding" => {
-                return Err(bad("Transfer-Encoding is not supported; send Content-Length"))
+                return Err(bad(
+                    "Transfer-Encoding is not supported; send Content-Length",
+                ))
             }
             "connection" => {
                 let v = value.to_ascii_lowercase();
@@ -242,7 +242,8 @@ mod tests {
 
     #[test]
     fn parses_a_request_with_a_body() {
-        let text = "PUT /drives/rootfs?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}";
+        let text =
+            "PUT /drives/rootfs?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}";
         let mut c = io::Cursor::new(text.as_bytes().to_vec());
         let h = read_head(&mut c).unwrap().unwrap();
         assert_eq!(h.method, "PUT");
@@ -255,11 +256,15 @@ mod tests {
 
     #[test]
     fn connection_and_expect_headers() {
-        let h = head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
+        let h = head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
         let h = head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
-        let h = head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().unwrap();
+        let h = head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive);
         let h = head("PUT /x HTTP/1.1\nExpect: 100-continue\nContent-Length: 5\n\n")
             .unwrap()
@@ -273,17 +278,32 @@ mod tests {
         assert_eq!(err("GET /\r\n\r\n"), "malformed request line");
         assert_eq!(err("GET / HTTP/2\r\n\r\n"), "unsupported protocol 'HTTP/2'");
         assert_eq!(err("get / HTTP/1.1\r\n\r\n"), "malformed request method");
-        assert_eq!(err("GET x HTTP/1.1\r\n\r\n"), "request target must be a path");
-        assert_eq!(err("GET / HTTP/1.1\r\nNoColon\r\n\r\n"), "malformed header line");
+        assert_eq!(
+            err("GET x HTTP/1.1\r\n\r\n"),
+            "request target must be a path"
+        );
+        assert_eq!(
+            err("GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
+            "malformed header line"
+        );
         assert!(err("PUT / HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n").contains("larger"));
         assert!(err("PUT / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").contains("Content-Length"));
-        assert!(err("PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
-            .contains("conflicting"));
-        assert!(err("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").contains("Transfer-Encoding"));
-        assert_eq!(err("GET / HTTP/1.1\r\nHost: x"), "connection closed in the middle of a request");
+        assert!(
+            err("PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .contains("conflicting")
+        );
+        assert!(err("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .contains("Transfer-Encoding"));
+        assert_eq!(
+            err("GET / HTTP/1.1\r\nHost: x"),
+            "connection closed in the middle of a request"
+        );
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE));
         assert_eq!(err(&long), "header line too long");
-        let many = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(MAX_HEADERS + 1));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS + 1)
+        );
         assert!(err(&many).starts_with("more than"));
         let ok = format!("GET / HTTP/1.1\r\n{}\r\n", "X: y\r\n".repeat(MAX_HEADERS));
         assert!(head(&ok).unwrap().is_some());

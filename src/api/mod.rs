@@ -111,7 +111,11 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         }
         ("PUT", "actions", None) => ApiRequest::Action(json_body::<Action>(body)?.action_type),
         ("PATCH", "vm", None) => ApiRequest::PatchVm(json_body(body)?),
-        _ => return Err(format!("Invalid request method and/or path: {method} {path}")),
+        _ => {
+            return Err(format!(
+                "Invalid request method and/or path: {method} {path}"
+            ))
+        }
     };
     Ok(req)
 }
@@ -137,7 +141,12 @@ pub fn fault(message: &str) -> ApiResponse {
 }
 
 /// The answers that are the same before and after boot.
-pub fn answer_query(req: &ApiRequest, config: &VmConfig, id: &str, state: &str) -> Option<ApiResponse> {
+pub fn answer_query(
+    req: &ApiRequest,
+    config: &VmConfig,
+    id: &str,
+    state: &str,
+) -> Option<ApiResponse> {
     Some(match req {
         ApiRequest::GetInstanceInfo => instance_info(id, state),
         ApiRequest::GetVersion => version(),
@@ -191,7 +200,9 @@ impl Preboot {
                 Err("the microVM is not running: SendCtrlAltDel needs a started VM".into())
             }
             ApiRequest::Action(ActionType::FlushMetrics) => Ok(()),
-            ApiRequest::PatchVm(_) => Err("the microVM is not started: nothing to pause or resume".into()),
+            ApiRequest::PatchVm(_) => {
+                Err("the microVM is not started: nothing to pause or resume".into())
+            }
             ApiRequest::GetInstanceInfo
             | ApiRequest::GetVersion
             | ApiRequest::GetMachineConfig
@@ -258,9 +269,18 @@ mod tests {
 
     #[test]
     fn routes_by_method_and_path() {
-        assert_eq!(parse_request("GET", "/", b""), Ok(ApiRequest::GetInstanceInfo));
-        assert_eq!(parse_request("GET", "/version", b""), Ok(ApiRequest::GetVersion));
-        assert_eq!(parse_request("GET", "/vm/config", b""), Ok(ApiRequest::GetVmConfig));
+        assert_eq!(
+            parse_request("GET", "/", b""),
+            Ok(ApiRequest::GetInstanceInfo)
+        );
+        assert_eq!(
+            parse_request("GET", "/version", b""),
+            Ok(ApiRequest::GetVersion)
+        );
+        assert_eq!(
+            parse_request("GET", "/vm/config", b""),
+            Ok(ApiRequest::GetVmConfig)
+        );
         assert_eq!(
             parse_request("PUT", "/actions", br#"{"action_type": "InstanceStart"}"#),
             Ok(ApiRequest::Action(ActionType::InstanceStart))
@@ -270,19 +290,28 @@ mod tests {
             Ok(ApiRequest::PatchVm(_))
         ));
         let d = br#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}"#;
-        assert!(matches!(parse_request("PUT", "/drives/rootfs", d), Ok(ApiRequest::PutDrive(_))));
+        assert!(matches!(
+            parse_request("PUT", "/drives/rootfs", d),
+            Ok(ApiRequest::PutDrive(_))
+        ));
         assert!(parse_request("PUT", "/drives/other", d)
             .unwrap_err()
             .contains("differs"));
-        assert!(parse_request("PUT", "/drives/", d).unwrap_err().starts_with("Invalid request"));
+        assert!(parse_request("PUT", "/drives/", d)
+            .unwrap_err()
+            .starts_with("Invalid request"));
     }
 
     #[test]
     fn refuses_bad_bodies_and_unknown_paths() {
         let e = |m: &str, p: &str, b: &[u8]| parse_request(m, p, b).unwrap_err();
         assert!(e("PUT", "/boot-source", b"{not json").starts_with("invalid JSON body"));
-        assert!(e("PUT", "/boot-source", br#"{"kernel_image_path": "/k", "bogus": 1}"#)
-            .contains("unknown field `bogus`"));
+        assert!(e(
+            "PUT",
+            "/boot-source",
+            br#"{"kernel_image_path": "/k", "bogus": 1}"#
+        )
+        .contains("unknown field `bogus`"));
         assert!(e("PUT", "/boot-source", br#"{}"#).contains("missing field `kernel_image_path`"));
         assert!(e("PUT", "/boot-source", b"").contains("needs a JSON body"));
         assert!(e("PUT", "/actions", br#"{"action_type": "Reboot"}"#).contains("unknown variant"));
@@ -303,7 +332,12 @@ mod tests {
         };
         let r = answer(&mut p, "GET", "/", "");
         assert!(r.body.unwrap().contains(r#""state":"Not started""#));
-        let r = answer(&mut p, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+        let r = answer(
+            &mut p,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+        );
         assert_eq!(r.status, 400);
         assert!(r.body.unwrap().contains("no kernel image"));
         let exe = std::env::current_exe().unwrap().display().to_string();
@@ -314,12 +348,22 @@ mod tests {
             &format!(r#"{{"kernel_image_path": "{exe}"}}"#),
         );
         assert_eq!(r.status, 204);
-        let r = answer(&mut p, "PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 64}"#);
+        let r = answer(
+            &mut p,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+        );
         assert_eq!(r.status, 204);
         assert_eq!((p.config.cpus, p.config.memory_mib), (2, 64));
         let r = answer(&mut p, "PATCH", "/vm", r#"{"state": "Paused"}"#);
         assert_eq!(r.status, 400);
-        let r = answer(&mut p, "PATCH", "/drives/x", r#"{"drive_id": "x", "path_on_host": "/y"}"#);
+        let r = answer(
+            &mut p,
+            "PATCH",
+            "/drives/x",
+            r#"{"drive_id": "x", "path_on_host": "/y"}"#,
+        );
         assert!(r.body.unwrap().contains("no drive with id 'x'"));
         assert!(matches!(
             p.handle(ApiRequest::Action(ActionType::InstanceStart)),

@@ -394,7 +394,10 @@ mod tests {
         assert_eq!(cfg.nets[0].id, "eth0");
         let back = full_config_json(&cfg);
         assert_eq!(back["drives"][0]["path_on_host"], "/r.ext4");
-        assert_eq!(back["network-interfaces"][0]["guest_mac"], "02:00:00:00:00:01");
+        assert_eq!(
+            back["network-interfaces"][0]["guest_mac"],
+            "02:00:00:00:00:01"
+        );
         assert_eq!(back["machine-config"]["vcpu_count"], 2);
     }
 
@@ -415,7 +418,10 @@ mod tests {
             r#"{"drive_id":"a","path_on_host":"/x","is_root_device":false,"rate_limiter":{"bandwidth":{}}}"#,
         )
         .unwrap();
-        assert_eq!(d.to_config().unwrap_err(), "a rate limiter is not supported by microvm");
+        assert_eq!(
+            d.to_config().unwrap_err(),
+            "a rate limiter is not supported by microvm"
+        );
         let n: NetworkInterface = serde_json::from_str(
             r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"01:00:00:00:00:01"}"#,
         )

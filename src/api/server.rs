@@ -143,12 +143,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(
-    listener: UnixListener,
-    stop: EventFd,
-    events: EventSender,
-    conns: Connections,
-) {
+fn accept_loop(listener: UnixListener, stop: EventFd, events: EventSender, conns: Connections) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [
@@ -238,7 +233,10 @@ fn serve_connection(stream: &UnixStream, events: &EventSender) {
                 return;
             }
         };
-        if head.expect_continue && head.content_length > 0 && http::write_continue(&mut writer).is_err() {
+        if head.expect_continue
+            && head.content_length > 0
+            && http::write_continue(&mut writer).is_err()
+        {
             return;
         }
         let Ok(body) = http::read_body(&mut reader, head.content_length) else {
@@ -268,7 +266,10 @@ mod tests {
     use std::io::{Read, Write};
 
     fn sock_path(tag: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("microvm-api-test-{tag}-{}.sock", std::process::id()))
+        std::env::temp_dir().join(format!(
+            "microvm-api-test-{tag}-{}.sock",
+            std::process::id()
+        ))
     }
 
     #[test]

@@ -90,7 +90,7 @@ impl I8042 {
         match cmd {
             0x20 => self.push(&[self.command_byte]),
             0x60 | 0xd1 | 0xd4 => self.pending = Some(cmd),
-            0xaa => self.push(&[0x55]),        // controller self-test passed
+            0xaa => self.push(&[0x55]), // controller self-test passed
             0xa9 | 0xab => self.push(&[0x00]), // interface tests passed
             0xfe => (self.on_reset)(),
             _ => {} // enable/disable ports and the rest: nothing to do
@@ -113,7 +113,12 @@ impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match (offset, data.len()) {
             (I8042_COMMAND, 1) => {
-                I8042_STATUS_BASE | if self.out.is_empty() { 0 } else { I8042_STATUS_OBF }
+                I8042_STATUS_BASE
+                    | if self.out.is_empty() {
+                        0
+                    } else {
+                        I8042_STATUS_OBF
+                    }
             }
             (I8042_DATA, 1) => {
                 let v = self.out.pop_front().unwrap_or(0);

@@ -21,8 +21,8 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::loader::Cmdline;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::{self, cmdline, mptable, BootError};
 use crate::boot::LoadedKernel;
+use crate::boot::{self, cmdline, mptable, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{BootTimer, ExitDevice, ExitStatus, I8042};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
@@ -95,15 +95,15 @@ impl VmmError {
             self,
             VmmError::Config(_)
                 | VmmError::Boot(
-                BootError::OpenKernel { .. }
-                    | BootError::NotAKernel { .. }
-                    | BootError::ReadInitrd { .. }
-                    | BootError::InitrdTooBig { .. },
-            ) | VmmError::Devices(DeviceManagerError::Block { .. })
+                    BootError::OpenKernel { .. }
+                        | BootError::NotAKernel { .. }
+                        | BootError::ReadInitrd { .. }
+                        | BootError::InitrdTooBig { .. },
+                )
+                | VmmError::Devices(DeviceManagerError::Block { .. })
         )
     }
 }
-
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
@@ -196,7 +196,9 @@ impl Vmm {
             None => None,
         };
         let mut devices = DeviceManager::with_activate_evt(
-            events.activate_evt().map_err(host_err("activate eventfd"))?,
+            events
+                .activate_evt()
+                .map_err(host_err("activate eventfd"))?,
         );
         let platform = attach_platform_devices(
             &vm,
@@ -295,8 +297,7 @@ impl Vmm {
                     Ready::Event(e) => e,
                 };
                 match event {
-                    VmEvent::Reset
-                    | VmEvent::VcpuStopped(_, VcpuStop::SystemEvent(_)) => {
+                    VmEvent::Reset | VmEvent::VcpuStopped(_, VcpuStop::SystemEvent(_)) => {
                         return Ok(self.clean_stop_outcome())
                     }
                     VmEvent::VcpuStopped(_, VcpuStop::Requested) => {}
@@ -412,8 +413,11 @@ fn attach_platform_devices(
         layout::SERIAL_PORT_SIZE,
     )?;
     let i8042 = Arc::new(Mutex::new(
-        I8042::new(move || events.send(VmEvent::Reset))
-            .with_kbd_irq(irqfd(vm, layout::KEYBOARD_IRQ, "i8042 irqfd")?),
+        I8042::new(move || events.send(VmEvent::Reset)).with_kbd_irq(irqfd(
+            vm,
+            layout::KEYBOARD_IRQ,
+            "i8042 irqfd",
+        )?),
     ));
     devices.attach_pio(
         "the i8042",

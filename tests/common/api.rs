@@ -63,7 +63,9 @@ fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
             if n == 0 {
                 break;
             }
-            b.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+            b.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
         }
     });
     buf
@@ -109,7 +111,11 @@ impl ApiVm {
     }
 
     /// Poll `cond` every 100 ms until it holds or `deadline` passes.
-    pub fn wait_for(&mut self, deadline: Duration, mut cond: impl FnMut(&mut Self) -> bool) -> bool {
+    pub fn wait_for(
+        &mut self,
+        deadline: Duration,
+        mut cond: impl FnMut(&mut Self) -> bool,
+    ) -> bool {
         let end = Instant::now() + deadline;
         while Instant::now() < end {
             if cond(self) {

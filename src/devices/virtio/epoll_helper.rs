@@ -65,12 +65,14 @@ impl WorkerHandle {
             fds.insert(token, fd);
         }
         let (c, w, name) = (control.clone(), wake.try_clone()?, label.clone());
-        let thread = std::thread::Builder::new().name(label.clone()).spawn(move || {
-            if let Err(e) = run(&epoll, &fds, &w, &c, &mut handler) {
-                log::error!("{name}: worker failed: {e}");
-            }
-            c.set_gone();
-        })?;
+        let thread = std::thread::Builder::new()
+            .name(label.clone())
+            .spawn(move || {
+                if let Err(e) = run(&epoll, &fds, &w, &c, &mut handler) {
+                    log::error!("{name}: worker failed: {e}");
+                }
+                c.set_gone();
+            })?;
         Ok(Self {
             label,
             control,
@@ -225,9 +227,16 @@ mod tests {
         assert!(w.pause());
         evt.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(served.load(Ordering::SeqCst), 1, "nothing served while paused");
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            1,
+            "nothing served while paused"
+        );
         w.resume();
-        assert!(wait_count(&served, 2), "the kick made while paused is served");
+        assert!(
+            wait_count(&served, 2),
+            "the kick made while paused is served"
+        );
 
         evt.write(1).unwrap();
         assert!(wait_count(&served, 3));

@@ -235,7 +235,10 @@ impl VirtioDevice for Block {
         let new = Disk::open(path, old.read_only())?;
         // What the guest wrote to the old file is on it before we let go.
         if let Err(e) = old.flush() {
-            log::warn!("virtio-blk-{}: flushing the old backing file: {e}", self.index);
+            log::warn!(
+                "virtio-blk-{}: flushing the old backing file: {e}",
+                self.index
+            );
         }
         self.config[0..8].copy_from_slice(&new.capacity_sectors().to_le_bytes());
         log::info!(

@@ -382,11 +382,11 @@ mod tests {
     use super::super::rxtx::tests::{memory, Driver, BUF_BASE};
     use super::super::rxtx::VNET_HDR_LEN;
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
     use crate::net::tap::test_support::in_new_netns;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
     fn features_follow_tap_offloads() {
