@@ -137,6 +137,15 @@ pub struct AttachedDevice {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// Which bus a platform device sits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    /// Port I/O (`in`/`out`).
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
 /// The devices of one VM and the two buses the vCPUs dispatch exits to.
 #[derive(Default)]
 pub struct DeviceManager {
@@ -163,26 +172,22 @@ impl DeviceManager {
         }
     }
 
-    /// Put a port-I/O device (`what`, for errors) at `[base, base + len)`.
-    pub fn attach_pio(
+    /// Put a platform (non-virtio) device, `what` in errors, at
+    /// `[base, base + len)` on the port-I/O or the MMIO bus.
+    pub fn attach_platform(
         &mut self,
+        bus: BusKind,
         what: &'static str,
         device: SharedDevice,
         base: u64,
         len: u64,
     ) -> Result<(), DeviceManagerError> {
-        insert_platform(&mut self.pio_bus, what, device, base, len)
-    }
-
-    /// Put a (non-virtio) MMIO device at `[base, base + len)`.
-    pub fn attach_mmio(
-        &mut self,
-        what: &'static str,
-        device: SharedDevice,
-        base: u64,
-        len: u64,
-    ) -> Result<(), DeviceManagerError> {
-        insert_platform(&mut self.mmio_bus, what, device, base, len)
+        let bus = match bus {
+            BusKind::Pio => &mut self.pio_bus,
+            BusKind::Mmio => &mut self.mmio_bus,
+        };
+        bus.insert(device, base, len)
+            .map_err(|source| DeviceManagerError::Platform { what, base, source })
     }
 
     /// The port-I/O bus, for the vCPUs.
@@ -334,17 +339,6 @@ impl DeviceManager {
             t.device_mut().flush();
         }
     }
-}
-
-fn insert_platform(
-    bus: &mut Bus,
-    what: &'static str,
-    device: SharedDevice,
-    base: u64,
-    len: u64,
-) -> Result<(), DeviceManagerError> {
-    bus.insert(device, base, len)
-        .map_err(|source| DeviceManagerError::Platform { what, base, source })
 }
 
 /// Open the drive's backing file and build its virtio-blk device.

@@ -31,7 +31,7 @@ use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::regs::{self, RegsError};
 use crate::vcpu::thread::{VcpuControl, VcpuHandle, Wanted};
 use crate::vcpu::{cpuid, ExitCounters, Vcpu, VcpuStop};
-use device_manager::{DeviceManager, DeviceManagerError};
+use device_manager::{BusKind, DeviceManager, DeviceManagerError};
 use event_loop::{EventLoop, EventLoopError, EventSender, Ready, VmEvent};
 
 /// Errors while building or starting the VM.
@@ -406,7 +406,8 @@ fn attach_platform_devices(
         irqfd(vm, layout::SERIAL_IRQ, "serial irqfd")?,
         ConsoleOutput::new(std::io::stdout(), guest_panicked.clone()),
     )));
-    devices.attach_pio(
+    devices.attach_platform(
+        BusKind::Pio,
         "the serial port",
         serial.clone(),
         layout::SERIAL_PORT_BASE,
@@ -419,26 +420,30 @@ fn attach_platform_devices(
             "i8042 irqfd",
         )?),
     ));
-    devices.attach_pio(
+    devices.attach_platform(
+        BusKind::Pio,
         "the i8042",
         i8042.clone(),
         layout::I8042_PORT_BASE,
         layout::I8042_PORT_SIZE,
     )?;
-    devices.attach_pio(
+    devices.attach_platform(
+        BusKind::Pio,
         "the RTC",
         Arc::new(Mutex::new(crate::devices::rtc::Cmos::new())),
         layout::RTC_PORT_BASE,
         layout::RTC_PORT_SIZE,
     )?;
     let exit_status: ExitStatus = Arc::new(AtomicI32::new(-1));
-    devices.attach_pio(
+    devices.attach_platform(
+        BusKind::Pio,
         "the exit port",
         Arc::new(Mutex::new(ExitDevice::new(exit_status.clone()))),
         layout::EXIT_PORT,
         layout::EXIT_PORT_SIZE,
     )?;
-    devices.attach_mmio(
+    devices.attach_platform(
+        BusKind::Mmio,
         "the boot timer",
         Arc::new(Mutex::new(BootTimer::new(process_start, build_start))),
         layout::BOOT_TIMER_ADDR,
