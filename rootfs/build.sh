@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build the microvm guest root filesystem: Debian bookworm minbase with
-# python3-flask, the app in /app and our init as /sbin/init, as an ext4 image.
+# python3-flask, the app in /app and microvm-init (init/, a static binary, the
+# same init `microvm image build` puts in images) as /sbin/init, as an ext4 image.
 #
 #   rootfs/build.sh            -> last stdout line: path of the ext4 image
 #
 # Cache (MICROVM_CACHE, default /var/cache/microvm):
 #   rootfs/base-<bkey>/        debootstrap'd tree, keyed by suite + packages
 #                              (+ BASE_RECIPE); rebuilt only when those change
-#   rootfs/app-<key>.ext4      image, keyed by this script, init, app files,
-#                              suite + packages; a hit returns at once
+#   rootfs/app-<key>.ext4      image, keyed by this script, the init binary,
+#                              app files, suite + packages; a hit returns at once
 #   rootfs/app.ext4            symlink to the image of the latest run
 #   rootfs/debs/               downloaded .debs (debootstrap --cache-dir)
 #   rootfs/debootstrap.log     log of the last debootstrap
@@ -42,15 +43,33 @@ die() { log "error: $*"; exit 1; }
 sha() { sha256sum | cut -c1-16; }
 APP_FILES=()
 while IFS= read -r -d '' f; do APP_FILES+=("$f"); done \
-    < <(cd "$HERE" && find app -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z)
-[[ -f $HERE/init && -f $HERE/app/app.py ]] || die "missing $HERE/init or $HERE/app/app.py"
+    < <(cd "$HERE" && find app -type f ! -name '*.pyc' ! -path '*/__pycache__/*' ! -name Dockerfile -print0 | LC_ALL=C sort -z)
+[[ -f $HERE/app/app.py ]] || die "missing $HERE/app/app.py"
+# The guest init, built static and cached by its own inputs (init/build.sh).
+INIT_BIN=$("$HERE/../init/build.sh" | tail -n1)
+[[ -x $INIT_BIN ]] || die "init/build.sh did not produce the init binary"
+
+# What the init runs: the Dockerfile's CMD, ENV, WORKDIR and EXPOSE
+# (app/Dockerfile), in the init's config format (rootfs/README.md).
+INIT_CONF='# microvm-init config v1
+cmd python3
+cmd /app/app.py
+env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+env LANG=C.UTF-8
+env PYTHONUNBUFFERED=1
+workdir /app
+port 80
+'
 
 BASE_KEY=$(printf '%s\n' "suite=$SUITE" "recipe=$BASE_RECIPE" "arch=amd64" "${PACKAGES[@]}" | sha)
 KEY=$({
-    for f in build.sh init "${APP_FILES[@]}"; do
+    for f in build.sh "${APP_FILES[@]}"; do
         printf '%s\n' "$f"
         sha256sum <"$HERE/$f"
     done
+    printf 'init\n'
+    sha256sum <"$INIT_BIN"
+    printf '%s' "$INIT_CONF" | sha256sum
     printf '%s\n' "base=$BASE_KEY"
 } | sha)
 IMAGE=$OUT/app-$KEY.ext4
@@ -236,7 +255,10 @@ for f in "${APP_FILES[@]}"; do
     install -D -m 0644 "$HERE/$f" "$root/$f"
 done
 rm -f "$root/sbin/init" # /sbin -> usr/sbin in bookworm (merged /usr)
-install -m 0755 "$HERE/init" "$root/sbin/init"
+install -m 0755 "$INIT_BIN" "$root/sbin/microvm-init"
+ln -s microvm-init "$root/sbin/init" # the kernel's default init, no init= needed
+install -d -m 0755 "$root/etc/microvm"
+printf '%s' "$INIT_CONF" >"$root/etc/microvm/init.conf"
 # debootstrap copied the build host's hostname and resolv.conf: replace them.
 echo microvm >"$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tmicrovm\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"

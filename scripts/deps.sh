@@ -10,6 +10,8 @@ PKGS=(
   debootstrap busybox-static e2fsprogs
   # end-to-end tests: network namespaces, HTTP client
   iproute2 curl
+  # image tests: OCI layouts and docker archives made with tools that are not ours
+  umoci skopeo zstd
   # nested normal-KVM lane (tests/nested/): QEMU's TCG emulates AMD SVM for an L1
   qemu-system-x86 python3
 )

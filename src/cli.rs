@@ -15,6 +15,9 @@ EXAMPLES:
   Run a command in a throw-away VM and get its exit status:
     microvm --kernel vmlinux --rootfs app.ext4 --timeout 600 -- python3 -c 'print(6*7)'
 
+  Turn a container image (OCI layout or archive, docker save) into a root filesystem:
+    microvm image build app-image.tar -o app.ext4     (see microvm image build --help)
+
   Boot a kernel with an initramfs only:
     microvm --kernel vmlinux --initrd initramfs.cpio.gz --cpus 2
 

@@ -33,6 +33,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_target(false)
         .init();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
+        return microvm::image::command::main(std::env::args_os().skip(1));
+    }
 
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,

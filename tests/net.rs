@@ -5,85 +5,13 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use common::*;
 
 const HOST_IP: &str = "10.213.0.1";
 const GUEST_IP: &str = "10.213.0.2";
-
-/// A network namespace deleted on drop (also when the test panics).
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Option<Self> {
-        let name = format!("microvm-test-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        match Command::new("ip").args(["netns", "add", &name]).status() {
-            Ok(s) if s.success() => {}
-            other => {
-                missing(&format!(
-                    "cannot create a network namespace with `ip netns add` ({other:?}); needs root and iproute2"
-                ));
-                return None;
-            }
-        }
-        let ns = Netns(name);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        Some(ns)
-    }
-
-    fn command(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(argv);
-        c
-    }
-
-    fn exec(&self, argv: &[&str]) -> std::process::Output {
-        self.command(argv).output().expect("ip netns exec")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Kills the VM (by the PID we started) if the test ends early.
-struct Vm(std::process::Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Collect everything `r` produces into a shared string, on a thread; never
-/// hold the lock while blocked in `read`.
-fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let t = text.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            t.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    text
-}
 
 #[test]
 fn flask_app_answers_over_virtio_net() {
@@ -98,72 +26,18 @@ fn flask_app_answers_over_virtio_net() {
     let disk = dir.path("root.ext4");
     std::fs::copy(&rootfs, &disk).unwrap();
 
-    let bin = microvm_bin();
-    let net = format!("host={HOST_IP}/30,guest={GUEST_IP}");
-    let start = Instant::now();
-    let mut child = ns
-        .command(&[
-            bin.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--rootfs",
-            disk.to_str().unwrap(),
-            "--memory",
-            "256",
-            "--net",
-            &net,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn microvm in the namespace");
-    let console = pump(child.stdout.take().unwrap());
-    let stderr = pump(child.stderr.take().unwrap());
-    let mut vm = Vm(child);
-
-    let report = |what: &str| -> ! {
-        panic!(
-            "{what}\n--- console:\n{}\n--- stderr:\n{}",
-            console.lock().unwrap(),
-            stderr.lock().unwrap()
-        )
-    };
-
-    let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(1500));
-    loop {
-        if console
-            .lock()
-            .unwrap()
-            .contains("microvm-init: app ready on port 80")
-        {
-            break;
-        }
-        if let Ok(Some(st)) = vm.0.try_wait() {
-            report(&format!("microvm exited early: {st}"));
-        }
-        if start.elapsed() > deadline {
-            report("app not ready before the deadline");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!(
-        "boot to Flask app ready: {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
-    {
-        let c = console.lock().unwrap();
-        if !c.contains("EXT4-fs (vda): mounted filesystem") {
-            drop(c);
-            report("kernel did not report mounting ext4 from /dev/vda");
-        }
+    let mut vm = NetVm::boot(&ns, &kernel, &disk, HOST_IP, GUEST_IP);
+    let ready = vm.wait_for("microvm-init: app ready on port 80");
+    eprintln!("boot to Flask app ready: {:.1} s", ready.as_secs_f64());
+    if !vm.console_has("EXT4-fs (vda): mounted filesystem") {
+        vm.fail("kernel did not report mounting ext4 from /dev/vda");
     }
 
     let url = format!("http://{GUEST_IP}/");
     let one = ns.exec(&["curl", "-s", "--max-time", "120", &url]);
     let body = String::from_utf8_lossy(&one.stdout).to_string();
     if body.trim() != "Hello, World!" {
-        report(&format!(
+        vm.fail(&format!(
             "unexpected body {body:?} (curl status {:?})",
             one.status
         ));
@@ -184,14 +58,8 @@ fn flask_app_answers_over_virtio_net() {
         t.elapsed().as_secs_f64()
     );
     if ok != 100 {
-        report(&format!("only {ok}/100 requests succeeded: {codes}"));
+        vm.fail(&format!("only {ok}/100 requests succeeded: {codes}"));
     }
 
-    // Stop the VM the way a user would; it must exit 143.
-    let pid = vm.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let st = vm.0.wait().unwrap();
-    if st.code() != Some(143) {
-        report(&format!("SIGTERM should give exit 143, got {st}"));
-    }
+    vm.sigterm_gives_143();
 }

@@ -11,7 +11,7 @@ pub mod api;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Default cache the build scripts write to.
@@ -312,5 +312,164 @@ pub fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<ExitS
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A network namespace deleted on drop (also when the test panics).
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn create() -> Option<Self> {
+        let name = format!("microvm-test-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        match Command::new("ip").args(["netns", "add", &name]).status() {
+            Ok(s) if s.success() => {}
+            other => {
+                missing(&format!(
+                    "cannot create a network namespace with `ip netns add` ({other:?}); needs root and iproute2"
+                ));
+                return None;
+            }
+        }
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    pub fn command(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(argv);
+        c
+    }
+
+    pub fn exec(&self, argv: &[&str]) -> std::process::Output {
+        self.command(argv).output().expect("ip netns exec")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Kills the VM (by the PID we started) if the test ends early.
+pub struct Vm(pub std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Collect everything `r` produces into a shared string, on a thread; never
+/// hold the lock while blocked in `read`.
+pub fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let t = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            t.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
+}
+
+/// A VM with a root filesystem and one virtio-net interface, started inside
+/// `ns`; its console and stderr are collected on threads.
+pub struct NetVm {
+    pub vm: Vm,
+    pub console: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+    pub start: Instant,
+}
+
+impl NetVm {
+    /// Boot `disk` (a private copy) with 256 MiB and `--net host=HOST/30,guest=GUEST`.
+    pub fn boot(
+        ns: &Netns,
+        kernel: &std::path::Path,
+        disk: &std::path::Path,
+        host: &str,
+        guest: &str,
+    ) -> Self {
+        let bin = microvm_bin();
+        let net = format!("host={host}/30,guest={guest}");
+        let start = Instant::now();
+        let mut child = ns
+            .command(&[
+                bin.to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--rootfs",
+                disk.to_str().unwrap(),
+                "--memory",
+                "256",
+                "--net",
+                &net,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn microvm in the namespace");
+        let console = pump(child.stdout.take().unwrap());
+        let stderr = pump(child.stderr.take().unwrap());
+        Self {
+            vm: Vm(child),
+            console,
+            stderr,
+            start,
+        }
+    }
+
+    /// Fail the test with `what` and everything the VM printed.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n--- console:\n{}\n--- stderr:\n{}",
+            self.console.lock().unwrap(),
+            self.stderr.lock().unwrap()
+        )
+    }
+
+    /// Does the console show `text`?
+    pub fn console_has(&self, text: &str) -> bool {
+        self.console.lock().unwrap().contains(text)
+    }
+
+    /// Wait until the console shows `marker`; fail if the VM exits first or
+    /// the boot deadline passes. Returns the time since spawn.
+    pub fn wait_for(&mut self, marker: &str) -> Duration {
+        let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(1500));
+        while !self.console_has(marker) {
+            if let Ok(Some(st)) = self.vm.0.try_wait() {
+                self.fail(&format!("microvm exited early: {st}"));
+            }
+            if self.start.elapsed() > deadline {
+                self.fail(&format!("no {marker:?} before the deadline"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.start.elapsed()
+    }
+
+    /// Stop the VM the way a user would; it must exit 143.
+    pub fn sigterm_gives_143(&mut self) {
+        let pid = self.vm.0.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let st = self.vm.0.wait().unwrap();
+        if st.code() != Some(143) {
+            self.fail(&format!("SIGTERM should give exit 143, got {st}"));
+        }
     }
 }

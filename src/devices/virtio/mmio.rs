@@ -15,7 +15,7 @@
 //! queue selectors are ignored with a rate-limited log, never a panic.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
@@ -27,6 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::queue_guard::{self, QueueError};
 use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemoryMmap;
@@ -125,9 +126,15 @@ pub enum MmioError {
         #[source]
         source: virtio_queue::Error,
     },
-    /// DRIVER_OK was set while a ready queue lies outside guest memory.
-    #[error("queue {0} is not valid (rings outside guest memory or misconfigured)")]
-    InvalidQueue(usize),
+    /// DRIVER_OK was set while a queue cannot be served.
+    #[error("queue {index} cannot be served")]
+    InvalidQueue {
+        /// Queue index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: QueueError,
+    },
     /// The queue state could not be handed to the device.
     #[error("cannot copy the state of queue {index}")]
     QueueState {
@@ -151,6 +158,8 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt_status: Arc<AtomicU32>,
     interrupt_evt: EventFd,
+    /// Set by the running device when it found a broken ring.
+    device_needs_reset: Arc<AtomicBool>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
     queue_select: u32,
@@ -194,6 +203,7 @@ impl MmioTransport {
             mem,
             interrupt_status: Arc::new(AtomicU32::new(0)),
             interrupt_evt,
+            device_needs_reset: Arc::new(AtomicBool::new(false)),
             queues,
             queue_evts,
             queue_select: 0,
@@ -259,7 +269,11 @@ impl MmioTransport {
 
     /// The device status as the driver last set it (plus DEVICE_NEEDS_RESET).
     pub fn status(&self) -> u32 {
-        self.driver_status
+        if self.device_needs_reset.load(Ordering::SeqCst) {
+            self.driver_status | STATUS_NEEDS_RESET
+        } else {
+            self.driver_status
+        }
     }
 
     /// True between a successful DRIVER_OK and the next reset.
@@ -326,7 +340,7 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt_status.load(Ordering::SeqCst),
-            REG_STATUS => self.driver_status,
+            REG_STATUS => self.status(),
             // No shared memory regions: a length of -1 says "no such region".
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self.config_generation,
@@ -524,12 +538,11 @@ impl MmioTransport {
         if self.reset_failed {
             return Err(MmioError::NotResettable);
         }
-        if let Some(index) = self
-            .queues
-            .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.mem))
-        {
-            return Err(MmioError::InvalidQueue(index));
+        // Every queue, ready or not: an unready one is never touched, a
+        // ready one must be one the device can follow.
+        for (index, q) in self.queues.iter().enumerate() {
+            queue_guard::check(q, &self.mem)
+                .map_err(|source| MmioError::InvalidQueue { index, source })?;
         }
         let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let queues = self
@@ -549,7 +562,12 @@ impl MmioTransport {
             .map(|e| e.try_clone().map_err(MmioError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         let irqfd = self.interrupt_evt.try_clone().map_err(MmioError::EventFd)?;
-        let interrupt = Interrupt::new(self.interrupt_status.clone(), irqfd);
+        self.device_needs_reset.store(false, Ordering::SeqCst);
+        let interrupt = Interrupt::with_needs_reset(
+            self.interrupt_status.clone(),
+            self.device_needs_reset.clone(),
+            irqfd,
+        );
         self.device
             .activate(self.mem.clone(), interrupt, queues, queue_evts)
             .map_err(MmioError::Activate)?;
@@ -585,6 +603,7 @@ impl MmioTransport {
         self.driver_features_select = 0;
         self.acked_features = 0;
         self.driver_status = 0;
+        self.device_needs_reset.store(false, Ordering::SeqCst);
         self.interrupt_status.store(0, Ordering::SeqCst);
     }
 }
@@ -872,17 +891,21 @@ mod tests {
         assert_eq!(r32(&mut t, REG_QUEUE_READY), 1);
 
         // The device interrupts through the shared status and the irqfd.
-        state
-            .lock()
-            .unwrap()
-            .interrupt
-            .as_ref()
-            .unwrap()
-            .trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING);
+        let device_interrupt = |f: &dyn Fn(&Interrupt)| {
+            f(state.lock().unwrap().interrupt.as_ref().unwrap());
+        };
+        device_interrupt(&|i| i.trigger(crate::devices::virtio::VIRTIO_MMIO_INT_VRING));
         assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), 1);
         assert_eq!(t.interrupt_evt().read().unwrap(), 1);
         w32(&mut t, REG_INTERRUPT_ACK, 1);
         assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), 0);
+
+        // A device that found a broken ring says so through Status and a
+        // configuration change interrupt; reset clears it.
+        device_interrupt(&Interrupt::needs_reset);
+        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS | STATUS_NEEDS_RESET);
+        assert_eq!(r32(&mut t, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        w32(&mut t, REG_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
 
         // A notify through the bus signals the queue's EventFd (the same
         // eventfd the device holds a clone of).
@@ -946,6 +969,31 @@ mod tests {
         assert_eq!(r32(&mut t, REG_STATUS), 0);
         // Never activated, so the device was not asked to reset.
         assert_eq!(state.lock().unwrap().resets, 0);
+    }
+
+    /// Rings the device cannot follow are refused at DRIVER_OK, so no worker
+    /// ever starts on them.
+    #[test]
+    fn unusable_rings_at_driver_ok_set_needs_reset() {
+        use vm_memory::Bytes;
+        let (mut t, state) = transport(vec![16, 16]);
+        // Queue 0 with its available ring at `avail` and index `avail_idx`.
+        let mut driver_ok = |avail: u64, avail_idx: u16| {
+            w32(&mut t, REG_STATUS, 0);
+            assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+            setup_queue(&mut t, 0, 0x1000, avail, 0x3000, 16);
+            t.mem.write_obj(avail_idx, GuestAddress(avail + 2)).unwrap();
+            w32(&mut t, REG_STATUS, OK_STATUS);
+            (t.is_activated(), r32(&mut t, REG_STATUS))
+        };
+        let refused = (false, OK_STATUS | STATUS_NEEDS_RESET);
+        // A ready queue whose available ring is at guest address 0.
+        assert_eq!(driver_ok(0, 0), refused);
+        // An available index more than a queue ahead of the device.
+        assert_eq!(driver_ok(0x2000, 17), refused);
+        // 16 ahead is a full ring, which is fine.
+        assert_eq!(driver_ok(0x2000, 16), (true, OK_STATUS));
+        assert_eq!(state.lock().unwrap().activations, 1);
     }
 
     #[test]

@@ -12,10 +12,13 @@ pub mod block;
 pub mod epoll_helper;
 pub mod mmio;
 pub mod net;
+pub mod queue_guard;
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 pub use epoll_helper::{EpollHandler, Served, WorkerHandle};
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -49,15 +52,31 @@ pub enum ActivateError {
 
 /// How a device raises its interrupt: sets a bit in the transport's
 /// InterruptStatus register and kicks the irqfd bound to the device's GSI.
+/// Also how it tells the driver it cannot go on ([`Interrupt::needs_reset`]).
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irqfd: EventFd,
+    needs_reset: Arc<AtomicBool>,
 }
 
 impl Interrupt {
     /// An interrupt that sets bits in `status` and signals `irqfd`.
     pub fn new(status: Arc<AtomicU32>, irqfd: EventFd) -> Self {
-        Self { status, irqfd }
+        Self::with_needs_reset(status, Arc::new(AtomicBool::new(false)), irqfd)
+    }
+
+    /// Like [`Interrupt::new`], with the flag the transport reports as
+    /// `DEVICE_NEEDS_RESET` in its Status register.
+    pub fn with_needs_reset(
+        status: Arc<AtomicU32>,
+        needs_reset: Arc<AtomicBool>,
+        irqfd: EventFd,
+    ) -> Self {
+        Self {
+            status,
+            irqfd,
+            needs_reset,
+        }
     }
 
     /// Raise `bits` (`VIRTIO_MMIO_INT_*`).
@@ -66,6 +85,20 @@ impl Interrupt {
         if let Err(e) = self.irqfd.write(1) {
             log::warn!("virtio: cannot signal irqfd: {e}");
         }
+    }
+
+    /// The device stopped serving its queues until the driver resets it:
+    /// set `DEVICE_NEEDS_RESET` and send a configuration change interrupt
+    /// (virtio 1.2, 2.1.2), once.
+    pub fn needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.trigger(VIRTIO_MMIO_INT_CONFIG);
+        }
+    }
+
+    /// Whether [`Interrupt::needs_reset`] was called.
+    pub fn is_needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
     }
 
     /// The InterruptStatus register shared with the transport.

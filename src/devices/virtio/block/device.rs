@@ -3,8 +3,9 @@
 //!
 //! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
 //! `virtio-blk-N` epolls on the queue EventFd and a kill EventFd; each kick
-//! drains the queue ([`process_queue`]) and raises the interrupt. Reset and
-//! drop stop the thread and join it.
+//! drains the queue ([`process_queue`]) and raises the interrupt. A broken
+//! ring makes the thread report DEVICE_NEEDS_RESET and stop watching the
+//! queue. Reset and drop stop the thread and join it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use super::queue::process_queue;
 use super::request::Limits;
 use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, DriveConfig};
+use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
     ActivateError, EpollHandler, Interrupt, Served, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_VRING,
@@ -269,6 +271,19 @@ struct BlockHandler {
     errors: ErrorLog,
 }
 
+impl BlockHandler {
+    /// The ring is broken: stop watching the queue (until the driver resets
+    /// the device, which stops this worker) and tell the driver.
+    fn stop_serving(&self, e: &QueueError) -> Served {
+        log::warn!("virtio-blk: {e}: device needs reset");
+        self.interrupt.needs_reset();
+        Served {
+            more: false,
+            stop_watching: vec![TOKEN_QUEUE],
+        }
+    }
+}
+
 impl EpollHandler for BlockHandler {
     fn watch(&self) -> Vec<(std::os::fd::RawFd, u64, EventSet)> {
         use std::os::fd::AsRawFd;
@@ -281,8 +296,10 @@ impl EpollHandler for BlockHandler {
         let _ = self.queue_evt.read();
         let disk = current(&self.disk);
         let limits = limits_for(&disk, self.acked_features);
-        if process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
-            self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+        match process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
+            Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
+            Err(e) => return self.stop_serving(&e),
         }
         Served::default()
     }

@@ -8,8 +8,9 @@
 //! device-readable header descriptor, the data descriptors, and a
 //! device-writable status descriptor last. The status byte is the last byte of
 //! that descriptor, which is where the spec puts it whatever the framing.
-//! Chain length is bounded by virtio-queue's iterator (at most the queue size,
-//! or the indirect table size, descriptors; loops end there too).
+//! A chain longer than the queue (direct and indirect descriptors together),
+//! or one that breaks off, is refused without a status: its last descriptor,
+//! where the status goes, is unknown.
 
 use std::ops::Deref;
 
@@ -17,10 +18,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::SECTOR_SIZE;
+use crate::devices::virtio::queue_guard::{Chain, QueueError};
 
 /// Size of `struct virtio_blk_outhdr` (type, reserved, sector).
 pub const HEADER_LEN: u32 = 16;
@@ -86,6 +87,9 @@ pub enum RequestError {
     /// The head index was out of range or the descriptor table unreadable.
     #[error("descriptor chain is empty")]
     EmptyChain,
+    /// The chain is too long or breaks off.
+    #[error("bad descriptor chain")]
+    Chain(#[source] QueueError),
     /// The last descriptor is device-readable (no status descriptor).
     #[error("last descriptor is not device-writable (no status descriptor)")]
     StatusNotWritable,
@@ -166,17 +170,20 @@ pub struct Rejected {
 
 impl Request {
     /// Parse `chain` and check it against `limits`.
-    pub fn parse<M>(chain: DescriptorChain<M>, limits: &Limits) -> Result<Self, Rejected>
+    pub fn parse<M>(chain: Chain<M>, limits: &Limits) -> Result<Self, Rejected>
     where
         M: Deref + Clone,
         M::Target: GuestMemory,
     {
         let mem = chain.memory();
-        let descs: Vec<Descriptor> = chain.clone().collect();
         let drop = |error| Rejected {
             error,
             status: None,
         };
+        let descs: Vec<Descriptor> = chain
+            .clone()
+            .collect::<Result<_, _>>()
+            .map_err(|e| drop(RequestError::Chain(e)))?;
 
         let last = descs.last().ok_or(drop(RequestError::EmptyChain))?;
         if !last.is_write_only() {
@@ -331,7 +338,7 @@ mod tests {
     fn parse(m: &GuestMemoryMmap, descs: &[RawDescriptor]) -> Result<Request, Rejected> {
         let q = MockSplitQueue::new(m, 16);
         let chain = q.build_desc_chain(descs).unwrap();
-        Request::parse(chain, &LIMITS)
+        Request::parse(Chain::new(chain, 16), &LIMITS)
     }
 
     fn err(m: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (RequestError, Option<GuestAddress>) {
@@ -552,10 +559,9 @@ mod tests {
     }
 
     #[test]
-    fn looping_chain_ends_at_queue_size() {
-        // A descriptor whose `next` points at itself: virtio-queue's iterator
-        // stops after queue-size descriptors, so parsing terminates and the
-        // writable last descriptor is taken as the status.
+    fn looping_chain_is_refused_without_status() {
+        // A descriptor whose `next` points at itself: the chain is cut at the
+        // queue size and refused; no descriptor of it is taken as the status.
         let m = mem();
         header(&m, VIRTIO_BLK_T_FLUSH, 0);
         let q = MockSplitQueue::new(&m, 4);
@@ -572,12 +578,11 @@ mod tests {
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
         m.write_obj(0u16, q.avail_addr().unchecked_add(4)).unwrap();
         m.write_obj(1u16, q.avail_addr().unchecked_add(2)).unwrap();
-        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &m)
+        let chain = crate::devices::virtio::queue_guard::pop(&mut queue, &m)
             .unwrap()
-            .next()
             .unwrap();
-        assert_eq!(chain.clone().count(), 4);
-        let r = Request::parse(chain, &LIMITS).unwrap();
-        assert_eq!(r.kind, RequestKind::Flush);
+        let r = Request::parse(chain, &LIMITS).unwrap_err();
+        assert_eq!(r.error, RequestError::Chain(QueueError::ChainTooLong(4)));
+        assert_eq!(r.status, None);
     }
 }

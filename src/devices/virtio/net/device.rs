@@ -21,7 +21,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
@@ -308,12 +308,6 @@ impl VirtioDevice for Net {
         let [rx_evt, tx_evt]: [EventFd; 2] = queue_evts
             .try_into()
             .map_err(|_| ActivateError::QueueCount { want: 2, got: 0 })?;
-        for (name, q) in [("RX", &rx_queue), ("TX", &tx_queue)] {
-            if !q.is_valid(&mem) {
-                warn!("{}: driver set up an invalid {name} queue", self.label);
-            }
-        }
-
         let acked = self.acked_features;
         let mrg_rxbuf = acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
         let guest_csum = acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0;
@@ -385,7 +379,7 @@ mod tests {
     use crate::net::tap::test_support::in_new_netns;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Address, Bytes, GuestAddress};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
@@ -553,6 +547,100 @@ mod tests {
             dev.flush();
             drop(dev);
             assert!(!crate::net::tap::interface_exists(&tap_name));
+        });
+    }
+
+    /// Activate a NIC (worker thread `virtio-net-<index>`) on `rx`/`tx`,
+    /// kick both queues, check that its worker does not spin, and return
+    /// whether it asked for a reset.
+    fn worker_does_not_spin(
+        index: usize,
+        mem: &crate::memory::GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+    ) -> bool {
+        // A sleeping worker uses next to nothing; a spinning one most of the window.
+        const WINDOW: Duration = Duration::from_millis(500);
+        const LIMIT: Duration = Duration::from_millis(50);
+        use crate::devices::virtio::test_utils::named_thread_cpu_time;
+        use std::sync::atomic::AtomicBool;
+        let tap = Tap::create(None).unwrap();
+        let mut dev = Net::new(index, tap, MacAddr([2, 0, 0, 0, 0, 9]));
+        let needs_reset = Arc::new(AtomicBool::new(false));
+        let interrupt = Interrupt::with_needs_reset(
+            Arc::new(AtomicU32::new(0)),
+            Arc::clone(&needs_reset),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        let evts = [
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
+        let kicks: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
+        dev.activate(mem.clone(), interrupt, vec![rx, tx], evts.into())
+            .expect("activate");
+        for k in &kicks {
+            k.write(1).unwrap();
+        }
+        let name = format!("virtio-net-{index}");
+        // The thread names itself once it runs.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let before = loop {
+            if let Some(t) = named_thread_cpu_time(&name) {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "no thread {name}");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        std::thread::sleep(WINDOW);
+        let used = named_thread_cpu_time(&name).expect("worker thread") - before;
+        assert!(dev.reset());
+        assert!(used < LIMIT, "worker used {used:?} of {WINDOW:?}");
+        needs_reset.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn tx_avail_index_past_queue_size_does_not_spin() {
+        in_new_netns("tx_avail_index_past_queue_size_does_not_spin", || {
+            let mem = memory();
+            let rx = Driver::new(&mem, 0x4_0000, QUEUE_SIZE);
+            let tx = Driver::new(&mem, 0x8_0000, QUEUE_SIZE);
+            // 261 chains claimed on a 256-entry ring.
+            mem.write_obj(261u16, tx.vq.avail_addr().unchecked_add(2))
+                .unwrap();
+            assert!(worker_does_not_spin(50, &mem, rx.queue(), tx.queue()));
+        });
+    }
+
+    #[test]
+    fn tx_avail_ring_at_zero_does_not_spin() {
+        in_new_netns("tx_avail_ring_at_zero_does_not_spin", || {
+            let mem = memory();
+            let rx = Driver::new(&mem, 0x4_0000, QUEUE_SIZE);
+            let tx = Driver::new(&mem, 0x8_0000, QUEUE_SIZE);
+            let mut txq = tx.queue();
+            txq.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+            // The "avail index" of a ring at 0.
+            mem.write_obj(3u16, GuestAddress(2)).unwrap();
+            assert!(worker_does_not_spin(51, &mem, rx.queue(), txq));
+        });
+    }
+
+    #[test]
+    fn unready_tx_queue_is_left_alone() {
+        in_new_netns("unready_tx_queue_is_left_alone", || {
+            let mem = memory();
+            let rx = Driver::new(&mem, 0x4_0000, QUEUE_SIZE);
+            // TX never set up: not ready, every ring address 0.
+            let txq = <Queue as virtio_queue::QueueT>::new(QUEUE_SIZE).unwrap();
+            mem.write_slice(&[0xaa, 0xaa, 3, 0], GuestAddress(0))
+                .unwrap();
+            // An unused queue is no fault of the driver's: no reset asked.
+            assert!(!worker_does_not_spin(52, &mem, rx.queue(), txq));
+            // Nothing was written where the unready queue's rings would be.
+            let mut low = [0u8; 4];
+            mem.read_slice(&mut low, GuestAddress(0)).unwrap();
+            assert_eq!(low, [0xaa, 0xaa, 3, 0]);
         });
     }
 

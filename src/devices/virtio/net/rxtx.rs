@@ -7,7 +7,8 @@
 //! as is. The only field the device writes is `num_buffers`.
 //!
 //! Guest input is never trusted: a chain that points outside guest RAM, has
-//! descriptors in the wrong direction, is empty or too large is handed back
+//! descriptors in the wrong direction, is empty, too large or longer than the
+//! queue (see [`crate::devices::virtio::queue_guard`]) is handed back
 //! with a used length of 0, counted, and logged at most every few seconds.
 
 use std::collections::VecDeque;
@@ -16,9 +17,10 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 pub use crate::net::tap::VNET_HDR_LEN;
 
 /// Largest Ethernet frame moved in either direction: a 64 KiB GSO frame plus
@@ -179,6 +181,8 @@ pub enum BadChain {
     TooLarge,
     /// Shorter than the vnet header.
     TooShort,
+    /// Longer than the queue, or breaks off.
+    Descriptors(QueueError),
 }
 
 impl fmt::Display for BadChain {
@@ -189,6 +193,7 @@ impl fmt::Display for BadChain {
             BadChain::OutOfRange => "buffer outside guest memory",
             BadChain::TooLarge => "frame larger than 64 KiB",
             BadChain::TooShort => "buffer shorter than the virtio-net header",
+            BadChain::Descriptors(e) => return e.fmt(f),
         })
     }
 }
@@ -267,14 +272,11 @@ impl TxPath {
     }
 
     /// Gather one chain into `self.buf`; its length or why it is refused.
-    fn gather<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        chain: DescriptorChain<&M>,
-    ) -> Result<usize, BadChain> {
+    fn gather<M: GuestMemory>(&mut self, mem: &M, chain: Chain<&M>) -> Result<usize, BadChain> {
         let mut len = 0usize;
         let mut descriptors = 0usize;
         for desc in chain {
+            let desc = desc.map_err(BadChain::Descriptors)?;
             descriptors += 1;
             if desc.is_write_only() {
                 return Err(BadChain::WrongDirection);
@@ -299,18 +301,19 @@ impl TxPath {
         Ok(len)
     }
 
-    /// Send every frame the guest queued (up to one queue's worth) to `sink`.
+    /// Send every frame the guest queued (up to one queue's worth) to `sink`;
+    /// an error when the ring is broken.
     pub fn process<M: GuestMemory, S: FrameSink + ?Sized>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
         sink: &mut S,
         stats: &NetStats,
-    ) -> TxBatch {
+    ) -> Result<TxBatch, QueueError> {
         let mut batch = TxBatch::default();
         let limit = u32::from(queue.size()).max(1);
         let mut handled = 0u32;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = queue_guard::pop(queue, mem)? {
             let head = chain.head_index();
             match self.gather(mem, chain) {
                 Ok(len) => match sink.send_frame(&self.buf[..len]) {
@@ -346,7 +349,7 @@ impl TxPath {
                 break;
             }
         }
-        batch
+        Ok(batch)
     }
 }
 
@@ -360,15 +363,13 @@ struct RxBuffer {
     capacity: usize,
 }
 
-fn parse_rx_chain<M: GuestMemory>(
-    mem: &M,
-    chain: DescriptorChain<&M>,
-) -> Result<RxBuffer, BadChain> {
+fn parse_rx_chain<M: GuestMemory>(mem: &M, chain: Chain<&M>) -> Result<RxBuffer, BadChain> {
     let head = chain.head_index();
     let mut segments = Vec::new();
     let mut capacity = 0usize;
     let mut descriptors = 0usize;
     for desc in chain {
+        let desc = desc.map_err(BadChain::Descriptors)?;
         descriptors += 1;
         if !desc.is_write_only() {
             return Err(BadChain::WrongDirection);
@@ -428,6 +429,7 @@ enum Deliver {
     NoBuffers,
     TooBig,
     Failed,
+    Broken(QueueError),
 }
 
 /// Host-to-guest path. Holds at most one frame while the guest has no room.
@@ -467,7 +469,8 @@ impl RxPath {
     }
 
     /// Move frames from `source` into the guest's RX buffers until the source
-    /// is empty, the guest runs out of buffers, or `budget` frames were handled.
+    /// is empty, the guest runs out of buffers, or `budget` frames were
+    /// handled; an error when the ring is broken.
     pub fn process<M: GuestMemory, S: FrameSource + ?Sized>(
         &mut self,
         queue: &mut Queue,
@@ -475,7 +478,7 @@ impl RxPath {
         source: &mut S,
         stats: &NetStats,
         budget: u32,
-    ) -> RxBatch {
+    ) -> Result<RxBatch, QueueError> {
         let mut batch = RxBatch {
             used: 0,
             frames: 0,
@@ -490,13 +493,13 @@ impl RxPath {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         batch.stop = RxStop::SourceEmpty;
-                        return batch;
+                        return Ok(batch);
                     }
                     Err(e) => {
                         self.log
                             .warn(&self.label, format_args!("cannot read from host: {e}"));
                         batch.stop = RxStop::SourceEmpty;
-                        return batch;
+                        return Ok(batch);
                     }
                 },
             };
@@ -515,7 +518,7 @@ impl RxPath {
                     self.pending = Some(len);
                     bump(&stats.rx_deferred, 1);
                     batch.stop = RxStop::NeedBuffers;
-                    return batch;
+                    return Ok(batch);
                 }
                 Deliver::TooBig => {
                     bump(&stats.rx_dropped_too_big, 1);
@@ -527,9 +530,10 @@ impl RxPath {
                     );
                 }
                 Deliver::Failed => {}
+                Deliver::Broken(e) => return Err(e),
             }
         }
-        batch
+        Ok(batch)
     }
 
     /// Return an invalid chain to the guest with nothing written.
@@ -576,8 +580,10 @@ impl RxPath {
             if self.reserved.len() >= max_chains {
                 return Deliver::TooBig;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return Deliver::NoBuffers;
+            let chain = match queue_guard::pop(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => return Deliver::NoBuffers,
+                Err(e) => return Deliver::Broken(e),
             };
             let head = chain.head_index();
             match parse_rx_chain(mem, chain) {
@@ -666,6 +672,10 @@ pub(crate) mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestMemoryMmap;
+
+    use crate::devices::virtio::test_utils::{
+        cpu_time_of, full_queue_of_one_chain, used_idx, KICK_CPU_BUDGET,
+    };
 
     pub(crate) type Mem = GuestMemoryMmap<()>;
 
@@ -848,7 +858,9 @@ pub(crate) mod tests {
 
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
-        let batch = TxPath::new("t").process(&mut q, &mem, &mut sink, &stats);
+        let batch = TxPath::new("t")
+            .process(&mut q, &mem, &mut sink, &stats)
+            .unwrap();
         assert_eq!(
             batch,
             TxBatch {
@@ -888,7 +900,9 @@ pub(crate) mod tests {
 
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
-        TxPath::new("t").process(&mut q, &mem, &mut sink, &stats);
+        TxPath::new("t")
+            .process(&mut q, &mem, &mut sink, &stats)
+            .unwrap();
         assert_eq!(sink.0, vec![hdr_and(&payload), second]);
         assert_eq!(drv.take_used(), vec![(h1, 0), (h2, 0)]);
         assert_eq!(stats.snapshot().tx_bytes, 3100);
@@ -919,7 +933,9 @@ pub(crate) mod tests {
 
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
-        TxPath::new("t").process(&mut q, &mem, &mut sink, &stats);
+        TxPath::new("t")
+            .process(&mut q, &mem, &mut sink, &stats)
+            .unwrap();
         assert_eq!(sink.0, vec![good]);
         let used = drv.take_used();
         let mut expect: Vec<(u16, u32)> = heads.iter().map(|h| (*h, 0)).collect();
@@ -937,7 +953,9 @@ pub(crate) mod tests {
         drv.add_bogus_head(200);
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
-        TxPath::new("t").process(&mut q, &mem, &mut sink, &stats);
+        TxPath::new("t")
+            .process(&mut q, &mem, &mut sink, &stats)
+            .unwrap();
         assert!(sink.0.is_empty());
         assert_eq!(stats.snapshot().tx_bad_chains, 1);
     }
@@ -967,7 +985,9 @@ pub(crate) mod tests {
         ];
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
-        TxPath::new("t").process(&mut txq, &mem, &mut sink, &stats);
+        TxPath::new("t")
+            .process(&mut txq, &mem, &mut sink, &stats)
+            .unwrap();
         assert_eq!(sink.0, vec![hdr_and(&payload)]);
         assert_eq!(
             tx.take_used(),
@@ -985,9 +1005,63 @@ pub(crate) mod tests {
             ],
         );
         let mut src = VecSource(VecDeque::from([hdr_and(&payload)]));
-        RxPath::new("t", false, true).process(&mut rxq, &mem, &mut src, &stats, 8);
+        RxPath::new("t", false, true)
+            .process(&mut rxq, &mem, &mut src, &stats, 8)
+            .unwrap();
         assert_eq!(rx.take_used(), vec![(head, 2012)]);
         assert_eq!(read(&mem, BUF_BASE + 0x11000, 2000), payload);
+    }
+
+    /// Where the CPU tests put the used ring of their full-size queue.
+    const USED_RING: GuestAddress = GuestAddress(0x8000);
+
+    /// A sink that drops every frame: the CPU tests measure the queue work only.
+    struct NullSink(u64);
+    impl FrameSink for NullSink {
+        fn send_frame(&mut self, _: &[u8]) -> io::Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+
+    /// One TX kick of a full 256-entry queue whose every entry is descriptor
+    /// 0, pointing at an indirect table of `descs`: the CPU it took, the
+    /// counters and the frames sent.
+    fn tx_kick_full_queue(descs: &[(u64, u32, u16)]) -> (Duration, NetStatsSnapshot, u64) {
+        let mem = memory();
+        let drv = Driver::new(&mem, 0, 256);
+        let table = GuestAddress(BUF_BASE + 0x10_0000);
+        let mut q = full_queue_of_one_chain(&drv.vq, &mem, 256, descs, Some(table), USED_RING);
+        let stats = NetStats::default();
+        let mut sink = NullSink(0);
+        let mut tx = TxPath::new("t");
+        let (cpu, _) = cpu_time_of(|| tx.process(&mut q, &mem, &mut sink, &stats).unwrap());
+        assert_eq!(used_idx(&mem, USED_RING), 256);
+        (cpu, stats.snapshot(), sink.0)
+    }
+
+    /// Finding 2 of the hostile-guest review, on TX: every avail entry names
+    /// one descriptor pointing at a 65,535-entry indirect table.
+    #[test]
+    fn tx_kick_does_not_walk_a_huge_indirect_table() {
+        let mut descs = vec![(BUF_BASE, VNET_HDR_LEN as u32, 0)];
+        descs.extend((1..u16::MAX).map(|_| (BUF_BASE, 0, 0)));
+        let (cpu, stats, sent) = tx_kick_full_queue(&descs);
+        eprintln!("virtio-net TX: one kick, 256 pointers to a 65,535-entry table: {cpu:?} CPU");
+        assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
+        assert_eq!((stats.tx_bad_chains, sent), (256, 0));
+    }
+
+    /// The CPU-per-kick check on TX: a full queue of the longest legal
+    /// chains (one indirect table of queue-size descriptors each).
+    #[test]
+    fn tx_cpu_per_kick_for_a_full_queue_of_maximal_chains() {
+        let mut descs = vec![(BUF_BASE, VNET_HDR_LEN as u32, 0)];
+        descs.extend((1..256).map(|i| (BUF_BASE + 0x1000 + 64 * i, 60, 0)));
+        let (cpu, stats, sent) = tx_kick_full_queue(&descs);
+        eprintln!("virtio-net TX: one kick, 256 chains of 256 descriptors: {cpu:?} CPU");
+        assert_eq!((stats.tx_bad_chains, sent), (0, 256));
+        assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
     }
 
     #[test]
@@ -1003,7 +1077,9 @@ pub(crate) mod tests {
         let mut q = drv.queue();
         let head = drv.add_chain(&[(BUF_BASE, 80, false)]);
         let stats = NetStats::default();
-        TxPath::new("t").process(&mut q, &mem, &mut Failing, &stats);
+        TxPath::new("t")
+            .process(&mut q, &mem, &mut Failing, &stats)
+            .unwrap();
         assert_eq!(drv.take_used(), vec![(head, 0)]);
         assert_eq!(stats.snapshot().tx_errors, 1);
     }
@@ -1019,7 +1095,7 @@ pub(crate) mod tests {
 
         let stats = NetStats::default();
         let mut rx = RxPath::new("t", false, true);
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64).unwrap();
         assert_eq!(
             batch,
             RxBatch {
@@ -1050,7 +1126,9 @@ pub(crate) mod tests {
         let payload = pattern(6000, 2);
         let mut src = VecSource(VecDeque::from([hdr_and(&payload)]));
         let stats = NetStats::default();
-        RxPath::new("t", false, true).process(&mut q, &mem, &mut src, &stats, 64);
+        RxPath::new("t", false, true)
+            .process(&mut q, &mem, &mut src, &stats, 64)
+            .unwrap();
         assert_eq!(drv.take_used(), vec![(head, 6012)]);
         let mut got = read(&mem, BUF_BASE + 0x1000, 4096);
         got.extend(read(&mem, BUF_BASE + 0x3000, 6000 - 4096));
@@ -1074,7 +1152,7 @@ pub(crate) mod tests {
 
         let stats = NetStats::default();
         let mut rx = RxPath::new("t", true, true);
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64).unwrap();
         assert_eq!(batch.frames, 2);
         assert_eq!(batch.stop, RxStop::SourceEmpty);
         // 4012 bytes over three 1500-byte buffers, then the small frame in the fourth.
@@ -1107,7 +1185,9 @@ pub(crate) mod tests {
         let mut frame = hdr_and(&pattern(100, 1));
         frame[HDR_FLAGS_OFFSET] = 2;
         let mut src = VecSource(VecDeque::from([frame]));
-        RxPath::new("t", false, false).process(&mut q, &mem, &mut src, &NetStats::default(), 8);
+        RxPath::new("t", false, false)
+            .process(&mut q, &mem, &mut src, &NetStats::default(), 8)
+            .unwrap();
         assert_eq!(read(&mem, BUF_BASE, 1)[0], 0);
     }
 
@@ -1122,7 +1202,7 @@ pub(crate) mod tests {
         let stats = NetStats::default();
         let mut rx = RxPath::new("t", true, true);
 
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64).unwrap();
         assert_eq!(batch.stop, RxStop::NeedBuffers);
         assert_eq!(batch.used, 0);
         assert!(rx.has_pending());
@@ -1131,13 +1211,13 @@ pub(crate) mod tests {
 
         // Not enough room yet for 512 bytes: one 300-byte buffer is reserved, not used.
         let h1 = drv.add_chain(&[(BUF_BASE, 300, true)]);
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64).unwrap();
         assert_eq!(batch.stop, RxStop::NeedBuffers);
         assert!(drv.take_used().is_empty());
 
         let h2 = drv.add_chain(&[(BUF_BASE + 0x1000, 300, true)]);
         let h3 = drv.add_chain(&[(BUF_BASE + 0x2000, 300, true)]);
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 64).unwrap();
         assert_eq!(batch.stop, RxStop::SourceEmpty);
         assert_eq!(batch.frames, 2);
         assert_eq!(
@@ -1159,7 +1239,9 @@ pub(crate) mod tests {
         let small = hdr_and(&pattern(100, 2));
         let mut src = VecSource(VecDeque::from([big, small.clone()]));
         let stats = NetStats::default();
-        let batch = RxPath::new("t", false, true).process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = RxPath::new("t", false, true)
+            .process(&mut q, &mem, &mut src, &stats, 64)
+            .unwrap();
         assert_eq!(batch.frames, 1);
         assert_eq!(drv.take_used(), vec![(head, small.len() as u32)]);
         assert_eq!(read(&mem, BUF_BASE + 12, 100), small[12..].to_vec());
@@ -1179,7 +1261,9 @@ pub(crate) mod tests {
         let small = hdr_and(&pattern(20, 2));
         let mut src = VecSource(VecDeque::from([big, small.clone()]));
         let stats = NetStats::default();
-        let batch = RxPath::new("t", true, true).process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = RxPath::new("t", true, true)
+            .process(&mut q, &mem, &mut src, &stats, 64)
+            .unwrap();
         assert_eq!(batch.frames, 1);
         assert_eq!(drv.take_used(), vec![(heads[0], small.len() as u32)]);
         assert_eq!(stats.snapshot().rx_dropped_too_big, 1);
@@ -1203,7 +1287,9 @@ pub(crate) mod tests {
         let frame = hdr_and(&pattern(90, 6));
         let mut src = VecSource(VecDeque::from([frame.clone()]));
         let stats = NetStats::default();
-        let batch = RxPath::new("t", true, true).process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = RxPath::new("t", true, true)
+            .process(&mut q, &mem, &mut src, &stats, 64)
+            .unwrap();
         assert_eq!(batch.frames, 1);
         assert_eq!(batch.used, bad.len() as u32 + 1);
         let mut expect: Vec<(u16, u32)> = bad.iter().map(|h| (*h, 0)).collect();
@@ -1223,7 +1309,9 @@ pub(crate) mod tests {
         let frame = hdr_and(&pattern(40, 1));
         let mut src = VecSource(VecDeque::from([vec![1, 2, 3], Vec::new(), frame.clone()]));
         let stats = NetStats::default();
-        let batch = RxPath::new("t", false, true).process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = RxPath::new("t", false, true)
+            .process(&mut q, &mem, &mut src, &stats, 64)
+            .unwrap();
         assert_eq!(batch.frames, 1);
         // The bogus head cannot go on the used ring (out of range); the good one does.
         assert_eq!(drv.take_used(), vec![(head, frame.len() as u32)]);
@@ -1242,9 +1330,9 @@ pub(crate) mod tests {
         let mut src = VecSource((0..5).map(|i| hdr_and(&pattern(64, i))).collect());
         let stats = NetStats::default();
         let mut rx = RxPath::new("t", true, true);
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 3);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 3).unwrap();
         assert_eq!((batch.frames, batch.stop), (3, RxStop::Budget));
-        let batch = rx.process(&mut q, &mem, &mut src, &stats, 3);
+        let batch = rx.process(&mut q, &mem, &mut src, &stats, 3).unwrap();
         assert_eq!((batch.frames, batch.stop), (2, RxStop::SourceEmpty));
     }
 
@@ -1259,7 +1347,9 @@ pub(crate) mod tests {
         let payload = pattern(MAX_FRAME_LEN, 3);
         let mut src = VecSource(VecDeque::from([hdr_and(&payload)]));
         let stats = NetStats::default();
-        let batch = RxPath::new("t", true, true).process(&mut q, &mem, &mut src, &stats, 64);
+        let batch = RxPath::new("t", true, true)
+            .process(&mut q, &mem, &mut src, &stats, 64)
+            .unwrap();
         assert_eq!(batch.frames, 1);
         let used = drv.take_used();
         assert_eq!(used.len(), MAX_BUFFER_LEN.div_ceil(4096));

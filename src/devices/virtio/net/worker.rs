@@ -11,6 +11,9 @@
 //! case the frame stays pending and the TAP is left alone until the guest
 //! kicks the RX queue. Batches are bounded so RX and TX take turns; the
 //! guest is interrupted after each batch.
+//!
+//! A broken ring ends the serving: the worker reports DEVICE_NEEDS_RESET and
+//! then waits only for the kill eventfd, never polling again.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,6 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{FrameSink, FrameSource, NetStats, RxPath, RxStop, TxPath};
+use crate::devices::virtio::queue_guard::{self, QueueError};
 use crate::devices::virtio::{EpollHandler, Interrupt, Served, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 use crate::net::Tap;
@@ -110,20 +114,39 @@ impl EpollHandler for Worker {
                 _ => {}
             }
         }
-        if self.tx_more {
-            self.tx_more = self.handle_tx();
-        }
-        if self.rx_more {
-            self.rx_more = self.handle_rx();
-        }
-        Served {
-            more: self.rx_more || self.tx_more,
-            stop_watching: Vec::new(),
+        match self.serve_queues() {
+            Ok(()) => Served {
+                more: self.rx_more || self.tx_more,
+                stop_watching: Vec::new(),
+            },
+            // A ring is broken: stop watching the queues and the TAP (until
+            // the driver resets the device, which stops this worker) and
+            // tell the driver.
+            Err(e) => {
+                log::warn!("{}: {e}: device needs reset", self.label);
+                self.interrupt.needs_reset();
+                (self.rx_more, self.tx_more) = (false, false);
+                Served {
+                    more: false,
+                    stop_watching: vec![TOKEN_TAP, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
+                }
+            }
         }
     }
 }
 
 impl Worker {
+    /// One turn of TX then RX; an error when a ring is broken.
+    fn serve_queues(&mut self) -> Result<(), QueueError> {
+        if self.tx_more {
+            self.tx_more = self.handle_tx()?;
+        }
+        if self.rx_more {
+            self.rx_more = self.handle_rx()?;
+        }
+        Ok(())
+    }
+
     /// Interrupt the guest unless the driver asked not to be.
     fn signal(interrupt: &Interrupt, queue: &mut Queue, mem: &GuestMemoryMmap) {
         if queue.needs_notification(mem).unwrap_or(true) {
@@ -132,17 +155,15 @@ impl Worker {
     }
 
     /// Drain the TX queue with guest notifications off; true if work is left.
-    fn handle_tx(&mut self) -> bool {
+    fn handle_tx(&mut self) -> Result<bool, QueueError> {
         for _ in 0..TX_PASSES {
-            if let Err(e) = self.tx_queue.disable_notification(&self.mem) {
-                log::debug!("{}: cannot disable TX notifications: {e}", self.label);
-            }
+            queue_guard::disable_notification(&mut self.tx_queue, &self.mem)?;
             let batch = self.tx.process(
                 &mut self.tx_queue,
                 &self.mem,
                 &mut TapIo(&self.tap),
                 &self.stats,
-            );
+            )?;
             if batch.used > 0 {
                 Self::signal(&self.interrupt, &mut self.tx_queue, &self.mem);
             }
@@ -151,30 +172,25 @@ impl Worker {
             }
             // Re-enable, then look again: the driver may have added chains
             // while it believed we were not listening.
-            match self.tx_queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => return false,
-                Err(e) => {
-                    log::warn!("{}: cannot enable TX notifications: {e}", self.label);
-                    return false;
-                }
+            if !queue_guard::enable_notification(&mut self.tx_queue, &self.mem)? {
+                return Ok(false);
             }
         }
-        true
+        Ok(true)
     }
 
     /// Move one batch of frames to the guest; true if the TAP may have more.
-    fn handle_rx(&mut self) -> bool {
+    fn handle_rx(&mut self) -> Result<bool, QueueError> {
         let batch = self.rx.process(
             &mut self.rx_queue,
             &self.mem,
             &mut TapIo(&self.tap),
             &self.stats,
             RX_BUDGET,
-        );
+        )?;
         if batch.used > 0 {
             Self::signal(&self.interrupt, &mut self.rx_queue, &self.mem);
         }
-        batch.stop == RxStop::Budget
+        Ok(batch.stop == RxStop::Budget)
     }
 }
