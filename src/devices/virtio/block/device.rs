@@ -2,7 +2,7 @@
 //! worker thread that waits on the queue's ioeventfd.
 //!
 //! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
-//! `virtio-blk-N` epolls on the queue EventFd and a kill EventFd; each kick
+//! `virtio-blk-N` (the shared epoll helper) waits on the queue EventFd; each kick
 //! drains the queue ([`process_queue`]) and raises the interrupt. A broken
 //! ring makes the thread report DEVICE_NEEDS_RESET and stop watching the
 //! queue. Reset and drop stop the thread and join it.

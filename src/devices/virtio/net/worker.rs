@@ -13,7 +13,8 @@
 //! guest is interrupted after each batch.
 //!
 //! A broken ring ends the serving: the worker reports DEVICE_NEEDS_RESET and
-//! then waits only for the kill eventfd, never polling again.
+//! then waits only for its control eventfd (pause, resume, stop), never
+//! polling the device's fds again.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
