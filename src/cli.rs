@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use microvm::config::{DriveConfig, NetConfig, VmConfig, MAX_CPUS};
-use microvm::vmm::host::host_memory_mib;
+use microvm::config::{ConfigError, DriveConfig, NetConfig, VmConfig};
 
 const AFTER_HELP: &str = "\
 EXAMPLES:
@@ -45,8 +44,8 @@ guest. Set RUST_LOG=info to see boot-time and exit-count lines.";
 #[command(name = "microvm", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"])]
+    pub kernel: Option<PathBuf>,
 
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
     #[arg(long, value_name = "PATH")]
@@ -88,119 +87,133 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
 
+    /// Serve the Firecracker-compatible HTTP API on this Unix socket (see
+    /// docs/API.md). Without a kernel or --config-file, the VM waits for
+    /// an InstanceStart action.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Boot the VM described by this JSON file (Firecracker's format: keys
+    /// boot-source, drives, machine-config, network-interfaces) without
+    /// waiting for the API.
+    #[arg(long, value_name = "PATH", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "memory", "cpus", "rootfs", "rootfs_ro", "drive", "net"
+    ])]
+    pub config_file: Option<PathBuf>,
+
+    /// Name of this VM, shown by the API's `GET /`.
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_ID)]
+    pub id: String,
+
     /// Command to run in the guest instead of its default service; microvm exits
     /// with its status. Needs a root filesystem whose init supports it.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
+/// Instance id when `--id` is not given (Firecracker's).
+pub const DEFAULT_ID: &str = "anonymous-instance";
+
 /// Invalid input, reported on one line with exit code 2.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// A file the user named cannot be used.
-    #[error("{what} '{path}': {reason}")]
-    File {
-        /// What the file is for.
-        what: &'static str,
-        /// The path.
-        path: String,
-        /// Why it cannot be used.
-        reason: String,
-    },
-    /// An option value out of range.
+    /// The configuration breaks a rule.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// An option value out of range or malformed.
     #[error("{0}")]
     Invalid(String),
+    /// The config file cannot be used.
+    #[error(transparent)]
+    ConfigFile(#[from] microvm::api::ConfigFileError),
 }
 
-fn check_file(what: &'static str, path: &std::path::Path) -> Result<(), CliError> {
-    let err = |reason: String| CliError::File {
-        what,
-        path: path.display().to_string(),
-        reason,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-    Ok(())
+/// What to do, from the command line.
+#[derive(Debug)]
+pub struct Launch {
+    /// The VM as far as the command line (or config file) describes it.
+    pub config: VmConfig,
+    /// Where to serve the API.
+    pub api_sock: Option<PathBuf>,
+    /// The instance id.
+    pub id: String,
+    /// Boot at once (a kernel or a config file was given) rather than wait
+    /// for the API's InstanceStart.
+    pub boot_now: bool,
 }
 
 impl Cli {
-    /// Validate everything that can be checked without KVM and build the config.
-    pub fn into_config(self) -> Result<VmConfig, CliError> {
-        check_file("kernel", &self.kernel)?;
-        let mut cfg = VmConfig::new(self.kernel);
-        if let Some(initrd) = self.initrd {
-            check_file("initrd", &initrd)?;
-            cfg.initrd = Some(initrd);
-        }
-        if self.memory == 0 {
-            return Err(CliError::Invalid("--memory must be at least 1 MiB".into()));
-        }
-        if self.memory < 16 {
-            return Err(CliError::Invalid(format!(
-                "--memory {} MiB is too small to boot Linux; use at least 16",
-                self.memory
-            )));
-        }
-        if let Some(host) = host_memory_mib() {
-            if self.memory > host {
-                return Err(CliError::Invalid(format!(
-                    "--memory {} MiB is more than this host has ({host} MiB)",
-                    self.memory
-                )));
-            }
-        }
-        cfg.memory_mib = self.memory;
-        if self.cpus == 0 || self.cpus > MAX_CPUS {
-            return Err(CliError::Invalid(format!(
-                "--cpus must be between 1 and {MAX_CPUS}, got {}",
-                self.cpus
-            )));
-        }
-        cfg.cpus = self.cpus;
-        cfg.cmdline_extra = self.cmdline;
-
-        if let Some(spec) = self.rootfs {
-            let mut d: DriveConfig = spec
-                .parse()
-                .map_err(|e| CliError::Invalid(format!("--rootfs {spec}: {e}")))?;
-            d.read_only |= self.rootfs_ro;
-            d.is_root = true;
-            check_file("root filesystem", &d.path)?;
-            cfg.drives.push(d);
-        } else if self.rootfs_ro {
-            return Err(CliError::Invalid("--rootfs-ro needs --rootfs".into()));
-        }
-        for spec in self.drive {
-            let d: DriveConfig = spec
-                .parse()
-                .map_err(|e| CliError::Invalid(format!("--drive {spec}: {e}")))?;
-            check_file("drive", &d.path)?;
-            cfg.drives.push(d);
-        }
-        for spec in self.net {
-            let n: NetConfig = spec
-                .parse()
-                .map_err(|e| CliError::Invalid(format!("--net {spec}: {e}")))?;
-            cfg.nets.push(n);
-        }
+    /// Build the configuration and check it (no KVM here).
+    pub fn into_launch(self) -> Result<Launch, CliError> {
+        let api_sock = self.api_sock.clone();
+        let id = self.id.clone();
+        let mut config = match &self.config_file {
+            Some(path) => microvm::api::load_config_file(path)?,
+            None => self.resources()?,
+        };
+        let boot_now = !config.kernel.as_os_str().is_empty();
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(CliError::Invalid(format!(
                     "--timeout must be a positive number of seconds, got {t}"
                 )));
             }
-            cfg.timeout = Some(Duration::from_secs_f64(t));
+            config.timeout = Some(Duration::from_secs_f64(t));
         }
-        if !self.command.is_empty() && cfg.drives.iter().all(|d| !d.is_root) {
-            return Err(CliError::Invalid(
-                "a guest command needs --rootfs (the root filesystem's init runs it)".into(),
-            ));
+        config.command = self.command;
+        // Without a kernel the API supplies the rest; InstanceStart validates.
+        if boot_now {
+            config.validate()?;
         }
-        cfg.command = self.command;
+        Ok(Launch {
+            config,
+            api_sock,
+            id,
+            boot_now,
+        })
+    }
+
+    /// The VM the resource flags describe (the kernel may still be missing
+    /// when the API will supply it).
+    fn resources(&self) -> Result<VmConfig, CliError> {
+        let mut cfg = VmConfig::new(self.kernel.clone().unwrap_or_default());
+        cfg.initrd = self.initrd.clone();
+        cfg.memory_mib = self.memory;
+        cfg.cpus = self.cpus;
+        cfg.cmdline_extra = self.cmdline.clone();
+
+        if let Some(spec) = &self.rootfs {
+            let mut d: DriveConfig = spec
+                .parse()
+                .map_err(|e| CliError::Invalid(format!("--rootfs {spec}: {e}")))?;
+            d.read_only |= self.rootfs_ro;
+            d.is_root = true;
+            d.id = "rootfs".into();
+            cfg.drives.push(d);
+        } else if self.rootfs_ro {
+            return Err(CliError::Invalid("--rootfs-ro needs --rootfs".into()));
+        }
+        for spec in &self.drive {
+            let mut d: DriveConfig = spec
+                .parse()
+                .map_err(|e| CliError::Invalid(format!("--drive {spec}: {e}")))?;
+            d.id = format!("drive{}", cfg.drives.len());
+            cfg.drives.push(d);
+        }
+        for spec in &self.net {
+            let mut n: NetConfig = spec
+                .parse()
+                .map_err(|e| CliError::Invalid(format!("--net {spec}: {e}")))?;
+            n.id = format!("eth{}", cfg.nets.len());
+            cfg.nets.push(n);
+        }
         Ok(cfg)
+    }
+
+    /// The checked configuration (command-line form only; tests).
+    #[cfg(test)]
+    pub fn into_config(self) -> Result<VmConfig, CliError> {
+        self.into_launch().map(|l| l.config)
     }
 }
 
@@ -231,6 +244,70 @@ mod tests {
         assert!(c.drives.is_empty() && c.command.is_empty() && c.timeout.is_none());
     }
 
+    fn launch(args: &[&str]) -> Result<Launch, String> {
+        let mut v = vec!["microvm"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v)
+            .map_err(|e| e.to_string())?
+            .into_launch()
+            .map_err(|e| microvm::error_chain(&e))
+    }
+
+    #[test]
+    fn api_and_config_file_modes() {
+        let l = launch(&["--api-sock", "/tmp/x.sock", "--id", "vm7"]).unwrap();
+        assert!(!l.boot_now && l.id == "vm7");
+        assert_eq!(
+            l.api_sock.as_deref(),
+            Some(std::path::Path::new("/tmp/x.sock"))
+        );
+        assert_eq!(
+            launch(&["--api-sock", "/tmp/x.sock"]).unwrap().id,
+            DEFAULT_ID
+        );
+        assert!(
+            launch(&[]).is_err(),
+            "a kernel, an API or a config file is required"
+        );
+        assert!(launch(&["--config-file", "/x.json", "--kernel", "/k"])
+            .unwrap_err()
+            .contains("cannot be used with"));
+        assert!(launch(&["--config-file", "/nonexistent.json"])
+            .unwrap_err()
+            .starts_with("config file '/nonexistent.json'"));
+
+        let dir = std::env::temp_dir().join(format!("microvm-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        let k = some_file();
+        std::fs::write(
+            &file,
+            format!(r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}}}}"#),
+        )
+        .unwrap();
+        let l = launch(&["--config-file", file.to_str().unwrap(), "--timeout", "5"]).unwrap();
+        assert!(l.boot_now);
+        assert_eq!((l.config.cpus, l.config.memory_mib), (2, 64));
+        assert_eq!(l.config.timeout, Some(Duration::from_secs(5)));
+        std::fs::write(
+            &file,
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {}}"#,
+        )
+        .unwrap();
+        assert!(launch(&["--config-file", file.to_str().unwrap()])
+            .unwrap_err()
+            .contains("unknown field `logger`"));
+        std::fs::write(
+            &file,
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#,
+        )
+        .unwrap();
+        assert!(launch(&["--config-file", file.to_str().unwrap()])
+            .unwrap_err()
+            .starts_with("kernel '/nonexistent/k'"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn rejects_bad_values() {
         let k = some_file();
@@ -251,7 +328,7 @@ mod tests {
         assert!(parse(&["--kernel", &k, "--rootfs-ro"]).is_err());
         assert!(parse(&["--kernel", &k, "--", "true"])
             .unwrap_err()
-            .contains("needs --rootfs"));
+            .contains("needs a root filesystem drive (--rootfs)"));
         assert!(parse(&["--kernel", &k, "--drive", "/nonexistent.img"]).is_err());
         assert!(parse(&["--kernel", &k, "--drive", &format!("{k},bogus")]).is_err());
     }

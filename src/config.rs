@@ -1,6 +1,8 @@
-//! Plain configuration structs with defaults, so tests can build VMs without the CLI.
+//! Plain configuration structs with defaults, so tests can build VMs without
+//! the CLI, and the one set of rules every source of configuration (command
+//! line, `--config-file`, API) is checked against: [`VmConfig::validate`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -13,15 +15,22 @@ pub const DEFAULT_CPUS: u8 = 1;
 /// Upper bound on vCPUs (the guest kernel is built with NR_CPUS=8 and the MP table is sized for it).
 pub const MAX_CPUS: u8 = 8;
 
+/// Smallest guest that boots Linux.
+pub const MIN_MEMORY_MIB: u64 = 16;
+
 /// Everything needed to build and run one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// Guest kernel (vmlinux ELF or bzImage).
+    /// Guest kernel (vmlinux ELF or bzImage); empty until one is given.
     pub kernel: PathBuf,
     /// Optional initramfs.
     pub initrd: Option<PathBuf>,
     /// Extra kernel command line, appended after ours.
     pub cmdline_extra: Option<String>,
+    /// A command line that replaces microvm's defaults (the API's
+    /// `boot_args`); the device, root and host-workaround entries are still
+    /// added (see docs/API.md).
+    pub boot_args: Option<String>,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
     /// Number of vCPUs.
@@ -43,6 +52,7 @@ impl VmConfig {
             kernel: kernel.into(),
             initrd: None,
             cmdline_extra: None,
+            boot_args: None,
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: DEFAULT_CPUS,
             drives: Vec::new(),
@@ -53,9 +63,186 @@ impl VmConfig {
     }
 }
 
+/// Invalid configuration, whichever way it was given. Messages name the
+/// setting, not a command-line flag, so the CLI and the API can share them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file the configuration names cannot be used.
+    #[error("{what} '{path}': {reason}")]
+    File {
+        /// What the file is for.
+        what: &'static str,
+        /// The path.
+        path: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// No kernel was given.
+    #[error("no kernel image: a kernel path is required to boot")]
+    NoKernel,
+    /// Guest memory out of range.
+    #[error("memory size {got} MiB is too small to boot Linux; use at least {MIN_MEMORY_MIB}")]
+    MemoryTooSmall {
+        /// Requested MiB.
+        got: u64,
+    },
+    /// More memory than the host has.
+    #[error("memory size {got} MiB is more than this host has ({host} MiB)")]
+    MemoryTooLarge {
+        /// Requested MiB.
+        got: u64,
+        /// Host RAM in MiB.
+        host: u64,
+    },
+    /// vCPU count out of range.
+    #[error("vCPU count must be between 1 and {MAX_CPUS}, got {0}")]
+    Cpus(u64),
+    /// Timeout not a positive duration.
+    #[error("timeout must be a positive number of seconds")]
+    Timeout,
+    /// Two drives claim to be the root device.
+    #[error("drives '{0}' and '{1}' are both the root device; only one can be")]
+    TwoRoots(String, String),
+    /// Two drives or NICs share an id.
+    #[error("{what} id '{id}' is used twice")]
+    DuplicateId {
+        /// "drive" or "network interface".
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// A guest command without a root filesystem to run it.
+    #[error("a guest command needs a root filesystem drive (--rootfs): its init runs the command")]
+    CommandWithoutRoot,
+}
+
+/// Check that `path` is a regular file this process can open.
+pub fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::File {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+impl VmConfig {
+    /// Every rule that can be checked without KVM. The command line, the
+    /// config file and the API all end here, so a rule and its message exist once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::NoKernel);
+        }
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        Self::validate_machine(self.cpus.into(), self.memory_mib)?;
+        if let Some(t) = self.timeout {
+            if t.is_zero() {
+                return Err(ConfigError::Timeout);
+            }
+        }
+        let mut root: Option<&DriveConfig> = None;
+        for (i, d) in self.drives.iter().enumerate() {
+            check_file(
+                if d.is_root {
+                    "root filesystem"
+                } else {
+                    "drive"
+                },
+                &d.path,
+            )?;
+            if self.drives[..i]
+                .iter()
+                .any(|o| !d.id.is_empty() && o.id == d.id)
+            {
+                return Err(ConfigError::DuplicateId {
+                    what: "drive",
+                    id: d.id.clone(),
+                });
+            }
+            if d.is_root {
+                if let Some(r) = root {
+                    return Err(ConfigError::TwoRoots(r.id.clone(), d.id.clone()));
+                }
+                root = Some(d);
+            }
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if self.nets[..i]
+                .iter()
+                .any(|o| !n.id.is_empty() && o.id == n.id)
+            {
+                return Err(ConfigError::DuplicateId {
+                    what: "network interface",
+                    id: n.id.clone(),
+                });
+            }
+        }
+        if !self.command.is_empty() && root.is_none() {
+            return Err(ConfigError::CommandWithoutRoot);
+        }
+        Ok(())
+    }
+
+    /// The machine-size rules alone (the API checks them when they are set).
+    pub fn validate_machine(cpus: u64, memory_mib: u64) -> Result<(), ConfigError> {
+        if cpus == 0 || cpus > u64::from(MAX_CPUS) {
+            return Err(ConfigError::Cpus(cpus));
+        }
+        if memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall { got: memory_mib });
+        }
+        if let Some(host) = crate::vmm::host::host_memory_mib() {
+            if memory_mib > host {
+                return Err(ConfigError::MemoryTooLarge {
+                    got: memory_mib,
+                    host,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The drive with id `id`, to change it; the error names it.
+    pub fn drive_mut(&mut self, id: &str) -> Result<&mut DriveConfig, String> {
+        self.drives
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or_else(|| format!("no drive with id '{id}'"))
+    }
+
+    /// The root drive, if any.
+    pub fn root_drive(&self) -> Option<&DriveConfig> {
+        self.drives.iter().find(|d| d.is_root)
+    }
+}
+
+/// How the guest's writes reach the backing file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheType {
+    /// No flush feature offered: the guest never waits for `fdatasync`
+    /// (Firecracker's default; microvm still syncs at exit).
+    Unsafe,
+    /// `VIRTIO_BLK_F_FLUSH` offered; a guest flush is an `fdatasync`.
+    #[default]
+    Writeback,
+}
+
 /// One virtio block device backed by a regular file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DriveConfig {
+    /// Name in the configuration (`drive_id` in the API); `rootfs`,
+    /// `drive1`, ... for the command line.
+    pub id: String,
+    /// Flush behaviour.
+    pub cache: CacheType,
     /// Backing file.
     pub path: PathBuf,
     /// Expose the drive read-only (`VIRTIO_BLK_F_RO`) and open the file read-only.
@@ -96,7 +283,7 @@ impl FromStr for DriveConfig {
         Ok(Self {
             path: PathBuf::from(path),
             read_only,
-            is_root: false,
+            ..Default::default()
         })
     }
 }
@@ -116,5 +303,75 @@ mod tests {
             "/x,foo".parse::<DriveConfig>(),
             Err(DriveParseError::UnknownOption("foo".into()))
         );
+    }
+
+    fn some_file() -> PathBuf {
+        std::env::current_exe().unwrap()
+    }
+
+    fn drive(id: &str, is_root: bool) -> DriveConfig {
+        DriveConfig {
+            id: id.into(),
+            path: some_file(),
+            is_root,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validate_rules_and_messages() {
+        let ok = VmConfig::new(some_file());
+        ok.validate().unwrap();
+        let msg = |c: &VmConfig| c.validate().unwrap_err().to_string();
+
+        assert_eq!(
+            msg(&VmConfig::new("")),
+            "no kernel image: a kernel path is required to boot"
+        );
+        assert!(msg(&VmConfig::new("/nonexistent/vmlinux"))
+            .starts_with("kernel '/nonexistent/vmlinux': "));
+        assert!(msg(&VmConfig::new("/tmp")).ends_with("not a regular file"));
+
+        let mut c = ok.clone();
+        c.initrd = Some("/nonexistent.cpio".into());
+        assert!(msg(&c).starts_with("initrd '/nonexistent.cpio'"));
+
+        let mut c = ok.clone();
+        c.memory_mib = 8;
+        assert!(msg(&c).contains("too small"));
+        c.memory_mib = u64::MAX / 2;
+        assert!(msg(&c).contains("more than this host has"));
+
+        let mut c = ok.clone();
+        c.cpus = 0;
+        assert_eq!(msg(&c), "vCPU count must be between 1 and 8, got 0");
+        c.cpus = 9;
+        assert!(c.validate().is_err());
+
+        let mut c = ok.clone();
+        c.timeout = Some(Duration::ZERO);
+        assert!(msg(&c).contains("timeout"));
+
+        let mut c = ok.clone();
+        c.drives = vec![drive("a", true), drive("b", true)];
+        assert_eq!(
+            msg(&c),
+            "drives 'a' and 'b' are both the root device; only one can be"
+        );
+        c.drives = vec![drive("a", true), drive("a", false)];
+        assert_eq!(msg(&c), "drive id 'a' is used twice");
+        c.drives = vec![drive("a", false)];
+        c.command = vec!["true".into()];
+        assert!(msg(&c).contains("needs a root filesystem"));
+        c.drives[0].is_root = true;
+        c.validate().unwrap();
+        c.drives[0].path = "/nonexistent.img".into();
+        assert!(msg(&c).starts_with("root filesystem '/nonexistent.img'"));
+
+        let mut c = ok.clone();
+        let mut n = NetConfig::tap("tap0");
+        n.id = "eth0".into();
+        c.nets = vec![n.clone(), n];
+        assert_eq!(msg(&c), "network interface id 'eth0' is used twice");
     }
 }

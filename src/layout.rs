@@ -64,6 +64,8 @@ pub const SERIAL_PORT_BASE: u64 = 0x3f8;
 pub const SERIAL_PORT_SIZE: u64 = 0x8;
 /// IRQ of COM1.
 pub const SERIAL_IRQ: u32 = 4;
+/// IRQ of the i8042 keyboard (the Ctrl-Alt-Del the API sends).
+pub const KEYBOARD_IRQ: u32 = 1;
 
 /// i8042 controller; a 0xFE write to 0x64 resets (reboots) the machine.
 pub const I8042_PORT_BASE: u64 = 0x60;

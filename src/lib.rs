@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) parses the command line and runs a [`vmm::Vmm`];
 //! everything else lives in this library so that tests can drive it directly.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;
@@ -10,6 +11,7 @@ pub mod image;
 pub mod layout;
 pub mod memory;
 pub mod net;
+pub mod pause;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vmm;

@@ -4,10 +4,14 @@
 mod cli;
 
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::time::Instant;
 
 use clap::Parser;
 
+use microvm::api::server::{ApiServer, ServerError};
+use microvm::api::{fault, ApiResponse, Preboot, PrebootStep};
+use microvm::vmm::event_loop::{EventLoop, Ready, VmEvent};
 use microvm::vmm::{terminal, Outcome, Vmm};
 
 /// Bad usage: invalid option or unusable input file.
@@ -41,10 +45,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    let config = match cli.into_config() {
-        Ok(c) => c,
+    let launch = match cli.into_launch() {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("microvm: error: {e}");
+            eprintln!("microvm: error: {}", microvm::error_chain(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -55,15 +59,45 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
 
-    let vmm = match Vmm::new(config, process_start) {
-        Ok(v) => v,
+    let events = match EventLoop::new() {
+        Ok(e) => Rc::new(e),
         Err(e) => {
             eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            return ExitCode::from(if e.is_usage_error() {
-                EXIT_USAGE
-            } else {
-                EXIT_VMM_FAILURE
-            });
+            return ExitCode::from(EXIT_VMM_FAILURE);
+        }
+    };
+    // Dropped at the end of main: the socket file goes with it.
+    let _api = match &launch.api_sock {
+        None => None,
+        Some(path) => match ApiServer::start(path, events.sender()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("microvm: error: {}", microvm::error_chain(&e));
+                return ExitCode::from(match e {
+                    ServerError::Exists(_) | ServerError::InUse(_) => EXIT_USAGE,
+                    ServerError::Create { .. } => EXIT_VMM_FAILURE,
+                });
+            }
+        },
+    };
+
+    let vmm = if launch.boot_now {
+        match Vmm::build(launch.config, process_start, events, launch.id) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("microvm: error: {}", microvm::error_chain(&e));
+                return ExitCode::from(if e.is_usage_error() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_VMM_FAILURE
+                });
+            }
+        }
+    } else {
+        let mut preboot = Preboot::new(launch.config, launch.id);
+        match build_from_api(&mut preboot, &events, process_start) {
+            Ok(v) => v,
+            Err(code) => return ExitCode::from(code),
         }
     };
     terminal::enter_raw_mode();
@@ -99,4 +133,50 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+/// Serve the API until an InstanceStart builds the VM; on a signal, the
+/// exit code. A start that fails is answered with the reason, and the
+/// client may fix the configuration and try again.
+fn build_from_api(
+    preboot: &mut Preboot,
+    events: &Rc<EventLoop>,
+    process_start: Instant,
+) -> Result<Vmm, u8> {
+    loop {
+        let ready = events.wait(None).map_err(|e| {
+            eprintln!("microvm: error: {}", microvm::error_chain(&e));
+            EXIT_VMM_FAILURE
+        })?;
+        for r in ready {
+            let (req, reply) = match r {
+                Ready::Signal(sig) => {
+                    eprintln!("microvm: stopped by signal {sig}");
+                    return Err(128u8.saturating_add(sig as u8));
+                }
+                Ready::Event(VmEvent::Api(req, reply)) => (req, reply),
+                // Nothing else exists before the VM does.
+                Ready::Event(_) | Ready::Activate | Ready::Timeout => continue,
+            };
+            let resp: ApiResponse = match preboot.handle(req) {
+                PrebootStep::Answer(resp) => resp,
+                PrebootStep::Start => match Vmm::build(
+                    preboot.config.clone(),
+                    process_start,
+                    events.clone(),
+                    preboot.id.clone(),
+                ) {
+                    Ok(vmm) => {
+                        let _ = reply.send(ApiResponse::no_content());
+                        return Ok(vmm);
+                    }
+                    Err(e) => fault(&format!(
+                        "cannot start the microVM: {}",
+                        microvm::error_chain(&e)
+                    )),
+                },
+            };
+            let _ = reply.send(resp);
+        }
+    }
 }

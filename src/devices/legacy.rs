@@ -1,50 +1,143 @@
-//! Small platform devices: the i8042 reset line, our exit-status port and the
-//! Firecracker-compatible boot timer.
+//! Small platform devices: the i8042 (reset line and a Ctrl-Alt-Del
+//! keyboard), our exit-status port and the Firecracker-compatible boot timer.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::VecDeque;
+
 use super::bus::BusDevice;
-use vm_superio::I8042Device;
+use vmm_sys_util::eventfd::EventFd;
 
-/// Called when the guest resets the machine.
-pub struct ResetCallback(Box<dyn Fn() + Send>);
+/// Offset of the data port (0x60) in the i8042 window.
+const I8042_DATA: u64 = 0;
+/// Offset of the status (read) / command (write) port (0x64).
+const I8042_COMMAND: u64 = 4;
+/// Status: output buffer full.
+const I8042_STATUS_OBF: u8 = 0x01;
+/// Status: system flag (self-test passed) and keyboard not inhibited.
+const I8042_STATUS_BASE: u8 = 0x14;
+/// Command byte bit: raise IRQ 1 when the output buffer fills.
+const I8042_CMD_BYTE_KBD_INT: u8 = 0x01;
+/// Bytes the output buffer holds; more are dropped, as a real 8042 would.
+const I8042_BUFFER: usize = 16;
+/// Set-2 scancodes of Ctrl, Alt and Delete pressed (Delete is extended).
+const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
 
-impl vm_superio::Trigger for ResetCallback {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        (self.0)();
-        Ok(())
-    }
-}
-
-/// i8042 controller: only the CPU reset command matters; it calls `on_reset`.
+/// i8042 controller: the CPU reset line (command 0xFE, which `reboot=k`
+/// uses) calls `on_reset`, and a keyboard whose only keys are the
+/// Ctrl-Alt-Del the API sends, delivered on IRQ 1. Enough of the controller
+/// commands for Linux's i8042 driver to probe it.
 pub struct I8042 {
-    inner: I8042Device<ResetCallback>,
+    on_reset: Box<dyn Fn() + Send>,
+    kbd_irq: Option<EventFd>,
+    out: VecDeque<u8>,
+    command_byte: u8,
+    /// A command that takes a data byte next (0x60 write command byte,
+    /// 0xD1 write output port, 0xD4 write to the aux device).
+    pending: Option<u8>,
 }
 
 impl I8042 {
-    /// A controller that calls `on_reset` when the guest resets the CPU.
+    /// A controller that calls `on_reset` when the guest resets the CPU and
+    /// signals `kbd_irq` (an irqfd on IRQ 1, if any) for keyboard input.
     pub fn new(on_reset: impl Fn() + Send + 'static) -> Self {
         Self {
-            inner: I8042Device::new(ResetCallback(Box::new(on_reset))),
+            on_reset: Box::new(on_reset),
+            kbd_irq: None,
+            out: VecDeque::new(),
+            command_byte: I8042_CMD_BYTE_KBD_INT | 0x04,
+            pending: None,
+        }
+    }
+
+    /// Raise keyboard interrupts on `irq`.
+    pub fn with_kbd_irq(mut self, irq: EventFd) -> Self {
+        self.kbd_irq = Some(irq);
+        self
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let was_empty = self.out.is_empty();
+        for &b in bytes {
+            if self.out.len() < I8042_BUFFER {
+                self.out.push_back(b);
+            }
+        }
+        if was_empty && !self.out.is_empty() {
+            self.interrupt();
+        }
+    }
+
+    fn interrupt(&self) {
+        if self.command_byte & I8042_CMD_BYTE_KBD_INT == 0 {
+            return;
+        }
+        if let Some(irq) = &self.kbd_irq {
+            if let Err(e) = irq.write(1) {
+                log::warn!("i8042: cannot raise IRQ 1: {e}");
+            }
+        }
+    }
+
+    /// Press Ctrl-Alt-Del: the guest sees the three make codes on IRQ 1.
+    pub fn press_ctrl_alt_del(&mut self) {
+        self.push(&CTRL_ALT_DEL);
+    }
+
+    fn command(&mut self, cmd: u8) {
+        match cmd {
+            0x20 => self.push(&[self.command_byte]),
+            0x60 | 0xd1 | 0xd4 => self.pending = Some(cmd),
+            0xaa => self.push(&[0x55]), // controller self-test passed
+            0xa9 | 0xab => self.push(&[0x00]), // interface tests passed
+            0xfe => (self.on_reset)(),
+            _ => {} // enable/disable ports and the rest: nothing to do
+        }
+    }
+
+    fn data(&mut self, value: u8) {
+        match self.pending.take() {
+            Some(0x60) => self.command_byte = value,
+            Some(_) => {} // output port or aux device: not modelled
+            // A command to the keyboard itself: reset answers ACK and
+            // self-test passed, everything else ACK.
+            None if value == 0xff => self.push(&[0xfa, 0xaa]),
+            None => self.push(&[0xfa]),
         }
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() == 1 {
-            data[0] = self.inner.read(offset as u8);
-        } else {
-            data.fill(0);
-        }
+        let value = match (offset, data.len()) {
+            (I8042_COMMAND, 1) => {
+                I8042_STATUS_BASE
+                    | if self.out.is_empty() {
+                        0
+                    } else {
+                        I8042_STATUS_OBF
+                    }
+            }
+            (I8042_DATA, 1) => {
+                let v = self.out.pop_front().unwrap_or(0);
+                // Linux reads one byte per interrupt.
+                if !self.out.is_empty() {
+                    self.interrupt();
+                }
+                v
+            }
+            _ => 0,
+        };
+        data.fill(value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 {
-            let Ok(()) = self.inner.write(offset as u8, data[0]);
+        match (offset, data) {
+            (I8042_COMMAND, [cmd]) => self.command(*cmd),
+            (I8042_DATA, [v]) => self.data(*v),
+            _ => {}
         }
     }
 }
@@ -161,5 +254,47 @@ mod tests {
         );
         d.write(4, &[0xfe]);
         assert_eq!(resets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn i8042_delivers_ctrl_alt_del_one_byte_per_interrupt() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut d = I8042::new(|| {}).with_kbd_irq(irq.try_clone().unwrap());
+        let status = |d: &mut I8042| {
+            let mut b = [0u8];
+            d.read(4, &mut b);
+            b[0]
+        };
+        let data = |d: &mut I8042| {
+            let mut b = [0u8];
+            d.read(0, &mut b);
+            b[0]
+        };
+        assert_eq!(status(&mut d) & 1, 0, "empty output buffer");
+        // Linux's probe: self-test, read the command byte, keyboard reset.
+        d.write(4, &[0xaa]);
+        assert_eq!(data(&mut d), 0x55);
+        d.write(4, &[0x20]);
+        assert_eq!(data(&mut d) & 1, 1, "keyboard interrupt enabled");
+        d.write(0, &[0xff]);
+        assert_eq!((data(&mut d), data(&mut d)), (0xfa, 0xaa));
+        while irq.read().is_ok() {}
+
+        d.press_ctrl_alt_del();
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut got = Vec::new();
+        while status(&mut d) & 1 == 1 {
+            got.push(data(&mut d));
+            if status(&mut d) & 1 == 1 {
+                assert!(irq.read().is_ok(), "an interrupt for each further byte");
+            }
+        }
+        assert_eq!(got, CTRL_ALT_DEL);
+
+        // With the interrupt masked in the command byte, no IRQ.
+        d.write(4, &[0x60]);
+        d.write(0, &[0x00]);
+        d.press_ctrl_alt_del();
+        assert!(irq.read().is_err());
     }
 }

@@ -228,6 +228,9 @@ pub enum NetBackend {
 /// random locally administered address `02:xx:xx:xx:xx:xx`, new on each run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
+    /// Name of the interface in the configuration (`iface_id` in the API);
+    /// `eth<N>` for `--net`.
+    pub id: String,
     /// Host side of the NIC.
     pub backend: NetBackend,
     /// Guest MAC address; `None` for a random one.
@@ -238,6 +241,7 @@ impl NetConfig {
     /// Attach to the existing TAP `name`.
     pub fn tap(name: impl Into<String>) -> Self {
         Self {
+            id: String::new(),
             backend: NetBackend::Tap { name: name.into() },
             mac: None,
         }
@@ -246,6 +250,7 @@ impl NetConfig {
     /// Create a TAP with `host/prefix_len` on the host end and `guest` in the guest.
     pub fn managed(host: Ipv4Addr, guest: Ipv4Addr, prefix_len: u8) -> Self {
         Self {
+            id: String::new(),
             backend: NetBackend::Managed {
                 tap: None,
                 host,
@@ -420,7 +425,11 @@ impl FromStr for NetConfig {
                 }
             }
         };
-        Ok(NetConfig { backend, mac })
+        Ok(NetConfig {
+            id: String::new(),
+            backend,
+            mac,
+        })
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod cpuid;
 pub mod emulate;
 pub mod regs;
+pub mod thread;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub enum VcpuStop {
     FailEntry(u64),
     /// KVM_RUN returned an error.
     RunError(String),
+    /// The VMM asked the vCPU to stop.
+    Requested,
 }
 
 impl std::fmt::Display for VcpuStop {
@@ -45,6 +48,7 @@ impl std::fmt::Display for VcpuStop {
             VcpuStop::InternalError(s) => write!(f, "KVM internal error, suberror {s}"),
             VcpuStop::FailEntry(r) => write!(f, "VM entry failed, hardware reason {r:#x}"),
             VcpuStop::RunError(e) => write!(f, "KVM_RUN failed: {e}"),
+            VcpuStop::Requested => write!(f, "stopped by the VMM"),
         }
     }
 }
@@ -130,10 +134,29 @@ impl Vcpu {
         self.index
     }
 
-    /// Run until the vCPU cannot continue. `process_start`, when given, is
-    /// used to log the VMM's startup time at the first `KVM_RUN`.
-    pub fn run(&mut self, process_start: Option<std::time::Instant>) -> VcpuStop {
+    /// Run until the vCPU cannot continue or `control` asks it to stop;
+    /// park while `control` asks for a pause. `process_start`, when given,
+    /// is used to log the VMM's startup time at the first `KVM_RUN`.
+    pub fn run(
+        &mut self,
+        control: &thread::VcpuControl,
+        process_start: Option<std::time::Instant>,
+    ) -> VcpuStop {
+        thread::set_thread_kvm_run(self.fd.get_kvm_run());
+        let stop = self.run_loop(control, process_start);
+        thread::set_thread_kvm_run(std::ptr::null_mut());
+        stop
+    }
+
+    fn run_loop(
+        &mut self,
+        control: &thread::VcpuControl,
+        process_start: Option<std::time::Instant>,
+    ) -> VcpuStop {
         let c = self.counters.clone();
+        if !control.may_run() {
+            return VcpuStop::Requested;
+        }
         if let Some(t0) = process_start {
             log::info!(
                 "VMM startup: {} us from process start to first KVM_RUN",
@@ -190,6 +213,10 @@ impl Vcpu {
                     }
                     VcpuExit::Intr => {
                         c.intr.fetch_add(1, Ordering::Relaxed);
+                        self.fd.set_kvm_immediate_exit(0);
+                        if !control.may_run() {
+                            return VcpuStop::Requested;
+                        }
                     }
                     VcpuExit::Hlt => {
                         c.other.fetch_add(1, Ordering::Relaxed);
@@ -201,6 +228,12 @@ impl Vcpu {
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     c.intr.fetch_add(1, Ordering::Relaxed);
+                    // A kick: clear it first, so one that comes while we look
+                    // at the request is not lost, then pause or stop if asked.
+                    self.fd.set_kvm_immediate_exit(0);
+                    if !control.may_run() {
+                        return VcpuStop::Requested;
+                    }
                 }
                 Err(e) => return VcpuStop::RunError(e.to_string()),
             }

@@ -1,4 +1,6 @@
-//! Attaching virtio-mmio devices: windows, IRQs, irqfd/ioeventfd, kernel command line.
+//! Attaching devices: port-I/O and MMIO platform devices on their buses, and
+//! virtio-mmio devices with their windows, IRQs, irqfd/ioeventfd and kernel
+//! command line entries.
 //!
 //! Device `n` (in attach order) gets the MMIO window
 //! `VIRTIO_MMIO_START + n * VIRTIO_MMIO_SIZE` and the IRQ `IRQ_VIRTIO_START + n`,
@@ -14,9 +16,10 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::DriveConfig;
-use crate::devices::bus::{Bus, BusError};
+use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::virtio::block::{Block, DiskError};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::VirtioDevice;
@@ -80,6 +83,23 @@ pub enum DeviceManagerError {
     /// The kernel command line has no room left.
     #[error("cannot add the device to the kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// A platform device's window is taken.
+    #[error("cannot place {what} at {base:#x}")]
+    Platform {
+        /// The device.
+        what: &'static str,
+        /// Window start.
+        base: u64,
+        /// Cause.
+        #[source]
+        source: BusError,
+    },
+    /// The activate eventfd could not be shared with a transport.
+    #[error("cannot share the activate eventfd")]
+    ActivateEvt(#[source] std::io::Error),
+    /// No device has this id.
+    #[error("no drive with id '{0}'")]
+    UnknownDrive(String),
 }
 
 /// Where one device lives in the guest.
@@ -117,16 +137,114 @@ pub struct AttachedDevice {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
-/// The virtio-mmio devices of one VM.
+/// Which bus a platform device sits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    /// Port I/O (`in`/`out`).
+    Pio,
+    /// Memory-mapped I/O.
+    Mmio,
+}
+
+/// The devices of one VM and the two buses the vCPUs dispatch exits to.
 #[derive(Default)]
 pub struct DeviceManager {
     devices: Vec<AttachedDevice>,
+    /// Block devices by drive id, as indexes into `devices`.
+    drives: Vec<(String, usize)>,
+    pio_bus: Bus,
+    mmio_bus: Bus,
+    activate_evt: Option<EventFd>,
 }
 
 impl DeviceManager {
-    /// No devices yet.
+    /// No devices yet; virtio devices activate at once on DRIVER_OK.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// No devices yet; virtio transports signal `activate_evt` on DRIVER_OK
+    /// and the owner calls [`Self::activate_pending`].
+    pub fn with_activate_evt(activate_evt: EventFd) -> Self {
+        Self {
+            activate_evt: Some(activate_evt),
+            ..Self::default()
+        }
+    }
+
+    /// Put a platform (non-virtio) device, `what` in errors, at
+    /// `[base, base + len)` on the port-I/O or the MMIO bus.
+    pub fn attach_platform(
+        &mut self,
+        bus: BusKind,
+        what: &'static str,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+    ) -> Result<(), DeviceManagerError> {
+        let bus = match bus {
+            BusKind::Pio => &mut self.pio_bus,
+            BusKind::Mmio => &mut self.mmio_bus,
+        };
+        bus.insert(device, base, len)
+            .map_err(|source| DeviceManagerError::Platform { what, base, source })
+    }
+
+    /// The port-I/O bus, for the vCPUs.
+    pub fn pio_bus(&self) -> Arc<Bus> {
+        Arc::new(self.pio_bus.clone())
+    }
+
+    /// The MMIO bus, for the vCPUs.
+    pub fn mmio_bus(&self) -> Arc<Bus> {
+        Arc::new(self.mmio_bus.clone())
+    }
+
+    /// Activate every virtio device whose driver set DRIVER_OK since the
+    /// last call. Runs on the main thread, never on a vCPU.
+    pub fn activate_pending(&self) {
+        for d in &self.devices {
+            d.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .activate_if_pending();
+        }
+    }
+
+    /// Park every device worker (the vCPUs are already paused); false if
+    /// one did not park in time.
+    pub fn pause_all(&self) -> bool {
+        let mut all = true;
+        for d in &self.devices {
+            all &= d
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .pause();
+        }
+        all
+    }
+
+    /// Let every device worker serve again.
+    pub fn resume_all(&self) {
+        for d in &self.devices {
+            d.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .device_mut()
+                .resume();
+        }
+    }
+
+    /// The transport of the drive with id `id`.
+    pub fn drive(&self, id: &str) -> Result<&Arc<Mutex<MmioTransport>>, DeviceManagerError> {
+        self.drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .and_then(|(_, i)| self.devices.get(*i))
+            .map(|d| &d.transport)
+            .ok_or_else(|| DeviceManagerError::UnknownDrive(id.to_string()))
     }
 
     /// Put `device` behind a new virtio-mmio transport: the next free window
@@ -139,14 +257,16 @@ impl DeviceManager {
     pub fn attach_virtio(
         &mut self,
         vm: &VmFd,
-        mmio_bus: &mut Bus,
         mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
         cmdline: &mut Cmdline,
     ) -> Result<MmioSlot, DeviceManagerError> {
         let slot = MmioSlot::for_index(self.devices.len())?;
-        let transport =
+        let mut transport =
             MmioTransport::new(mem.clone(), device).map_err(DeviceManagerError::Transport)?;
+        if let Some(evt) = &self.activate_evt {
+            transport.set_activate_evt(evt.try_clone().map_err(DeviceManagerError::ActivateEvt)?);
+        }
 
         vm.register_irqfd(transport.interrupt_evt(), slot.irq)
             .map_err(|source| DeviceManagerError::Irqfd {
@@ -165,7 +285,7 @@ impl DeviceManager {
         }
 
         let transport = Arc::new(Mutex::new(transport));
-        mmio_bus
+        self.mmio_bus
             .insert(transport.clone(), slot.base, slot.len)
             .map_err(|source| DeviceManagerError::Bus {
                 base: slot.base,
@@ -194,13 +314,13 @@ impl DeviceManager {
     pub fn attach_drives(
         &mut self,
         vm: &VmFd,
-        mmio_bus: &mut Bus,
         mem: &GuestMemoryMmap,
         drives: &[DriveConfig],
         cmdline: &mut Cmdline,
     ) -> Result<(), DeviceManagerError> {
         for drive in drives {
-            self.attach_virtio(vm, mmio_bus, mem, block_device(drive)?, cmdline)?;
+            self.drives.push((drive.id.clone(), self.devices.len()));
+            self.attach_virtio(vm, mem, block_device(drive)?, cmdline)?;
         }
         Ok(())
     }
@@ -264,8 +384,8 @@ mod tests {
     fn block_device_errors_name_the_file() {
         let cfg = DriveConfig {
             path: "/nonexistent/disk.img".into(),
-            read_only: false,
             is_root: true,
+            ..Default::default()
         };
         let Err(e) = block_device(&cfg) else {
             panic!("opened a missing file");
@@ -305,22 +425,24 @@ mod tests {
         let b = TempImage::new(&[0u8; 4096]);
         let drives = [
             DriveConfig {
+                id: "a".into(),
                 path: a.path().to_owned(),
-                read_only: false,
                 is_root: true,
+                ..Default::default()
             },
             DriveConfig {
+                id: "b".into(),
                 path: b.path().to_owned(),
                 read_only: true,
-                is_root: false,
+                ..Default::default()
             },
         ];
-        let mut bus = Bus::new();
         let mut cmdline = Cmdline::new(2048).unwrap();
         cmdline.insert_str("console=ttyS0").unwrap();
         let mut dm = DeviceManager::new();
-        dm.attach_drives(&vm, &mut bus, &mem, &drives, &mut cmdline)
-            .unwrap();
+        dm.attach_drives(&vm, &mem, &drives, &mut cmdline).unwrap();
+        let bus = dm.mmio_bus();
+        assert!(dm.drive("b").is_ok() && dm.drive("c").is_err());
 
         let line = cmdline.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(

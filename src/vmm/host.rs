@@ -40,12 +40,31 @@ pub fn block_stop_signals() -> std::io::Result<SignalSet> {
     }
 }
 
-/// Wait for one of the blocked signals; returns its number.
-pub fn wait_signal(set: &SignalSet) -> Option<i32> {
-    let mut sig: libc::c_int = 0;
-    // SAFETY: `set` is an initialised sigset and `sig` a valid out pointer.
-    let rc = unsafe { libc::sigwait(&set.0, &mut sig) };
-    (rc == 0).then_some(sig)
+/// A non-blocking signalfd for the signals in `set` (which must be blocked
+/// in every thread), for the event loop's epoll.
+pub fn signal_fd(set: &SignalSet) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `set` is an initialised sigset; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set.0, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The next signal queued on a [`signal_fd`], if any.
+pub fn read_signal(fd: &std::fs::File) -> Option<i32> {
+    use std::io::Read;
+    let mut buf = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    let mut f = fd;
+    match f.read(&mut buf) {
+        Ok(n) if n == buf.len() => {
+            let signo = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            i32::try_from(signo).ok()
+        }
+        _ => None,
+    }
 }
 
 /// Total RAM of the host in MiB, from /proc/meminfo.

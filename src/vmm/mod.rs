@@ -1,37 +1,48 @@
 //! Building and running a VM.
 //!
-//! [`Vmm::new`] builds the VM as a list of numbered steps, each a small
-//! function with its own error variant; [`Vmm::run`] starts the vCPUs and
-//! waits for the first event that ends the VM, returned as an [`Outcome`].
+//! [`Vmm::new`] builds the VM as a list of named steps, each a small
+//! function with its own error variant; [`Vmm::run`] starts the vCPU threads
+//! and serves the event loop (vCPU stops, device activation, signals, the
+//! timeout, API requests) until the VM ends, returned as an [`Outcome`].
 
 pub mod device_manager;
+pub mod event_loop;
 pub mod host;
+mod runtime_api;
 pub mod terminal;
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::loader::Cmdline;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::LoadedKernel;
 use crate::boot::{self, cmdline, mptable, BootError};
-use crate::config::VmConfig;
-use crate::devices::bus::{Bus, BusError};
+use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{BootTimer, ExitDevice, ExitStatus, I8042};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
 use crate::layout;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::regs::{self, RegsError};
+use crate::vcpu::thread::{VcpuControl, VcpuHandle, Wanted};
 use crate::vcpu::{cpuid, ExitCounters, Vcpu, VcpuStop};
-use device_manager::{DeviceManager, DeviceManagerError};
+use device_manager::{BusKind, DeviceManager, DeviceManagerError};
+use event_loop::{EventLoop, EventLoopError, EventSender, Ready, VmEvent};
 
 /// Errors while building or starting the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The configuration breaks a rule.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The event loop.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
     /// /dev/kvm missing or not accessible.
     #[error("cannot open /dev/kvm (is KVM enabled and do you have access to it?)")]
     OpenKvm(#[source] kvm_ioctls::Error),
@@ -62,9 +73,6 @@ pub enum VmmError {
     /// virtio-net (TAP) setup.
     #[error(transparent)]
     Net(#[from] crate::devices::virtio::net::NetDeviceError),
-    /// Bus layout.
-    #[error("device layout")]
-    Bus(#[from] BusError),
     /// Kernel command line too long or malformed.
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
@@ -85,12 +93,14 @@ impl VmmError {
     pub fn is_usage_error(&self) -> bool {
         matches!(
             self,
-            VmmError::Boot(
-                BootError::OpenKernel { .. }
-                    | BootError::NotAKernel { .. }
-                    | BootError::ReadInitrd { .. }
-                    | BootError::InitrdTooBig { .. },
-            ) | VmmError::Devices(DeviceManagerError::Block { .. })
+            VmmError::Config(_)
+                | VmmError::Boot(
+                    BootError::OpenKernel { .. }
+                        | BootError::NotAKernel { .. }
+                        | BootError::ReadInitrd { .. }
+                        | BootError::InitrdTooBig { .. },
+                )
+                | VmmError::Devices(DeviceManagerError::Block { .. })
         )
     }
 }
@@ -103,15 +113,8 @@ fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Host { what, source }
 }
 
-/// Something that ends the VM.
-#[derive(Debug)]
-enum VmEvent {
-    /// The guest reset the machine through the i8042.
-    Reset,
-    /// A vCPU stopped.
-    VcpuStopped(u8, VcpuStop),
-    /// The process received a signal.
-    Signal(i32),
+fn cmdline_err(e: linux_loader::cmdline::Error) -> VmmError {
+    VmmError::Cmdline(e)
 }
 
 /// How the VM ended; `main` turns it into an exit code.
@@ -130,20 +133,34 @@ pub enum Outcome {
     Signal(i32),
 }
 
+/// Whether the guest runs (for the API's instance info).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// vCPUs run.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+}
+
+/// What the platform devices share with the VMM.
+struct Platform {
+    serial: Arc<Mutex<SerialDevice<std::io::Stdout>>>,
+    i8042: Arc<Mutex<I8042>>,
+    exit_status: ExitStatus,
+    guest_panicked: Arc<AtomicBool>,
+}
+
 /// A built VM, ready to run.
 pub struct Vmm {
     config: VmConfig,
+    id: String,
     _kvm: Kvm,
     _vm: VmFd,
-    /// Guest RAM, mapped for as long as the VM exists.
     _mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
-    serial: Arc<Mutex<SerialDevice<std::io::Stdout>>>,
+    platform: Platform,
     devices: DeviceManager,
-    events_tx: Sender<VmEvent>,
-    events_rx: Receiver<VmEvent>,
-    exit_status: ExitStatus,
-    guest_panicked: Arc<AtomicBool>,
+    events: Rc<EventLoop>,
     counters: Arc<ExitCounters>,
     process_start: Instant,
 }
@@ -151,268 +168,425 @@ pub struct Vmm {
 impl Vmm {
     /// Build the VM described by `config`. `process_start` anchors the boot timer.
     pub fn new(config: VmConfig, process_start: Instant) -> Result<Self, VmmError> {
+        Self::build(
+            config,
+            process_start,
+            Rc::new(EventLoop::new()?),
+            String::new(),
+        )
+    }
+
+    /// Build the VM, serving `events` (which may already carry an API) as
+    /// the VM named `id`. Each step is a function below, in this order.
+    pub fn build(
+        config: VmConfig,
+        process_start: Instant,
+        events: Rc<EventLoop>,
+        id: String,
+    ) -> Result<Self, VmmError> {
         let build_start = Instant::now();
-
-        // 1. KVM and the kind of host we are on.
-        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
-        let emulated_kvm = host::kvm_is_emulated();
-        if emulated_kvm {
-            log::warn!(
-                "this host's KVM interprets guest kernel code (kvm_pvm native mode): \
-                 boot takes minutes; adding guest workarounds"
-            );
-        }
-
-        // 2. Guest memory.
+        config.validate()?;
+        let (kvm, emulated_kvm) = open_kvm()?;
         let mem = memory::create_guest_memory(config.memory_mib)?;
-
-        // 3. The VM with its in-kernel interrupt controllers and PIT.
-        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
-            .map_err(kvm_err("set the identity map address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create the irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-
-        // 4. Memory slots.
+        let vm = create_vm(&kvm)?;
         memory::register_with_kvm(&vm, &mem)?;
-
-        // 5. Kernel and initrd.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(p) => Some(boot::load_initrd(&mem, p)?),
             None => None,
         };
-
-        // 6. Legacy devices.
-        let (events_tx, events_rx) = mpsc::channel();
-        let mut pio_bus = Bus::new();
-        let mut mmio_bus = Bus::new();
-        let guest_panicked = Arc::new(AtomicBool::new(false));
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial irqfd"))?;
-        vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
-            .map_err(kvm_err("register the serial irqfd"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            ConsoleOutput::new(std::io::stdout(), guest_panicked.clone()),
-        )));
-        pio_bus.insert(
-            serial.clone(),
-            layout::SERIAL_PORT_BASE,
-            layout::SERIAL_PORT_SIZE,
+        let mut devices = DeviceManager::with_activate_evt(
+            events
+                .activate_evt()
+                .map_err(host_err("activate eventfd"))?,
+        );
+        let platform = attach_platform_devices(
+            &vm,
+            &mut devices,
+            events.sender(),
+            process_start,
+            build_start,
         )?;
-        let reset_tx = events_tx.clone();
-        pio_bus.insert(
-            Arc::new(Mutex::new(I8042::new(move || {
-                let _ = reset_tx.send(VmEvent::Reset);
-            }))),
-            layout::I8042_PORT_BASE,
-            layout::I8042_PORT_SIZE,
-        )?;
-        pio_bus.insert(
-            Arc::new(Mutex::new(crate::devices::rtc::Cmos::new())),
-            layout::RTC_PORT_BASE,
-            layout::RTC_PORT_SIZE,
-        )?;
-        let exit_status: ExitStatus = Arc::new(AtomicI32::new(-1));
-        pio_bus.insert(
-            Arc::new(Mutex::new(ExitDevice::new(exit_status.clone()))),
-            layout::EXIT_PORT,
-            layout::EXIT_PORT_SIZE,
-        )?;
-        mmio_bus.insert(
-            Arc::new(Mutex::new(BootTimer::new(process_start, build_start))),
-            layout::BOOT_TIMER_ADDR,
-            layout::BOOT_TIMER_SIZE,
-        )?;
-
-        // 7. virtio devices; each adds its own `virtio_mmio.device=` entry.
-        let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(VmmError::Cmdline)?;
-        cl.insert_str(cmdline::base(emulated_kvm))
-            .map_err(VmmError::Cmdline)?;
-        let mut devices = DeviceManager::new();
-        devices.attach_drives(&vm, &mut mmio_bus, &mem, &config.drives, &mut cl)?;
-        for (index, net) in config.nets.iter().enumerate() {
-            let dev = crate::devices::virtio::net::net_device(net, index)?;
-            devices.attach_virtio(&vm, &mut mmio_bus, &mem, dev, &mut cl)?;
-        }
-        if let Some(ip) = crate::net::kernel_ip_arg(&config.nets) {
-            cl.insert_str(ip).map_err(VmmError::Cmdline)?;
-        }
-
-        // 8. vCPU file descriptors (configured in step 10); on an interpreting
-        // KVM the guest cannot calibrate its TSC against the PIT (the
-        // interpreter skews every loop), so hand it the frequency KVM knows.
-        let vcpu_fds = (0..config.cpus)
-            .map(|i| {
-                vm.create_vcpu(u64::from(i))
-                    .map_err(kvm_err("create a vCPU"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if emulated_kvm {
-            match vcpu_fds[0].get_tsc_khz() {
-                Ok(khz) if khz > 0 => cl
-                    .insert_str(cmdline::tsc_param(khz))
-                    .map_err(VmmError::Cmdline)?,
-                other => log::warn!("cannot read the TSC frequency from KVM: {other:?}"),
-            }
-        }
-
-        // 9. The rest of the command line: root, command, then the user's own.
-        if let Some(root) = config.drives.iter().find(|d| d.is_root) {
-            cl.insert_str(cmdline::root_param(root.read_only))
-                .map_err(VmmError::Cmdline)?;
-        }
-        if !config.command.is_empty() {
-            cl.insert_str("quiet").map_err(VmmError::Cmdline)?;
-            cl.insert_str(cmdline::command_param(&config.command))
-                .map_err(VmmError::Cmdline)?;
-        }
-        if let Some(extra) = &config.cmdline_extra {
-            cl.insert_str(extra).map_err(VmmError::Cmdline)?;
-        }
-        if let Ok(c) = cl.as_cstring() {
-            log::debug!("kernel command line: {}", c.to_string_lossy());
-        }
-
-        // 10. Boot structures: MP table, page tables and GDT, boot_params.
+        let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(cmdline_err)?;
+        cl.insert_str(config_base_cmdline(&config, emulated_kvm))
+            .map_err(cmdline_err)?;
+        attach_virtio_devices(&vm, &mem, &mut devices, &config, &mut cl)?;
+        let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
+        finish_cmdline(&config, emulated_kvm, &vcpu_fds, &mut cl)?;
         mptable::setup(&mem, config.cpus)?;
         regs::write_boot_tables(&mem)?;
         boot::configure_system(&mem, &kernel, &cl, initrd)?;
-
-        // 11. vCPUs: CPUID, MSRs, FPU, LAPIC; registers of the boot vCPU.
-        let pio_bus = Arc::new(pio_bus);
-        let mmio_bus = Arc::new(mmio_bus);
         let counters = Arc::new(ExitCounters::default());
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("read supported CPUID"))?;
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for (index, fd) in (0..config.cpus).zip(vcpu_fds) {
-            let mut c = supported.clone();
-            cpuid::filter(&mut c, index, config.cpus);
-            fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
-            regs::setup_common(&fd)?;
-            if index == 0 {
-                regs::setup_boot_vcpu(&fd, kernel.entry.0)?;
-            }
-            vcpus.push(Vcpu::new(
-                fd,
-                index,
-                pio_bus.clone(),
-                mmio_bus.clone(),
-                mem.clone(),
-                emulated_kvm,
-                counters.clone(),
-            ));
-        }
+        let vcpus = configure_vcpus(
+            &kvm,
+            vcpu_fds,
+            &kernel,
+            &devices,
+            &mem,
+            emulated_kvm,
+            &counters,
+        )?;
         log::debug!("VM built in {:?}", build_start.elapsed());
-
         Ok(Self {
             config,
+            id,
             _kvm: kvm,
             _vm: vm,
             _mem: mem,
             vcpus,
-            serial,
+            platform,
             devices,
-            events_tx,
-            events_rx,
-            exit_status,
-            guest_panicked,
+            events,
             counters,
             process_start,
         })
     }
 
-    /// Start the vCPUs and wait until the VM ends.
+    /// Start the vCPU threads and serve the event loop until the VM ends.
+    /// Every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<Outcome, VmmError> {
-        // Signals are taken by a dedicated thread with sigwait: block them here,
-        // before any thread starts, so every thread inherits the mask.
-        let signals = host::block_stop_signals().map_err(host_err("signal mask"))?;
-        let sig_tx = self.events_tx.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = host::wait_signal(&signals) {
-                    let _ = sig_tx.send(VmEvent::Signal(sig));
-                }
-            })
-            .map_err(host_err("signal thread"))?;
-
-        let serial = self.serial.clone();
+        let serial = self.platform.serial.clone();
+        // A blocking read of the host's stdin; the only thread not joined
+        // (nothing can interrupt the read), and it holds nothing that must
+        // be released.
         std::thread::Builder::new()
             .name("stdin".into())
             .spawn(move || crate::devices::serial::forward_stdin(serial))
             .map_err(host_err("stdin thread"))?;
 
-        for mut vcpu in self.vcpus.drain(..) {
-            let tx = self.events_tx.clone();
-            let index = vcpu.index();
-            let t0 = (index == 0).then_some(self.process_start);
-            std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || {
-                    let stop = vcpu.run(t0);
-                    let _ = tx.send(VmEvent::VcpuStopped(index, stop));
-                })
-                .map_err(host_err("vCPU thread"))?;
-        }
-
-        let deadline = self.config.timeout.map(|t| (Instant::now() + t, t));
-        let event = loop {
-            let received = match deadline {
-                Some((at, _)) => self
-                    .events_rx
-                    .recv_timeout(at.saturating_duration_since(Instant::now())),
-                None => self
-                    .events_rx
-                    .recv()
-                    .map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            match received {
-                Ok(ev) => break Some(ev),
-                Err(RecvTimeoutError::Timeout) => break None,
-                Err(RecvTimeoutError::Disconnected) => continue,
-            }
-        };
-        let outcome = match event {
-            None => Outcome::Timeout(deadline.map(|d| d.1).unwrap_or_default()),
-            Some(VmEvent::Signal(s)) => Outcome::Signal(s),
-            Some(VmEvent::Reset) | Some(VmEvent::VcpuStopped(_, VcpuStop::SystemEvent(_))) => {
-                self.clean_stop_outcome()
-            }
-            Some(VmEvent::VcpuStopped(i, stop)) => {
-                if self.guest_panicked.load(Ordering::SeqCst) {
-                    Outcome::GuestCrash(format!("guest kernel panicked, then vcpu{i}: {stop}"))
-                } else {
-                    Outcome::GuestCrash(format!("vcpu{i}: {stop}"))
+        crate::vcpu::thread::install_kick_handler().map_err(host_err("vCPU kick handler"))?;
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        let mut result = Ok(());
+        for vcpu in self.vcpus.drain(..) {
+            match spawn_vcpu(vcpu, self.events.sender(), self.process_start) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    result = Err(e);
+                    break;
                 }
             }
+        }
+        let outcome = match result {
+            Ok(()) => self.serve(&handles),
+            Err(e) => Err(e),
         };
+        for h in handles {
+            h.stop();
+        }
         // Whatever ended the VM, what the guest wrote must reach the disk images.
         self.devices.flush_all();
         log::info!("{}", self.counters.summary());
-        Ok(outcome)
+        outcome
+    }
+
+    /// The event loop proper.
+    fn serve(&mut self, vcpus: &[VcpuHandle]) -> Result<Outcome, VmmError> {
+        let deadline = self.config.timeout.map(|t| Instant::now() + t);
+        let mut state = RunState::Running;
+        loop {
+            for ready in self.events.wait(deadline)? {
+                let event = match ready {
+                    Ready::Timeout => {
+                        return Ok(Outcome::Timeout(self.config.timeout.unwrap_or_default()))
+                    }
+                    Ready::Signal(s) => return Ok(Outcome::Signal(s)),
+                    Ready::Activate => {
+                        self.devices.activate_pending();
+                        continue;
+                    }
+                    Ready::Event(e) => e,
+                };
+                match event {
+                    VmEvent::Reset | VmEvent::VcpuStopped(_, VcpuStop::SystemEvent(_)) => {
+                        return Ok(self.clean_stop_outcome())
+                    }
+                    VmEvent::VcpuStopped(_, VcpuStop::Requested) => {}
+                    VmEvent::VcpuStopped(i, stop) => return Ok(self.crash_outcome(i, &stop)),
+                    VmEvent::Api(req, reply) => {
+                        let resp = self.handle_api(req, vcpus, &mut state);
+                        // The client may have gone; nothing to do then.
+                        let _ = reply.send(resp);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Park every vCPU (and wait until each is parked).
+    fn pause_vcpus(vcpus: &[VcpuHandle]) -> Result<(), String> {
+        for h in vcpus {
+            h.request(Wanted::Pause);
+        }
+        for h in vcpus {
+            if !h.wait_parked() {
+                return Err(format!("vcpu{} did not stop in time", h.index()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Let every vCPU run again.
+    fn resume_vcpus(vcpus: &[VcpuHandle]) {
+        for h in vcpus {
+            h.request(Wanted::Run);
+        }
+    }
+
+    fn crash_outcome(&self, i: u8, stop: &VcpuStop) -> Outcome {
+        if self.platform.guest_panicked.load(Ordering::SeqCst) {
+            Outcome::GuestCrash(format!("guest kernel panicked, then vcpu{i}: {stop}"))
+        } else {
+            Outcome::GuestCrash(format!("vcpu{i}: {stop}"))
+        }
     }
 
     fn clean_stop_outcome(&self) -> Outcome {
-        if self.guest_panicked.load(Ordering::SeqCst) {
+        if self.platform.guest_panicked.load(Ordering::SeqCst) {
             return Outcome::GuestCrash(
                 "guest kernel panicked (see the console output above)".into(),
             );
         }
-        let st = self.exit_status.load(Ordering::SeqCst);
+        let st = self.platform.exit_status.load(Ordering::SeqCst);
         match (st, self.config.command.is_empty()) {
             (s, _) if s >= 0 => Outcome::GuestExit(s as u8),
             (_, true) => Outcome::GuestExit(0),
             (_, false) => Outcome::NoExitStatus,
         }
     }
+}
+
+/// KVM, and whether this host's KVM interprets guest kernel code.
+fn open_kvm() -> Result<(Kvm, bool), VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+    let emulated_kvm = host::kvm_is_emulated();
+    if emulated_kvm {
+        log::warn!(
+            "this host's KVM interprets guest kernel code (kvm_pvm native mode): \
+             boot takes minutes; adding guest workarounds"
+        );
+    }
+    Ok((kvm, emulated_kvm))
+}
+
+/// The VM with its TSS, identity map, in-kernel interrupt controllers and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("set the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    Ok(vm)
+}
+
+/// An eventfd registered as the irqfd of `irq`.
+fn irqfd(vm: &VmFd, irq: u32, what: &'static str) -> Result<EventFd, VmmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err(what))?;
+    vm.register_irqfd(&evt, irq)
+        .map_err(kvm_err("register an irqfd"))?;
+    Ok(evt)
+}
+
+/// UART, i8042, CMOS RTC, exit port and boot timer.
+fn attach_platform_devices(
+    vm: &VmFd,
+    devices: &mut DeviceManager,
+    events: EventSender,
+    process_start: Instant,
+    build_start: Instant,
+) -> Result<Platform, VmmError> {
+    let guest_panicked = Arc::new(AtomicBool::new(false));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irqfd(vm, layout::SERIAL_IRQ, "serial irqfd")?,
+        ConsoleOutput::new(std::io::stdout(), guest_panicked.clone()),
+    )));
+    devices.attach_platform(
+        BusKind::Pio,
+        "the serial port",
+        serial.clone(),
+        layout::SERIAL_PORT_BASE,
+        layout::SERIAL_PORT_SIZE,
+    )?;
+    let i8042 = Arc::new(Mutex::new(
+        I8042::new(move || events.send(VmEvent::Reset)).with_kbd_irq(irqfd(
+            vm,
+            layout::KEYBOARD_IRQ,
+            "i8042 irqfd",
+        )?),
+    ));
+    devices.attach_platform(
+        BusKind::Pio,
+        "the i8042",
+        i8042.clone(),
+        layout::I8042_PORT_BASE,
+        layout::I8042_PORT_SIZE,
+    )?;
+    devices.attach_platform(
+        BusKind::Pio,
+        "the RTC",
+        Arc::new(Mutex::new(crate::devices::rtc::Cmos::new())),
+        layout::RTC_PORT_BASE,
+        layout::RTC_PORT_SIZE,
+    )?;
+    let exit_status: ExitStatus = Arc::new(AtomicI32::new(-1));
+    devices.attach_platform(
+        BusKind::Pio,
+        "the exit port",
+        Arc::new(Mutex::new(ExitDevice::new(exit_status.clone()))),
+        layout::EXIT_PORT,
+        layout::EXIT_PORT_SIZE,
+    )?;
+    devices.attach_platform(
+        BusKind::Mmio,
+        "the boot timer",
+        Arc::new(Mutex::new(BootTimer::new(process_start, build_start))),
+        layout::BOOT_TIMER_ADDR,
+        layout::BOOT_TIMER_SIZE,
+    )?;
+    Ok(Platform {
+        serial,
+        i8042,
+        exit_status,
+        guest_panicked,
+    })
+}
+
+/// Where the command line starts: microvm's defaults, or the user's
+/// `boot_args` in their place; then this host's workarounds.
+fn config_base_cmdline(config: &VmConfig, emulated_kvm: bool) -> String {
+    match &config.boot_args {
+        None => cmdline::base(emulated_kvm),
+        Some(args) if emulated_kvm => format!("{args} {}", cmdline::EMULATED_KVM_CMDLINE),
+        Some(args) => args.clone(),
+    }
+}
+
+/// Block devices first (so the first drive is /dev/vda), then NICs; each
+/// appends its own `virtio_mmio.device=` entry, and `ip=` follows.
+fn attach_virtio_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: &mut DeviceManager,
+    config: &VmConfig,
+    cl: &mut Cmdline,
+) -> Result<(), VmmError> {
+    devices.attach_drives(vm, mem, &config.drives, cl)?;
+    for (index, net) in config.nets.iter().enumerate() {
+        let dev = crate::devices::virtio::net::net_device(net, index)?;
+        devices.attach_virtio(vm, mem, dev, cl)?;
+    }
+    if let Some(ip) = crate::net::kernel_ip_arg(&config.nets) {
+        cl.insert_str(ip).map_err(cmdline_err)?;
+    }
+    Ok(())
+}
+
+/// One vCPU file descriptor per vCPU (configured in [`configure_vcpus`]).
+fn create_vcpu_fds(vm: &VmFd, cpus: u8) -> Result<Vec<VcpuFd>, VmmError> {
+    (0..cpus)
+        .map(|i| {
+            vm.create_vcpu(u64::from(i))
+                .map_err(kvm_err("create a vCPU"))
+        })
+        .collect()
+}
+
+/// The rest of the command line: the TSC frequency on an interpreting KVM
+/// (the guest cannot calibrate it against the PIT there: the interpreter
+/// skews every loop), root, the guest command, then the user's own.
+fn finish_cmdline(
+    config: &VmConfig,
+    emulated_kvm: bool,
+    vcpu_fds: &[VcpuFd],
+    cl: &mut Cmdline,
+) -> Result<(), VmmError> {
+    if emulated_kvm {
+        match vcpu_fds.first().map(|fd| fd.get_tsc_khz()) {
+            Some(Ok(khz)) if khz > 0 => cl
+                .insert_str(cmdline::tsc_param(khz))
+                .map_err(cmdline_err)?,
+            other => log::warn!("cannot read the TSC frequency from KVM: {other:?}"),
+        }
+    }
+    if let Some(root) = config.root_drive() {
+        cl.insert_str(cmdline::root_param(root.read_only))
+            .map_err(cmdline_err)?;
+    }
+    if !config.command.is_empty() {
+        cl.insert_str("quiet").map_err(cmdline_err)?;
+        cl.insert_str(cmdline::command_param(&config.command))
+            .map_err(cmdline_err)?;
+    }
+    if let Some(extra) = &config.cmdline_extra {
+        cl.insert_str(extra).map_err(cmdline_err)?;
+    }
+    if let Ok(c) = cl.as_cstring() {
+        log::debug!("kernel command line: {}", c.to_string_lossy());
+    }
+    Ok(())
+}
+
+/// CPUID with per-vCPU APIC IDs, MSRs, FPU, LAPIC; registers of the boot vCPU.
+fn configure_vcpus(
+    kvm: &Kvm,
+    vcpu_fds: Vec<VcpuFd>,
+    kernel: &LoadedKernel,
+    devices: &DeviceManager,
+    mem: &GuestMemoryMmap,
+    emulated_kvm: bool,
+    counters: &Arc<ExitCounters>,
+) -> Result<Vec<Vcpu>, VmmError> {
+    let cpus = u8::try_from(vcpu_fds.len()).unwrap_or(u8::MAX);
+    let pio_bus = devices.pio_bus();
+    let mmio_bus = devices.mmio_bus();
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+    for (index, fd) in (0..cpus).zip(vcpu_fds) {
+        let mut c = supported.clone();
+        cpuid::filter(&mut c, index, cpus);
+        fd.set_cpuid2(&c).map_err(kvm_err("set CPUID"))?;
+        regs::setup_common(&fd)?;
+        if index == 0 {
+            regs::setup_boot_vcpu(&fd, kernel.entry.0)?;
+        }
+        vcpus.push(Vcpu::new(
+            fd,
+            index,
+            pio_bus.clone(),
+            mmio_bus.clone(),
+            mem.clone(),
+            emulated_kvm,
+            counters.clone(),
+        ));
+    }
+    Ok(vcpus)
+}
+
+/// Start the thread of one vCPU; it reports on `events` if it stops on its own.
+fn spawn_vcpu(
+    mut vcpu: Vcpu,
+    events: EventSender,
+    process_start: Instant,
+) -> Result<VcpuHandle, VmmError> {
+    let index = vcpu.index();
+    let control = Arc::new(VcpuControl::default());
+    let c = control.clone();
+    let t0 = (index == 0).then_some(process_start);
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            let stop = vcpu.run(&c, t0);
+            c.set_gone();
+            events.send(VmEvent::VcpuStopped(index, stop));
+        })
+        .map_err(host_err("vCPU thread"))?;
+    Ok(VcpuHandle::new(index, control, thread))
 }

@@ -169,6 +169,12 @@ pub struct MmioTransport {
     driver_status: u32,
     config_generation: u32,
     device_activated: bool,
+    /// DRIVER_OK was set and the VMM's event loop has yet to activate.
+    activation_pending: bool,
+    /// Signalled on DRIVER_OK so that the main thread activates the device
+    /// (spawns workers, programs the TAP), not the vCPU thread that wrote
+    /// the status; `None` activates at once (tests without an event loop).
+    activate_evt: Option<EventFd>,
     reset_failed: bool,
     bad_accesses: u64,
 }
@@ -207,6 +213,8 @@ impl MmioTransport {
             driver_status: 0,
             config_generation: 0,
             device_activated: false,
+            activation_pending: false,
+            activate_evt: None,
             reset_failed: false,
             bad_accesses: 0,
         })
@@ -226,6 +234,27 @@ impl MmioTransport {
     /// The InterruptStatus register, shared with the device through [`Interrupt`].
     pub fn interrupt_status(&self) -> &Arc<AtomicU32> {
         &self.interrupt_status
+    }
+
+    /// Defer activation to whoever waits on `evt` (see [`Self::activate_if_pending`]).
+    pub fn set_activate_evt(&mut self, evt: EventFd) {
+        self.activate_evt = Some(evt);
+    }
+
+    /// Activate the device if the driver set DRIVER_OK since the last call
+    /// (run by the VMM's event loop when the activate eventfd fires).
+    pub fn activate_if_pending(&mut self) {
+        if std::mem::take(&mut self.activation_pending) {
+            self.finish_activation();
+        }
+    }
+
+    /// Tell the driver the configuration space changed (a new disk size).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.driver_status & STATUS_DRIVER_OK != 0 {
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
+        }
     }
 
     /// The device behind this transport.
@@ -472,16 +501,30 @@ impl MmioTransport {
                 self.bad_access(format_args!("DRIVER_OK in status {status:#x}"));
             } else {
                 status |= STATUS_DRIVER_OK;
-                if let Err(e) = self.activate() {
-                    let e = crate::error_chain(&e);
-                    self.guest_problem(format_args!("activation failed, device needs reset: {e}"));
-                    status |= STATUS_NEEDS_RESET;
-                    self.config_generation = self.config_generation.wrapping_add(1);
-                    self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
+                self.driver_status = status;
+                match &self.activate_evt {
+                    Some(evt) => {
+                        self.activation_pending = true;
+                        if let Err(e) = evt.write(1) {
+                            log::error!("virtio-mmio: cannot request activation: {e}");
+                        }
+                    }
+                    None => self.finish_activation(),
                 }
+                return;
             }
         }
         self.driver_status = status;
+    }
+
+    fn finish_activation(&mut self) {
+        if let Err(e) = self.activate() {
+            let e = crate::error_chain(&e);
+            self.guest_problem(format_args!("activation failed, device needs reset: {e}"));
+            self.driver_status |= STATUS_NEEDS_RESET;
+            self.config_generation = self.config_generation.wrapping_add(1);
+            self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
+        }
     }
 
     /// The driver accepted only features the device offered, and VERSION_1,
@@ -541,6 +584,7 @@ impl MmioTransport {
 
     /// Back to the power-on state (status 0): stops an activated device.
     fn reset(&mut self) {
+        self.activation_pending = false;
         if self.device_activated {
             if !self.device.reset() {
                 log::warn!(
@@ -771,6 +815,40 @@ mod tests {
         assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 0);
         assert_eq!(r32(&mut t, REG_SHM_LEN_LOW), u32::MAX);
         assert_eq!(r32(&mut t, REG_CONFIG_GENERATION), 0);
+    }
+
+    #[test]
+    fn activation_waits_for_the_event_loop() {
+        let (mut t, state) = transport(vec![16]);
+        let m = mem();
+        let q0 = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        t.set_activate_evt(evt.try_clone().unwrap());
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        let (d, a, u) = (q0.desc_table_addr().0, q0.avail_addr().0, q0.used_addr().0);
+        setup_queue(&mut t, 0, d, a, u, 16);
+
+        // DRIVER_OK on the "vCPU": recorded and signalled, not activated.
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert_eq!(r32(&mut t, REG_STATUS), OK_STATUS);
+        assert!(!t.is_activated());
+        assert_eq!(state.lock().unwrap().activations, 0);
+        assert_eq!(evt.read().unwrap(), 1);
+        // The event loop activates, once.
+        t.activate_if_pending();
+        assert!(t.is_activated());
+        t.activate_if_pending();
+        assert_eq!(state.lock().unwrap().activations, 1);
+
+        // A reset before the loop gets to it cancels the activation.
+        w32(&mut t, REG_STATUS, 0);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
+        setup_queue(&mut t, 0, d, a, u, 16);
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        w32(&mut t, REG_STATUS, 0);
+        t.activate_if_pending();
+        assert!(!t.is_activated());
+        assert_eq!(state.lock().unwrap().activations, 1);
     }
 
     #[test]

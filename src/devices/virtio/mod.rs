@@ -4,15 +4,19 @@
 //! - the device itself ([`VirtioDevice`]): features, config space, activation;
 //! - pure queue logic (drain the available ring, do the work, fill the used
 //!   ring), testable with `virtio-queue`'s mock memory and no KVM;
-//! - the glue: a worker thread per activated device that waits on the queue
-//!   ioeventfds (and, for net, the TAP fd) and runs the queue logic.
+//! - the glue: an [`EpollHandler`] run by one worker thread per activated
+//!   device ([`epoll_helper`]) that waits on the queue ioeventfds (and, for
+//!   net, the TAP fd) and runs the queue logic.
 
 pub mod block;
+pub mod epoll_helper;
 pub mod mmio;
 pub mod net;
 pub mod queue_guard;
 #[cfg(test)]
 pub(crate) mod test_utils;
+
+pub use epoll_helper::{EpollHandler, Served, WorkerHandle};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -103,31 +107,6 @@ impl Interrupt {
     }
 }
 
-/// A device's worker thread and the eventfd that tells it to stop.
-pub struct WorkerHandle {
-    kill: EventFd,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl WorkerHandle {
-    /// A worker running as `thread` that exits when `kill` is signalled.
-    pub fn new(kill: EventFd, thread: std::thread::JoinHandle<()>) -> Self {
-        Self { kill, thread }
-    }
-
-    /// Tell the worker to stop and wait for it; `label` names the device in logs.
-    pub fn stop(self, label: &str) {
-        if let Err(e) = self.kill.write(1) {
-            // The thread cannot be told to stop; joining would hang.
-            log::error!("{label}: cannot stop the worker: {e}");
-            return;
-        }
-        if self.thread.join().is_err() {
-            log::error!("{label}: worker thread panicked");
-        }
-    }
-}
-
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 1 = net).
@@ -154,4 +133,16 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
     /// Flush any buffered state to the host (called before the VMM exits).
     fn flush(&mut self) {}
+    /// Stop serving queues until [`Self::resume`] (the VM is paused); true
+    /// once the device's worker is parked.
+    fn pause(&mut self) -> bool {
+        true
+    }
+    /// Serve queues again.
+    fn resume(&mut self) {}
+    /// Serve a new backing file from now on (block devices); the caller
+    /// then tells the driver that the configuration changed.
+    fn swap_backing_file(&mut self, _path: &std::path::Path) -> Result<(), block::DiskError> {
+        Err(block::DiskError::NoBackingFile)
+    }
 }

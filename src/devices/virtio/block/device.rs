@@ -2,30 +2,31 @@
 //! worker thread that waits on the queue's ioeventfd.
 //!
 //! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
-//! `virtio-blk-N` epolls on the queue EventFd and a kill EventFd; each kick
+//! `virtio-blk-N` (the shared epoll helper) waits on the queue EventFd; each kick
 //! drains the queue ([`process_queue`]) and raises the interrupt. A broken
 //! ring makes the thread report DEVICE_NEEDS_RESET and stop watching the
 //! queue. Reset and drop stop the thread and join it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX,
 };
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, DiskError};
 use super::queue::process_queue;
 use super::request::Limits;
 use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
-use crate::config::DriveConfig;
+use crate::config::{CacheType, DriveConfig};
 use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    ActivateError, EpollHandler, Interrupt, Served, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_VRING,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -34,14 +35,22 @@ use crate::memory::GuestMemoryMmap;
 const CONFIG_LEN: usize = 24;
 
 const TOKEN_QUEUE: u64 = 0;
-const TOKEN_KILL: u64 = 1;
 
 /// Names worker threads `virtio-blk-0`, `-1`, ... in creation order.
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
 
+/// The disk a device serves, shared with its worker; replaced whole when
+/// the backing file is swapped (the worker picks the new one up at its next
+/// batch, and the old file is closed when the last batch using it ends).
+type SharedDisk = Arc<Mutex<Arc<Disk>>>;
+
+fn current(disk: &SharedDisk) -> Arc<Disk> {
+    disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// A virtio block device.
 pub struct Block {
-    disk: Arc<Disk>,
+    disk: SharedDisk,
     index: usize,
     avail_features: u64,
     acked_features: u64,
@@ -53,7 +62,11 @@ pub struct Block {
 impl Block {
     /// Open (and lock) the drive's backing file.
     pub fn new(cfg: &DriveConfig) -> Result<Self, DiskError> {
-        Ok(Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?))
+        let mut b = Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?);
+        if cfg.cache == CacheType::Unsafe {
+            b.avail_features &= !(1 << VIRTIO_BLK_F_FLUSH);
+        }
+        Ok(b)
     }
 
     /// A device serving an already open disk.
@@ -73,7 +86,7 @@ impl Block {
         // 16..20: geometry, not offered.
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Self {
-            disk: Arc::new(disk),
+            disk: Arc::new(Mutex::new(Arc::new(disk))),
             index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
             avail_features,
             acked_features: 0,
@@ -84,8 +97,8 @@ impl Block {
     }
 
     /// The backing file engine.
-    pub fn disk(&self) -> &Disk {
-        &self.disk
+    pub fn disk(&self) -> Arc<Disk> {
+        current(&self.disk)
     }
 
     /// Features the driver accepted.
@@ -99,22 +112,29 @@ impl Block {
     }
 
     /// Request limits: seg_max and size_max bind only a driver that accepted them.
+    #[cfg(test)]
     fn limits(&self) -> Limits {
-        let mut limits = self.disk.limits();
-        if self.acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
-            limits.seg_max = u32::MAX;
-        }
-        if self.acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
-            limits.size_max = u32::MAX;
-        }
-        limits
+        limits_for(&self.disk(), self.acked_features)
     }
 
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.stop(&format!("virtio-blk-{}", self.index));
+            worker.stop();
         }
     }
+}
+
+/// Request limits of `disk`: seg_max and size_max bind only a driver that
+/// accepted them.
+fn limits_for(disk: &Disk, acked_features: u64) -> Limits {
+    let mut limits = disk.limits();
+    if acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
+        limits.seg_max = u32::MAX;
+    }
+    if acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
+        limits.size_max = u32::MAX;
+    }
+    limits
 }
 
 impl VirtioDevice for Block {
@@ -169,24 +189,18 @@ impl VirtioDevice for Block {
             .ok_or(ActivateError::QueueCount { want: 1, got })?;
         self.stop_worker();
 
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let ctx = WorkerContext {
-            index: self.index,
+        let handler = BlockHandler {
             mem,
             queue,
             queue_evt,
-            kill: kill.try_clone().map_err(ActivateError::Worker)?,
             interrupt,
             disk: self.disk.clone(),
-            limits: self.limits(),
-            epoll: Epoll::new().map_err(ActivateError::Worker)?,
+            acked_features: self.acked_features,
+            errors: ErrorLog::default(),
         };
-        ctx.register().map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name(format!("virtio-blk-{}", self.index))
-            .spawn(move || ctx.run())
+        let worker = WorkerHandle::spawn(format!("virtio-blk-{}", self.index), handler)
             .map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle::new(kill, handle));
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -196,15 +210,47 @@ impl VirtioDevice for Block {
         true
     }
 
+    fn pause(&mut self) -> bool {
+        self.worker.as_ref().is_none_or(WorkerHandle::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
     fn flush(&mut self) {
-        if let Err(e) = self.disk.flush() {
+        let disk = self.disk();
+        if let Err(e) = disk.flush() {
             log::error!(
                 "virtio-blk-{}: {}: {}",
                 self.index,
-                self.disk.path().display(),
+                disk.path().display(),
                 crate::error_chain(&e)
             );
         }
+    }
+
+    fn swap_backing_file(&mut self, path: &std::path::Path) -> Result<(), DiskError> {
+        let old = self.disk();
+        let new = Disk::open(path, old.read_only())?;
+        // What the guest wrote to the old file is on it before we let go.
+        if let Err(e) = old.flush() {
+            log::warn!(
+                "virtio-blk-{}: flushing the old backing file: {e}",
+                self.index
+            );
+        }
+        self.config[0..8].copy_from_slice(&new.capacity_sectors().to_le_bytes());
+        log::info!(
+            "virtio-blk-{}: backing file now {} ({} sectors)",
+            self.index,
+            path.display(),
+            new.capacity_sectors()
+        );
+        *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        Ok(())
     }
 }
 
@@ -214,85 +260,48 @@ impl Drop for Block {
     }
 }
 
-/// Everything the worker thread owns.
-struct WorkerContext {
-    index: usize,
+/// What the worker thread owns: the queue and the disk it serves.
+struct BlockHandler {
     mem: GuestMemoryMmap,
     queue: Queue,
     queue_evt: EventFd,
-    kill: EventFd,
     interrupt: Interrupt,
-    disk: Arc<Disk>,
-    limits: Limits,
-    epoll: Epoll,
+    disk: SharedDisk,
+    acked_features: u64,
+    errors: ErrorLog,
 }
 
-impl WorkerContext {
-    fn register(&self) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        for (fd, token) in [
-            (self.queue_evt.as_raw_fd(), TOKEN_QUEUE),
-            (self.kill.as_raw_fd(), TOKEN_KILL),
-        ] {
-            self.epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        Ok(())
-    }
-
+impl BlockHandler {
     /// The ring is broken: stop watching the queue (until the driver resets
-    /// the device, which stops this thread) and tell the driver.
-    fn stop_serving(&self, e: &QueueError) {
-        use std::os::fd::AsRawFd;
-        log::warn!("virtio-blk-{}: {e}: device needs reset", self.index);
+    /// the device, which stops this worker) and tell the driver.
+    fn stop_serving(&self, e: &QueueError) -> Served {
+        log::warn!("virtio-blk: {e}: device needs reset");
         self.interrupt.needs_reset();
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Delete,
-            self.queue_evt.as_raw_fd(),
-            EpollEvent::default(),
-        ) {
-            log::error!(
-                "virtio-blk-{}: cannot stop watching the queue: {e}",
-                self.index
-            );
+        Served {
+            more: false,
+            stop_watching: vec![TOKEN_QUEUE],
         }
     }
+}
 
-    fn run(mut self) {
-        let mut errors = ErrorLog::default();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("virtio-blk-{}: epoll failed, worker stops: {e}", self.index);
-                    return;
-                }
-            };
-            let ready = &events[..n];
-            if ready.iter().any(|e| e.data() == TOKEN_KILL) {
-                return;
-            }
-            if ready.iter().any(|e| e.data() == TOKEN_QUEUE) {
-                // Non-blocking: EAGAIN just means another kick was merged.
-                let _ = self.queue_evt.read();
-                match process_queue(
-                    &self.mem,
-                    &mut self.queue,
-                    &self.disk,
-                    &self.limits,
-                    &mut errors,
-                ) {
-                    Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
-                    Ok(false) => {}
-                    Err(e) => self.stop_serving(&e),
-                }
-            }
+impl EpollHandler for BlockHandler {
+    fn watch(&self) -> Vec<(std::os::fd::RawFd, u64, EventSet)> {
+        use std::os::fd::AsRawFd;
+        vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)]
+    }
+
+    fn serve(&mut self, _ready: &[u64]) -> Served {
+        // The only fd is the queue's: whether kicked or at start, drain it.
+        // Non-blocking: EAGAIN just means another kick was merged.
+        let _ = self.queue_evt.read();
+        let disk = current(&self.disk);
+        let limits = limits_for(&disk, self.acked_features);
+        match process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
+            Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
+            Err(e) => return self.stop_serving(&e),
         }
+        Served::default()
     }
 }
 
@@ -310,13 +319,14 @@ mod tests {
 
     use super::super::test_utils::TempImage;
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn block(contents: &[u8], read_only: bool) -> (TempImage, Block) {
         let img = TempImage::new(contents);
         let cfg = DriveConfig {
             path: img.path().to_owned(),
             read_only,
-            is_root: false,
+            ..Default::default()
         };
         let b = Block::new(&cfg).unwrap();
         (img, b)

@@ -81,6 +81,9 @@ pub enum DiskError {
     /// fdatasync failed.
     #[error("cannot flush the disk image")]
     Flush(#[source] io::Error),
+    /// The device has no backing file to swap.
+    #[error("this device has no backing file")]
+    NoBackingFile,
 }
 
 /// An open, locked backing file.

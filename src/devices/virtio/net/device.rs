@@ -22,7 +22,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
 use super::worker::Worker;
@@ -237,7 +237,7 @@ impl Net {
 
     fn stop_worker(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.stop(&self.label);
+            worker.stop();
         }
     }
 }
@@ -302,8 +302,6 @@ impl VirtioDevice for Net {
         self.stop_worker();
         self.program_tap_offloads();
 
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let kill_evt = kill.try_clone().map_err(ActivateError::Worker)?;
         let [rx_queue, tx_queue]: [Queue; 2] = queues
             .try_into()
             .map_err(|_| ActivateError::QueueCount { want: 2, got: 0 })?;
@@ -321,14 +319,16 @@ impl VirtioDevice for Net {
             tx_queue,
             rx_evt,
             tx_evt,
-            kill_evt,
             tap: Arc::clone(&self.tap),
             rx: RxPath::new(self.label.clone(), mrg_rxbuf, guest_csum),
             tx: TxPath::new(self.label.clone()),
             stats: Arc::clone(&self.stats),
+            rx_more: false,
+            tx_more: false,
         };
-        let thread = worker.spawn().map_err(ActivateError::Worker)?;
-        self.worker = Some(WorkerHandle::new(kill, thread));
+        let worker =
+            WorkerHandle::spawn(self.label.clone(), worker).map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
         info!(
             "{}: activated (features {acked:#x}, TAP offloads {:#x})",
             self.label,
@@ -342,6 +342,16 @@ impl VirtioDevice for Net {
         self.acked_features = 0;
         self.program_tap_offloads();
         true
+    }
+
+    fn pause(&mut self) -> bool {
+        self.worker.as_ref().is_none_or(WorkerHandle::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 
     fn flush(&mut self) {
@@ -370,6 +380,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
     use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
     fn features_follow_tap_offloads() {

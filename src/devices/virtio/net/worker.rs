@@ -1,10 +1,10 @@
-//! The thread serving one activated virtio-net device.
+//! What the worker thread of one activated virtio-net device does (the loop
+//! itself, with pause and stop, is the shared [`crate::devices::virtio::epoll_helper`]).
 //!
-//! It sleeps in epoll on four fds and never polls:
+//! It sleeps in epoll on three fds and never polls:
 //! - the TAP (edge-triggered): frames for the guest;
 //! - the RX queue eventfd: the guest posted buffers, so retry a deferred frame;
-//! - the TX queue eventfd: the guest queued frames;
-//! - a kill eventfd the device signals on reset and drop.
+//! - the TX queue eventfd: the guest queued frames.
 //!
 //! With edge triggering the TAP only reports new frames, so the RX path must
 //! read until `EAGAIN` or until the guest runs out of buffers; in the second
@@ -13,27 +13,26 @@
 //! guest is interrupted after each batch.
 //!
 //! A broken ring ends the serving: the worker reports DEVICE_NEEDS_RESET and
-//! then waits only for the kill eventfd, never polling again.
+//! then waits only for its control eventfd (pause, resume, stop), never
+//! polling the device's fds again.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{FrameSink, FrameSource, NetStats, RxPath, RxStop, TxPath};
 use crate::devices::virtio::queue_guard::{self, QueueError};
-use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
+use crate::devices::virtio::{EpollHandler, Interrupt, Served, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 use crate::net::Tap;
 
 const TOKEN_TAP: u64 = 0;
 const TOKEN_RX_QUEUE: u64 = 1;
 const TOKEN_TX_QUEUE: u64 = 2;
-const TOKEN_KILL: u64 = 3;
 
 /// Frames moved to the guest before it is interrupted and TX gets a turn.
 const RX_BUDGET: u32 = 128;
@@ -71,32 +70,19 @@ pub(super) struct Worker {
     pub(super) tx_queue: Queue,
     pub(super) rx_evt: EventFd,
     pub(super) tx_evt: EventFd,
-    pub(super) kill_evt: EventFd,
     pub(super) tap: Arc<Tap>,
     pub(super) rx: RxPath,
     pub(super) tx: TxPath,
     pub(super) stats: Arc<NetStats>,
+    /// The TAP may hold more frames than the last batch took.
+    pub(super) rx_more: bool,
+    /// The TX queue may hold more chains than the last batch took.
+    pub(super) tx_more: bool,
 }
 
-impl Worker {
-    /// Start the thread, named after the device (`virtio-net-N`).
-    pub(super) fn spawn(self) -> io::Result<JoinHandle<()>> {
-        thread::Builder::new()
-            .name(self.label.clone())
-            .spawn(move || self.run())
-    }
-
-    fn run(mut self) {
-        log::debug!("{}: worker started", self.label);
-        match self.event_loop() {
-            Ok(()) => log::debug!("{}: worker stopped", self.label),
-            Err(e) => log::error!("{}: worker failed: {e}", self.label),
-        }
-    }
-
-    fn event_loop(&mut self) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        let watch = [
+impl EpollHandler for Worker {
+    fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
+        vec![
             (
                 self.tap.as_raw_fd(),
                 TOKEN_TAP,
@@ -104,68 +90,60 @@ impl Worker {
             ),
             (self.rx_evt.as_raw_fd(), TOKEN_RX_QUEUE, EventSet::IN),
             (self.tx_evt.as_raw_fd(), TOKEN_TX_QUEUE, EventSet::IN),
-            (self.kill_evt.as_raw_fd(), TOKEN_KILL, EventSet::IN),
-        ];
-        for (fd, token, events) in watch {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
-        }
+        ]
+    }
 
-        let mut events = [EpollEvent::default(); 8];
-        // Frames may have reached the TAP, and the driver may have queued TX,
-        // before the edge-triggered watch existed: look once without waiting.
-        let mut rx_more = true;
-        let mut tx_more = true;
-        loop {
-            let timeout = if rx_more || tx_more { 0 } else { -1 };
-            let n = match epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_KILL => return Ok(()),
-                    TOKEN_TAP => rx_more = true,
-                    TOKEN_RX_QUEUE => {
-                        let _ = self.rx_evt.read();
-                        rx_more = true;
-                    }
-                    TOKEN_TX_QUEUE => {
-                        let _ = self.tx_evt.read();
-                        tx_more = true;
-                    }
-                    _ => {}
+    /// Frames may have reached the TAP, and the driver may have queued TX,
+    /// before the edge-triggered watch existed: the first call (with nothing
+    /// ready) looks at both.
+    fn serve(&mut self, ready: &[u64]) -> Served {
+        if ready.is_empty() && !self.rx_more && !self.tx_more {
+            self.rx_more = true;
+            self.tx_more = true;
+        }
+        for token in ready {
+            match *token {
+                TOKEN_TAP => self.rx_more = true,
+                TOKEN_RX_QUEUE => {
+                    let _ = self.rx_evt.read();
+                    self.rx_more = true;
+                }
+                TOKEN_TX_QUEUE => {
+                    let _ = self.tx_evt.read();
+                    self.tx_more = true;
+                }
+                _ => {}
+            }
+        }
+        match self.serve_queues() {
+            Ok(()) => Served {
+                more: self.rx_more || self.tx_more,
+                stop_watching: Vec::new(),
+            },
+            // A ring is broken: stop watching the queues and the TAP (until
+            // the driver resets the device, which stops this worker) and
+            // tell the driver.
+            Err(e) => {
+                log::warn!("{}: {e}: device needs reset", self.label);
+                self.interrupt.needs_reset();
+                (self.rx_more, self.tx_more) = (false, false);
+                Served {
+                    more: false,
+                    stop_watching: vec![TOKEN_TAP, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
                 }
             }
-            if let Err(e) = self.serve(&mut rx_more, &mut tx_more) {
-                self.stop_serving(&epoll, &e)?;
-                (rx_more, tx_more) = (false, false);
-            }
         }
     }
+}
 
+impl Worker {
     /// One turn of TX then RX; an error when a ring is broken.
-    fn serve(&mut self, rx_more: &mut bool, tx_more: &mut bool) -> Result<(), QueueError> {
-        if *tx_more {
-            *tx_more = self.handle_tx()?;
+    fn serve_queues(&mut self) -> Result<(), QueueError> {
+        if self.tx_more {
+            self.tx_more = self.handle_tx()?;
         }
-        if *rx_more {
-            *rx_more = self.handle_rx()?;
-        }
-        Ok(())
-    }
-
-    /// A ring is broken: stop watching the queues and the TAP (until the
-    /// driver resets the device, which stops this thread) and tell the driver.
-    fn stop_serving(&self, epoll: &Epoll, e: &QueueError) -> io::Result<()> {
-        log::warn!("{}: {e}: device needs reset", self.label);
-        self.interrupt.needs_reset();
-        for fd in [
-            self.tap.as_raw_fd(),
-            self.rx_evt.as_raw_fd(),
-            self.tx_evt.as_raw_fd(),
-        ] {
-            epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())?;
+        if self.rx_more {
+            self.rx_more = self.handle_rx()?;
         }
         Ok(())
     }

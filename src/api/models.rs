@@ -1,0 +1,431 @@
+//! The JSON bodies of the API and the config file, with Firecracker's field
+//! names, and their mapping to and from [`VmConfig`].
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::{CacheType, DriveConfig, VmConfig};
+use crate::net::{MacAddr, NetConfig};
+
+/// `PUT /machine-config`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// vCPUs.
+    pub vcpu_count: u64,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading: only `false` (one thread per core).
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking (for snapshots): only `false`.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// CPU template: only absent or "None".
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+    /// Huge pages: only absent or "None".
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+/// `PUT /boot-source`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Guest kernel.
+    pub kernel_image_path: String,
+    /// Initramfs.
+    #[serde(default)]
+    pub initrd_path: Option<String>,
+    /// Kernel command line, replacing microvm's defaults.
+    #[serde(default)]
+    pub boot_args: Option<String>,
+}
+
+/// `cache_type` of a drive.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum CacheTypeJson {
+    /// No flush feature.
+    Unsafe,
+    /// Flushes are `fdatasync`.
+    Writeback,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The id; must match the path.
+    pub drive_id: String,
+    /// Backing file.
+    pub path_on_host: String,
+    /// Attach as /dev/vda and boot from it.
+    pub is_root_device: bool,
+    /// Read-only to the guest.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Flush behaviour (Firecracker's default: Unsafe).
+    #[serde(default)]
+    pub cache_type: Option<CacheTypeJson>,
+    /// Root by partition UUID: not supported (must be absent or null).
+    #[serde(default)]
+    pub partuuid: Option<String>,
+    /// I/O engine: only "Sync".
+    #[serde(default)]
+    pub io_engine: Option<String>,
+    /// Rate limiting: not supported (must be absent or null).
+    #[serde(default)]
+    pub rate_limiter: Option<Value>,
+}
+
+/// `PATCH /drives/{drive_id}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The id; must match the path.
+    pub drive_id: String,
+    /// New backing file.
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    /// Rate limiting: not supported (must be absent or null).
+    #[serde(default)]
+    pub rate_limiter: Option<Value>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The id; must match the path.
+    pub iface_id: String,
+    /// An existing TAP device.
+    pub host_dev_name: String,
+    /// Guest MAC; random when absent.
+    #[serde(default)]
+    pub guest_mac: Option<String>,
+    /// Not supported (must be absent or null).
+    #[serde(default)]
+    pub rx_rate_limiter: Option<Value>,
+    /// Not supported (must be absent or null).
+    #[serde(default)]
+    pub tx_rate_limiter: Option<Value>,
+}
+
+/// `PUT /actions`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// The actions microvm implements.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ActionType {
+    /// Boot the configured VM.
+    InstanceStart,
+    /// Press Ctrl-Alt-Del on the guest's i8042 keyboard.
+    SendCtrlAltDel,
+    /// Accepted and ignored (no metrics sink).
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateRequest {
+    /// "Paused" or "Resumed".
+    pub state: VmStateValue,
+}
+
+/// Requested run state.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum VmStateValue {
+    /// Park the vCPUs.
+    Paused,
+    /// Run them again.
+    Resumed,
+}
+
+/// `--config-file`: the resources of one VM in one object.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Kernel, initrd, command line.
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSource,
+    /// Block devices in order.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: Option<MachineConfig>,
+    /// NICs in order.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+}
+
+/// A request that is well-formed JSON but asks for what microvm cannot do.
+fn unsupported(what: &str) -> String {
+    format!("{what} is not supported by microvm")
+}
+
+fn none_or(value: &Option<String>, allowed: &str, what: &str) -> Result<(), String> {
+    match value.as_deref() {
+        None => Ok(()),
+        Some(v) if v == allowed => Ok(()),
+        Some(v) => Err(unsupported(&format!("{what} '{v}'"))),
+    }
+}
+
+fn no_rate_limiter(v: &Option<Value>) -> Result<(), String> {
+    match v {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => Err(unsupported("a rate limiter")),
+    }
+}
+
+impl MachineConfig {
+    /// Apply to `cfg` after checking the values (same rules as the CLI).
+    pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), String> {
+        if self.smt {
+            return Err(unsupported("smt: true"));
+        }
+        if self.track_dirty_pages {
+            return Err(unsupported("track_dirty_pages: true"));
+        }
+        none_or(&self.cpu_template, "None", "cpu_template")?;
+        none_or(&self.huge_pages, "None", "huge_pages")?;
+        VmConfig::validate_machine(self.vcpu_count, self.mem_size_mib)
+            .map_err(|e| e.to_string())?;
+        // In range: validate_machine checked it against MAX_CPUS.
+        cfg.cpus = u8::try_from(self.vcpu_count).map_err(|e| e.to_string())?;
+        cfg.memory_mib = self.mem_size_mib;
+        Ok(())
+    }
+
+    /// What `GET /machine-config` shows.
+    pub fn json(cfg: &VmConfig) -> Value {
+        serde_json::json!({
+            "vcpu_count": cfg.cpus,
+            "mem_size_mib": cfg.memory_mib,
+            "smt": false,
+            "track_dirty_pages": false,
+            "huge_pages": "None",
+        })
+    }
+}
+
+impl BootSource {
+    /// Apply to `cfg`. The files are checked when the VM starts.
+    pub fn apply(&self, cfg: &mut VmConfig) {
+        cfg.kernel = PathBuf::from(&self.kernel_image_path);
+        cfg.initrd = self.initrd_path.as_ref().map(PathBuf::from);
+        cfg.boot_args = self.boot_args.clone();
+        cfg.cmdline_extra = None;
+    }
+
+    fn json(cfg: &VmConfig) -> Value {
+        serde_json::json!({
+            "kernel_image_path": cfg.kernel.display().to_string(),
+            "initrd_path": cfg.initrd.as_ref().map(|p| p.display().to_string()),
+            "boot_args": cfg.boot_args,
+        })
+    }
+}
+
+impl Drive {
+    /// The drive as microvm configures it.
+    pub fn to_config(&self) -> Result<DriveConfig, String> {
+        if self.partuuid.is_some() {
+            return Err(unsupported("partuuid"));
+        }
+        none_or(&self.io_engine, "Sync", "io_engine")?;
+        no_rate_limiter(&self.rate_limiter)?;
+        if self.path_on_host.is_empty() {
+            return Err("path_on_host is empty".into());
+        }
+        Ok(DriveConfig {
+            id: self.drive_id.clone(),
+            path: PathBuf::from(&self.path_on_host),
+            read_only: self.is_read_only,
+            is_root: self.is_root_device,
+            cache: match self.cache_type {
+                None | Some(CacheTypeJson::Unsafe) => CacheType::Unsafe,
+                Some(CacheTypeJson::Writeback) => CacheType::Writeback,
+            },
+        })
+    }
+
+    /// Insert or replace in `cfg`, keeping the root drive first (/dev/vda)
+    /// and the others in the order they were first put.
+    pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), String> {
+        let d = self.to_config()?;
+        match cfg.drives.iter_mut().find(|o| o.id == d.id) {
+            Some(old) => *old = d,
+            None => cfg.drives.push(d),
+        }
+        // Stable: non-root drives keep their order.
+        cfg.drives.sort_by_key(|d| !d.is_root);
+        Ok(())
+    }
+
+    fn json(d: &DriveConfig) -> Value {
+        serde_json::json!({
+            "drive_id": d.id,
+            "path_on_host": d.path.display().to_string(),
+            "is_root_device": d.is_root,
+            "is_read_only": d.read_only,
+            "cache_type": match d.cache {
+                CacheType::Unsafe => "Unsafe",
+                CacheType::Writeback => "Writeback",
+            },
+            "io_engine": "Sync",
+            "partuuid": null,
+            "rate_limiter": null,
+        })
+    }
+}
+
+impl PartialDrive {
+    /// Check what cannot be changed; the new path, if any.
+    pub fn new_path(&self) -> Result<Option<PathBuf>, String> {
+        no_rate_limiter(&self.rate_limiter)?;
+        Ok(self.path_on_host.as_ref().map(PathBuf::from))
+    }
+}
+
+impl NetworkInterface {
+    /// The NIC as microvm configures it (an existing TAP).
+    pub fn to_config(&self) -> Result<NetConfig, String> {
+        no_rate_limiter(&self.rx_rate_limiter)?;
+        no_rate_limiter(&self.tx_rate_limiter)?;
+        let mut n: NetConfig = format!("tap={}", self.host_dev_name)
+            .parse()
+            .map_err(|e: crate::net::NetConfigError| e.to_string())?;
+        if let Some(mac) = &self.guest_mac {
+            n.mac = Some(mac.parse::<MacAddr>().map_err(|e| e.to_string())?);
+        }
+        n.id = self.iface_id.clone();
+        Ok(n)
+    }
+
+    /// Insert or replace in `cfg`.
+    pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), String> {
+        let n = self.to_config()?;
+        match cfg.nets.iter_mut().find(|o| o.id == n.id) {
+            Some(old) => *old = n,
+            None => cfg.nets.push(n),
+        }
+        Ok(())
+    }
+
+    fn json(n: &NetConfig) -> Value {
+        let host_dev_name = match &n.backend {
+            crate::net::NetBackend::Tap { name } => Some(name.clone()),
+            crate::net::NetBackend::Managed { tap, .. } => tap.clone(),
+        };
+        serde_json::json!({
+            "iface_id": n.id,
+            "host_dev_name": host_dev_name,
+            "guest_mac": n.mac.map(|m| m.to_string()),
+            "rx_rate_limiter": null,
+            "tx_rate_limiter": null,
+        })
+    }
+}
+
+impl ConfigFile {
+    /// The VM the file describes (validated when it boots).
+    pub fn to_config(&self) -> Result<VmConfig, String> {
+        let mut cfg = VmConfig::new("");
+        self.boot_source.apply(&mut cfg);
+        if let Some(m) = &self.machine_config {
+            m.apply(&mut cfg)?;
+        }
+        for d in &self.drives {
+            d.apply(&mut cfg)?;
+        }
+        for n in &self.network_interfaces {
+            n.apply(&mut cfg)?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// `GET /vm/config`: the whole configuration, in the config file's shape.
+pub fn full_config_json(cfg: &VmConfig) -> Value {
+    serde_json::json!({
+        "boot-source": BootSource::json(cfg),
+        "machine-config": MachineConfig::json(cfg),
+        "drives": cfg.drives.iter().map(Drive::json).collect::<Vec<_>>(),
+        "network-interfaces": cfg.nets.iter().map(NetworkInterface::json).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_round_trips_through_vm_config() {
+        let text = r#"{
+            "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+            "drives": [
+                {"drive_id": "data", "path_on_host": "/d.img", "is_root_device": false},
+                {"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true,
+                 "is_read_only": true, "cache_type": "Writeback"}
+            ],
+            "network-interfaces": [
+                {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01"}
+            ]
+        }"#;
+        let file: ConfigFile = serde_json::from_str(text).unwrap();
+        let cfg = file.to_config().unwrap();
+        assert_eq!((cfg.cpus, cfg.memory_mib), (2, 256));
+        assert_eq!(cfg.drives[0].id, "rootfs", "root drive first");
+        assert!(cfg.drives[0].read_only && cfg.drives[0].cache == CacheType::Writeback);
+        assert_eq!(cfg.drives[1].cache, CacheType::Unsafe);
+        assert_eq!(cfg.boot_args.as_deref(), Some("console=ttyS0"));
+        assert_eq!(cfg.nets[0].id, "eth0");
+        let back = full_config_json(&cfg);
+        assert_eq!(back["drives"][0]["path_on_host"], "/r.ext4");
+        assert_eq!(
+            back["network-interfaces"][0]["guest_mac"],
+            "02:00:00:00:00:01"
+        );
+        assert_eq!(back["machine-config"]["vcpu_count"], 2);
+    }
+
+    #[test]
+    fn unsupported_values_are_refused_with_a_reason() {
+        let mut cfg = VmConfig::new("");
+        let m = |j: &str| serde_json::from_str::<MachineConfig>(j).unwrap();
+        let e = m(r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#)
+            .apply(&mut cfg)
+            .unwrap_err();
+        assert_eq!(e, "smt: true is not supported by microvm");
+        let e = m(r#"{"vcpu_count": 0, "mem_size_mib": 128}"#)
+            .apply(&mut cfg)
+            .unwrap_err();
+        assert_eq!(e, "vCPU count must be between 1 and 8, got 0");
+        assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 1}"#).is_err());
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id":"a","path_on_host":"/x","is_root_device":false,"rate_limiter":{"bandwidth":{}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            d.to_config().unwrap_err(),
+            "a rate limiter is not supported by microvm"
+        );
+        let n: NetworkInterface = serde_json::from_str(
+            r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"01:00:00:00:00:01"}"#,
+        )
+        .unwrap();
+        assert!(n.to_config().unwrap_err().contains("multicast"));
+    }
+}
