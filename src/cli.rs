@@ -105,6 +105,12 @@ pub struct Cli {
     #[arg(long, value_name = "NAME", default_value = DEFAULT_ID)]
     pub id: String,
 
+    /// Run without seccomp filters (for debugging). By default every thread
+    /// runs under a filter of the system calls its kind needs; any other call
+    /// kills microvm with SIGSYS and a message naming it.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Command to run in the guest instead of its default service; microvm exits
     /// with its status. Needs a root filesystem whose init supports it.
     #[arg(last = true, value_name = "COMMAND")]
@@ -140,6 +146,8 @@ pub struct Launch {
     /// Boot at once (a kernel or a config file was given) rather than wait
     /// for the API's InstanceStart.
     pub boot_now: bool,
+    /// Install the per-thread seccomp filters.
+    pub seccomp: bool,
 }
 
 impl Cli {
@@ -147,6 +155,7 @@ impl Cli {
     pub fn into_launch(self) -> Result<Launch, CliError> {
         let api_sock = self.api_sock.clone();
         let id = self.id.clone();
+        let seccomp = !self.no_seccomp;
         let mut config = match &self.config_file {
             Some(path) => microvm::api::load_config_file(path)?,
             None => self.resources()?,
@@ -170,6 +179,7 @@ impl Cli {
             api_sock,
             id,
             boot_now,
+            seccomp,
         })
     }
 

@@ -59,6 +59,13 @@ fn main() -> ExitCode {
         default_hook(info);
     }));
 
+    microvm::seccomp::set_enabled(launch.seccomp);
+    if launch.seccomp {
+        if let Err(e) = microvm::seccomp::install_sigsys_handler() {
+            eprintln!("microvm: error: {}", microvm::error_chain(&e));
+            return ExitCode::from(EXIT_VMM_FAILURE);
+        }
+    }
     let events = match EventLoop::new() {
         Ok(e) => Rc::new(e),
         Err(e) => {

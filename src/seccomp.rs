@@ -42,10 +42,13 @@ pub enum ThreadKind {
     NetWorker,
     /// Copies host stdin into the UART.
     Stdin,
-    /// Waits for SIGINT/SIGTERM.
-    Signals,
-    /// The main thread once the VM is built: the event loop that waits for the
-    /// VM to end, activates devices, joins threads, flushes drives.
+    /// The API socket: accepts connections and serves each on its own thread
+    /// (created by this one, under the same filter).
+    Api,
+    /// The main thread once the VM is built: the event loop that serves
+    /// signals, the timeout, API requests and device activation (it creates
+    /// the device workers, which start under this filter and add their own),
+    /// pauses and joins threads, swaps drive files, flushes drives.
     Main,
 }
 
@@ -57,7 +60,7 @@ impl ThreadKind {
             ThreadKind::BlockWorker => "virtio-blk",
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::Stdin => "stdin",
-            ThreadKind::Signals => "signals",
+            ThreadKind::Api => "api",
             ThreadKind::Main => "main",
         }
     }
@@ -93,6 +96,8 @@ mod kvm_nr {
 
 /// `TUNSETOFFLOAD`: programming the TAP's offloads when virtio-net activates.
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+/// `FIONBIO`: how the standard library makes a socket non-blocking.
+const FIONBIO: u64 = 0x5421;
 /// `TCSETS`/`TCGETS`: the terminal's mode, restored when the VM ends.
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -122,10 +127,14 @@ const COMMON: &[i64] = &[
     libc::SYS_write,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // Closing and duplicating fds it owns; hash-map seeds.
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_getrandom,
 ];
 
 /// Creating threads and the fds a device worker owns (device activation).
-const SPAWN_WORKERS: &[i64] = &[
+const SPAWN_THREADS: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
@@ -144,55 +153,95 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
     let mut ioctls: Vec<u64> = Vec::new();
     match kind {
         ThreadKind::Vcpu => {
+            // Device activation is the main thread's (the transport signals
+            // an eventfd): a vCPU runs, serves its exits and parks when paused.
+            // A virtio-net reset or feature write from the guest reprograms
+            // the TAP's offloads (TUNSETOFFLOAD on the TAP fd) right there.
             ioctls.extend(kvm_nr::vcpu());
-            // The guest's first DRIVER_OK activates a device from the vCPU
-            // thread that wrote it: a worker thread, its epoll and eventfds,
-            // and TUNSETOFFLOAD for a TAP.
-            calls.extend_from_slice(SPAWN_WORKERS);
             ioctls.push(TUNSETOFFLOAD);
-            // A queue notify that KVM did not match to an ioeventfd.
             calls.push(libc::SYS_read);
         }
-        ThreadKind::BlockWorker => calls.extend_from_slice(&[
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-            libc::SYS_read,
-            libc::SYS_pread64,
-            libc::SYS_pwrite64,
-            libc::SYS_preadv,
-            libc::SYS_pwritev,
-            libc::SYS_fdatasync,
-            libc::SYS_fsync,
-        ]),
-        ThreadKind::NetWorker => calls.extend_from_slice(&[
-            libc::SYS_epoll_wait,
-            libc::SYS_epoll_pwait,
-            libc::SYS_epoll_ctl,
-            libc::SYS_read,
-            libc::SYS_readv,
-            libc::SYS_writev,
-            libc::SYS_recvfrom,
-            libc::SYS_sendto,
-        ]),
+        ThreadKind::BlockWorker => calls.extend_from_slice(BLOCK_WORKER),
+        ThreadKind::NetWorker => calls.extend_from_slice(NET_WORKER),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
-        ThreadKind::Signals => calls.push(libc::SYS_rt_sigtimedwait),
-        ThreadKind::Main => {
-            calls.extend_from_slice(SPAWN_WORKERS);
+        ThreadKind::Api => {
+            calls.extend_from_slice(SPAWN_THREADS);
             calls.extend_from_slice(&[
+                libc::SYS_accept,
+                libc::SYS_accept4,
                 libc::SYS_read,
+                libc::SYS_readv,
+                libc::SYS_recvfrom,
+                libc::SYS_recvmsg,
+                libc::SYS_writev,
+                libc::SYS_sendto,
+                libc::SYS_sendmsg,
                 libc::SYS_poll,
+                libc::SYS_ppoll,
                 libc::SYS_epoll_wait,
                 libc::SYS_epoll_pwait,
-                libc::SYS_fdatasync,
-                libc::SYS_fsync,
-                libc::SYS_flock,
+                libc::SYS_shutdown,
+                libc::SYS_getsockopt,
+                // Read and write timeouts on a connection.
+                libc::SYS_setsockopt,
             ]);
-            ioctls.extend_from_slice(&[TUNSETOFFLOAD, TCGETS, TCSETS]);
+            ioctls.push(FIONBIO);
+        }
+        ThreadKind::Main => {
+            calls.extend_from_slice(SPAWN_THREADS);
+            // The workers it creates start under this filter and add their own.
+            calls.extend_from_slice(&[libc::SYS_seccomp, libc::SYS_prctl]);
+            calls.extend_from_slice(BLOCK_WORKER);
+            calls.extend_from_slice(NET_WORKER);
+            calls.extend_from_slice(&[
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                // PATCH /drives: open, lock and size the new backing file.
+                libc::SYS_openat,
+                libc::SYS_flock,
+                libc::SYS_fstat,
+                libc::SYS_newfstatat,
+                libc::SYS_statx,
+                libc::SYS_lseek,
+                // The API socket file is removed on exit; a passt child is ended.
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_kill,
+                libc::SYS_shutdown,
+                libc::SYS_wait4,
+                libc::SYS_waitid,
+            ]);
+            ioctls.extend_from_slice(&[TUNSETOFFLOAD, TCGETS, TCSETS, FIONBIO]);
         }
     }
     (calls, ioctls)
 }
+
+/// A virtio-blk worker: its queue eventfd, the image file, the irqfd.
+const BLOCK_WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
+/// A virtio-net worker: queue eventfds, the backend's fd, the irqfd.
+const NET_WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+];
 
 /// The BPF program for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
@@ -225,6 +274,19 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     f.try_into().map_err(|e| SeccompError::Build(kind.name(), e))
 }
 
+/// Off with `--no-seccomp` (for debugging): [`install`] then does nothing.
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the filters on or off for every thread started from now on.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`install`] installs filters.
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 thread_local! {
     /// The kind of filter this thread runs under, for the SIGSYS message.
     static KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
@@ -237,8 +299,12 @@ pub fn apply(kind: ThreadKind, prog: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(prog).map_err(|e| SeccompError::Install(kind.name(), e))
 }
 
-/// Build and install the filter for `kind` on the calling thread.
+/// Build and install the filter for `kind` on the calling thread (nothing
+/// with `--no-seccomp`).
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    if !enabled() {
+        return Ok(());
+    }
     let prog = filter(kind)?;
     apply(kind, &prog)?;
     log::debug!("seccomp filter installed for a {} thread", kind.name());
@@ -262,7 +328,7 @@ fn syscall_name(nr: i64) -> &'static str {
         libc::SYS_ptrace => "ptrace",
         libc::SYS_mount => "mount",
         libc::SYS_kill => "kill",
-        libc::SYS_ioctl => "ioctl (a request this thread does not make)",
+        libc::SYS_ioctl => "ioctl, a request this thread does not make:",
         libc::SYS_read => "read",
         libc::SYS_unlink => "unlink",
         libc::SYS_unlinkat => "unlinkat",
@@ -295,7 +361,7 @@ fn fmt_decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // The SIGSYS member of siginfo: { void *call_addr; int syscall; unsigned arch; }
     // starts 16 bytes in on x86_64, after si_signo, si_errno, si_code and padding.
     const SI_SYSCALL_OFFSET: usize = 24;
@@ -306,9 +372,23 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         // the syscall number lies inside it at a fixed offset for x86_64.
         unsafe { i64::from(*info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) }
     };
-    let kind = KIND.with(|k| k.get()).map(ThreadKind::name).unwrap_or("unfiltered");
+    // A thread created by a filtered one carries its creator's filter.
+    let kind = KIND
+        .with(|k| k.get())
+        .map(ThreadKind::name)
+        .unwrap_or("inherited-filter");
     let mut buf = [0u8; 20];
     let num = fmt_decimal(u64::try_from(nr).unwrap_or(u64::MAX), &mut buf);
+    // For ioctl, the request (second argument, in RSI at the trap).
+    let mut rbuf = [0u8; 20];
+    let (rlabel, request): (&[u8], &[u8]) = if nr == libc::SYS_ioctl && !ctx.is_null() {
+        // SAFETY: with SA_SIGINFO the third argument is the interrupted
+        // thread's ucontext, valid for the duration of the handler.
+        let rsi = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
+        (b" ", fmt_decimal(rsi as u64 & 0xffff_ffff, &mut rbuf))
+    } else {
+        (b"", b"")
+    };
     raw_stderr(&[
         b"\nmicrovm: seccomp: a ",
         kind.as_bytes(),
@@ -316,6 +396,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         num,
         b" (",
         syscall_name(nr).as_bytes(),
+        rlabel,
+        request,
         b"); killing the process\n",
     ]);
     // SAFETY: restoring the default action and signalling our own thread;
@@ -402,7 +484,7 @@ mod tests {
             ThreadKind::BlockWorker,
             ThreadKind::NetWorker,
             ThreadKind::Stdin,
-            ThreadKind::Signals,
+            ThreadKind::Api,
             ThreadKind::Main,
         ] {
             assert!(!filter(k).expect("builds").is_empty(), "{k:?}");
@@ -434,13 +516,16 @@ mod tests {
             }
         });
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
-        assert!(err.contains("system call 16 (ioctl"), "message: {err}");
+        assert!(
+            err.contains("system call 16 (ioctl, a request this thread does not make: 21523)"),
+            "message: {err}"
+        );
     }
 
     #[test]
     fn allowed_syscalls_pass() {
-        let (status, err) = in_child(ThreadKind::Signals, || {
-            // SAFETY: calls the signals filter allows: a write and a short sleep.
+        let (status, err) = in_child(ThreadKind::Stdin, || {
+            // SAFETY: calls the stdin filter allows: a write and a short sleep.
             unsafe {
                 libc::write(2, b"ok".as_ptr().cast(), 2);
                 let ts = libc::timespec {

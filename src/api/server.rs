@@ -144,6 +144,11 @@ impl Drop for ApiServer {
 }
 
 fn accept_loop(listener: UnixListener, stop: EventFd, events: EventSender, conns: Connections) {
+    // The connection threads this one starts inherit its filter.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
+        log::error!("API: {}", crate::error_chain(&e));
+        return;
+    }
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [

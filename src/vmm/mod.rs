@@ -76,6 +76,9 @@ pub enum VmmError {
     /// Kernel command line too long or malformed.
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(Box<crate::seccomp::SeccompError>),
     /// A host resource (eventfd, thread) could not be created.
     #[error("cannot create {what}")]
     Host {
@@ -251,7 +254,13 @@ impl Vmm {
         // be released.
         std::thread::Builder::new()
             .name("stdin".into())
-            .spawn(move || crate::devices::serial::forward_stdin(serial))
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Stdin) {
+                    log::error!("stdin: {}", crate::error_chain(&e));
+                    return;
+                }
+                crate::devices::serial::forward_stdin(serial)
+            })
             .map_err(host_err("stdin thread"))?;
 
         crate::vcpu::thread::install_kick_handler().map_err(host_err("vCPU kick handler"))?;
@@ -266,6 +275,12 @@ impl Vmm {
                 }
             }
         }
+        // The main thread's own filter, once every thread it starts up front
+        // runs (each installed its own): what is left is the event loop.
+        let result = result.and_then(|()| {
+            crate::seccomp::install(crate::seccomp::ThreadKind::Main)
+                .map_err(|e| VmmError::Seccomp(Box::new(e)))
+        });
         let outcome = match result {
             Ok(()) => self.serve(&handles),
             Err(e) => Err(e),
@@ -583,6 +598,15 @@ fn spawn_vcpu(
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            // Before the first KVM_RUN: from then on the guest drives this thread.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                c.set_gone();
+                events.send(VmEvent::VcpuStopped(
+                    index,
+                    VcpuStop::RunError(crate::error_chain(&e)),
+                ));
+                return;
+            }
             let stop = vcpu.run(&c, t0);
             c.set_gone();
             events.send(VmEvent::VcpuStopped(index, stop));

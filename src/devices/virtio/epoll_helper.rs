@@ -38,6 +38,10 @@ pub trait EpollHandler: Send + 'static {
     /// work queued before the worker existed) and again with none while the
     /// last call returned `more`.
     fn serve(&mut self, ready: &[u64]) -> Served;
+    /// The seccomp filter the worker thread installs before it serves.
+    fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
+        None
+    }
 }
 
 /// A running worker: pause, resume, stop (joins the thread).
@@ -68,6 +72,13 @@ impl WorkerHandle {
         let thread = std::thread::Builder::new()
             .name(label.clone())
             .spawn(move || {
+                if let Some(kind) = handler.seccomp_kind() {
+                    if let Err(e) = crate::seccomp::install(kind) {
+                        log::error!("{name}: {}", crate::error_chain(&e));
+                        c.set_gone();
+                        return;
+                    }
+                }
                 if let Err(e) = run(&epoll, &fds, &w, &c, &mut handler) {
                     log::error!("{name}: worker failed: {e}");
                 }

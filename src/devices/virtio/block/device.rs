@@ -285,6 +285,10 @@ impl BlockHandler {
 }
 
 impl EpollHandler for BlockHandler {
+    fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
+        Some(crate::seccomp::ThreadKind::BlockWorker)
+    }
+
     fn watch(&self) -> Vec<(std::os::fd::RawFd, u64, EventSet)> {
         use std::os::fd::AsRawFd;
         vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)]

@@ -81,6 +81,10 @@ pub(super) struct Worker {
 }
 
 impl EpollHandler for Worker {
+    fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
+        Some(crate::seccomp::ThreadKind::NetWorker)
+    }
+
     fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
         vec![
             (
