@@ -174,6 +174,8 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
             libc::SYS_writev,
             libc::SYS_recvfrom,
             libc::SYS_sendto,
+            // The passt backend waits briefly for its socket to take a frame.
+            libc::SYS_poll,
         ]),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
         ThreadKind::Signals => calls.push(libc::SYS_rt_sigtimedwait),
@@ -197,7 +199,8 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
 /// The BPF program for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let (calls, ioctls) = syscalls(kind);
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|c| (c, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        calls.into_iter().map(|c| (c, vec![])).collect();
     if !ioctls.is_empty() {
         let build = |e| SeccompError::Build(kind.name(), e);
         let by_request = ioctls
@@ -222,7 +225,8 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         TargetArch::x86_64,
     )
     .map_err(|e| SeccompError::Build(kind.name(), e))?;
-    f.try_into().map_err(|e| SeccompError::Build(kind.name(), e))
+    f.try_into()
+        .map_err(|e| SeccompError::Build(kind.name(), e))
 }
 
 thread_local! {
@@ -306,7 +310,10 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         // the syscall number lies inside it at a fixed offset for x86_64.
         unsafe { i64::from(*info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) }
     };
-    let kind = KIND.with(|k| k.get()).map(ThreadKind::name).unwrap_or("unfiltered");
+    let kind = KIND
+        .with(|k| k.get())
+        .map(ThreadKind::name)
+        .unwrap_or("unfiltered");
     let mut buf = [0u8; 20];
     let num = fmt_decimal(u64::try_from(nr).unwrap_or(u64::MAX), &mut buf);
     raw_stderr(&[
