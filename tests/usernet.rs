@@ -12,40 +12,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Kills the VM (by the PID we started) if the test ends early.
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn pump(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let t = text.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            t.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    text
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -56,7 +29,10 @@ fn free_port() -> u16 {
 }
 
 fn links() -> Vec<String> {
-    let out = Command::new("ip").args(["-o", "link"]).output().expect("ip");
+    let out = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_string()))
@@ -87,7 +63,10 @@ fn comm(pid: u32) -> String {
 fn passt_of(pid: u32) -> Option<u32> {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
-        if let Some(c) = children(pid).into_iter().find(|c| comm(*c).starts_with("passt")) {
+        if let Some(c) = children(pid)
+            .into_iter()
+            .find(|c| comm(*c).starts_with("passt"))
+        {
             return Some(c);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -124,8 +103,7 @@ fn curl(url: &str, extra: &[&str]) -> std::process::Output {
 fn flask_over_user_networking_without_net_admin() {
     let Some(kernel) = boot_prereqs() else { return };
     let Some(rootfs) = rootfs() else { return };
-    if !have("curl", "--version") || !have("passt", "--version") || !have("setpriv", "--version")
-    {
+    if !have("curl", "--version") || !have("passt", "--version") || !have("setpriv", "--version") {
         return;
     }
     let dir = TempDir::new("usernet");
@@ -155,7 +133,13 @@ fn flask_over_user_networking_without_net_admin() {
     let bin = microvm_bin();
     let start = Instant::now();
     let mut child = Command::new("setpriv")
-        .args(["--bounding-set", "-net_admin", "--inh-caps", "-net_admin", "--"])
+        .args([
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+            "--",
+        ])
         .arg(&bin)
         .args(["--kernel", kernel.to_str().unwrap()])
         .args(["--rootfs", disk.to_str().unwrap(), "--memory", "256"])
@@ -185,7 +169,9 @@ fn flask_over_user_networking_without_net_admin() {
     };
     let caps = cap_eff(pid);
     if caps & (1 << CAP_NET_ADMIN) != 0 {
-        report(&format!("microvm runs with CAP_NET_ADMIN (CapEff {caps:x})"));
+        report(&format!(
+            "microvm runs with CAP_NET_ADMIN (CapEff {caps:x})"
+        ));
     }
 
     // A second VM publishing the same port fails before it boots.
@@ -206,7 +192,9 @@ fn flask_over_user_networking_without_net_admin() {
         "a published port in use must be a usage error (exit 2)",
     );
     second.check(
-        second.stderr.contains(&format!("127.0.0.1:{port}/tcp is already in use")),
+        second
+            .stderr
+            .contains(&format!("127.0.0.1:{port}/tcp is already in use")),
         "message names the port",
     );
     second.check(second.stdout.is_empty(), "no guest output: it never booted");
@@ -252,9 +240,17 @@ fn flask_over_user_networking_without_net_admin() {
         report(&format!("unexpected body {body:?}"));
     }
     eprintln!("app answered after {:.1} s", start.elapsed().as_secs_f64());
-    if !console.lock().unwrap().contains("microvm-usernet: host said host-says-hi") {
+    if !console
+        .lock()
+        .unwrap()
+        .contains("microvm-usernet: host said host-says-hi")
+    {
         std::thread::sleep(Duration::from_secs(2));
-        if !console.lock().unwrap().contains("microvm-usernet: host said host-says-hi") {
+        if !console
+            .lock()
+            .unwrap()
+            .contains("microvm-usernet: host said host-says-hi")
+        {
             report("the guest did not get the host's reply");
         }
     }
@@ -297,10 +293,13 @@ fn flask_over_user_networking_without_net_admin() {
         report(&format!("SIGTERM should give exit 143, got {st:?}"));
     }
     let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{passt}")).exists() && comm(passt).starts_with("passt")
+    while std::path::Path::new(&format!("/proc/{passt}")).exists()
+        && comm(passt).starts_with("passt")
     {
         if t.elapsed() > Duration::from_secs(10) {
-            report(&format!("passt (pid {passt}) still runs after the VM ended"));
+            report(&format!(
+                "passt (pid {passt}) still runs after the VM ended"
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
