@@ -346,6 +346,50 @@ mod tests {
         assert_eq!(avail_features(libc::TUN_F_TSO4), BASE_FEATURES);
     }
 
+    #[derive(Debug)]
+    struct Headerless;
+    impl FrameBackend for Headerless {
+        fn describe(&self) -> String {
+            "headerless".into()
+        }
+        fn poll_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn has_vnet_hdr(&self) -> bool {
+            false
+        }
+        fn offloads(&self) -> u32 {
+            libc::TUN_F_CSUM
+        }
+        fn set_offloads(&self, flags: u32) -> Result<(), crate::net::BackendError> {
+            assert_eq!(flags, 0, "offloads programmed into a headerless backend");
+            Ok(())
+        }
+        fn send_frame(&self, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn recv_frame(&self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    #[test]
+    fn headerless_backend_gets_no_offload_features() {
+        let mut dev = Net::new(0, Arc::new(Headerless), MacAddr([2, 0, 0, 0, 0, 1]));
+        assert_eq!(dev.avail_features(), PLAIN_FEATURES);
+        for f in [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+        ] {
+            assert_eq!(dev.avail_features() & bit(f), 0, "feature {f}");
+        }
+        // A driver acking everything still programs no offloads.
+        dev.set_acked_features(u64::MAX);
+        assert!(dev.reset());
+    }
+
     #[test]
     fn tap_offloads_match_acked_features() {
         assert_eq!(tap_offloads_for(BASE_FEATURES), 0);
