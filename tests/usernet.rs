@@ -125,9 +125,14 @@ fn flask_over_user_networking_without_net_admin() {
 
     let port = free_port();
     let publish = format!("127.0.0.1:{port}:80");
+    // The guest sends nothing until the app has served a request from the
+    // host: a published port must work for a guest that never spoke first.
+    // Then it connects to the host listener (bash's /dev/tcp, no fork).
     let guest_cmd = format!(
-        "exec 3<>/dev/tcp/10.0.2.2/{host_port} && echo guest-says-hi >&3 && read -r r <&3 \
-         && echo \"microvm-usernet: host said $r\"; exec python3 /app/app.py"
+        "python3 /app/app.py >/tmp/app.log 2>&1 & \
+         until grep -q '\"GET / ' /tmp/app.log; do sleep 1; done; \
+         exec 3<>/dev/tcp/10.0.2.2/{host_port} && echo guest-says-hi >&3 && read -r r <&3 \
+         && echo \"microvm-usernet: host said $r\"; wait"
     );
     let links_before = links();
     let bin = microvm_bin();
@@ -200,26 +205,6 @@ fn flask_over_user_networking_without_net_admin() {
     second.check(second.stdout.is_empty(), "no guest output: it never booted");
 
     let deadline = boot_deadline(Duration::from_secs(120), Duration::from_secs(1500));
-    let said = loop {
-        if let Ok(line) = said_rx.try_recv() {
-            break line;
-        }
-        if let Ok(Some(st)) = vm.0.try_wait() {
-            report(&format!("microvm exited early: {st}"));
-        }
-        if start.elapsed() > deadline {
-            report("the guest never connected to the host listener at 10.0.2.2");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    if said.trim() != "guest-says-hi" {
-        report(&format!("host listener got {said:?}"));
-    }
-    eprintln!(
-        "guest reached host loopback after {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
-
     // The app takes a while to import Flask; poll the published port.
     let url = format!("http://127.0.0.1:{port}/");
     let body = loop {
@@ -240,6 +225,26 @@ fn flask_over_user_networking_without_net_admin() {
         report(&format!("unexpected body {body:?}"));
     }
     eprintln!("app answered after {:.1} s", start.elapsed().as_secs_f64());
+    let said = loop {
+        if let Ok(line) = said_rx.try_recv() {
+            break line;
+        }
+        if let Ok(Some(st)) = vm.0.try_wait() {
+            report(&format!("microvm exited early: {st}"));
+        }
+        if start.elapsed() > deadline {
+            report("the guest never connected to the host listener at 10.0.2.2");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if said.trim() != "guest-says-hi" {
+        report(&format!("host listener got {said:?}"));
+    }
+    eprintln!(
+        "guest reached host loopback after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
     if !console
         .lock()
         .unwrap()

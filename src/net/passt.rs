@@ -36,6 +36,7 @@ use std::time::Duration;
 use super::backend::{BackendError, FrameBackend};
 use super::framing::{FrameReader, FrameWriter};
 use super::publish::{PortForward, PublishError};
+use super::MacAddr;
 
 /// The guest's address in user mode.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -131,20 +132,22 @@ pub fn passt_args(fd: RawFd, publish: &[PortForward]) -> Vec<String> {
 
 impl Passt {
     /// Check the published ports, then start passt (`$MICROVM_PASST` or
-    /// [`PASST_BIN`] from `PATH`) for NIC `label` (`eth0`).
+    /// [`PASST_BIN`] from `PATH`) for NIC `label` (`eth0`) whose guest MAC is `mac`.
     pub fn start(
         label: &str,
+        mac: MacAddr,
         publish: &[PortForward],
         on_exit: ExitNotify,
     ) -> Result<Self, PasstError> {
         let bin = std::env::var("MICROVM_PASST").unwrap_or_else(|_| PASST_BIN.to_string());
-        Self::start_with(&bin, label, publish, on_exit)
+        Self::start_with(&bin, label, mac, publish, on_exit)
     }
 
     /// [`start`](Self::start) with the passt binary `bin`.
     pub fn start_with(
         bin: &str,
         label: &str,
+        mac: MacAddr,
         publish: &[PortForward],
         on_exit: ExitNotify,
     ) -> Result<Self, PasstError> {
@@ -209,14 +212,22 @@ impl Passt {
                 .map(|p| format!(", publish {p}"))
                 .collect::<String>()
         );
-        Ok(Self {
+        let passt = Self {
             label: label.to_string(),
             sock: ours,
             reader: Mutex::new(FrameReader::new(MAX_RX_FRAME)),
             writer: Mutex::new(FrameWriter::new(MAX_TX_FRAME)),
             proc,
             watcher: Some(watcher),
-        })
+        };
+        // passt learns the guest's MAC from the first frame the guest sends;
+        // until then it addresses frames to 00:00:00:00:00:00, which the
+        // guest drops. A guest that only serves published ports may never
+        // speak first, so announce its address now.
+        if let Err(e) = passt.send_frame(&gratuitous_arp(mac, GUEST_ADDR)) {
+            log::warn!("{label}: cannot announce the guest's MAC to passt: {e}");
+        }
+        Ok(passt)
     }
 
     /// passt's process ID.
@@ -236,6 +247,20 @@ impl Passt {
         // this stack frame for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, ms) };
     }
+}
+
+/// An ARP announcement: `ip` is at `mac` (request, sender = target).
+pub fn gratuitous_arp(mac: MacAddr, ip: Ipv4Addr) -> Vec<u8> {
+    let mac = mac.bytes();
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    // EtherType ARP; Ethernet/IPv4, 6- and 4-byte addresses, request.
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip.octets());
+    f
 }
 
 fn kill(proc: &Supervised) {
@@ -385,6 +410,8 @@ impl Drop for Passt {
 mod tests {
     use super::*;
 
+    const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 9]);
+
     #[test]
     fn command_line() {
         let publish = [
@@ -404,8 +431,14 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let publish = [format!("127.0.0.1:{port}:80").parse().unwrap()];
-        let err = Passt::start_with("/nonexistent/passt", "eth0", &publish, Box::new(|_| {}))
-            .unwrap_err();
+        let err = Passt::start_with(
+            "/nonexistent/passt",
+            "eth0",
+            MAC,
+            &publish,
+            Box::new(|_| {}),
+        )
+        .unwrap_err();
         assert!(matches!(err, PasstError::Publish(..)), "{err:?}");
         let msg = crate::error_chain(&err);
         assert!(
@@ -416,8 +449,8 @@ mod tests {
 
     #[test]
     fn missing_binary_is_a_clear_error() {
-        let err =
-            Passt::start_with("/nonexistent/passt", "eth0", &[], Box::new(|_| {})).unwrap_err();
+        let err = Passt::start_with("/nonexistent/passt", "eth0", MAC, &[], Box::new(|_| {}))
+            .unwrap_err();
         assert!(matches!(err, PasstError::NotInstalled(_)), "{err:?}");
         assert!(err.to_string().contains("Debian package passt"), "{err}");
     }
@@ -448,13 +481,14 @@ mod tests {
         let passt = Passt::start_with(
             PASST_BIN,
             "eth0",
+            MAC,
             &[],
             Box::new(move |m| {
                 let _ = tx.send(m);
             }),
         )
         .expect("start passt");
-        let mac = [2, 0, 0, 0, 0, 9];
+        let mac = MAC.bytes();
         passt
             .send_frame(&arp_request(mac, GUEST_ADDR, GATEWAY))
             .unwrap();
@@ -495,6 +529,7 @@ mod tests {
         let passt = Passt::start_with(
             PASST_BIN,
             "eth1",
+            MAC,
             &[],
             Box::new(move |m| {
                 let _ = tx.send(m);
@@ -503,5 +538,65 @@ mod tests {
         .unwrap();
         drop(passt);
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+
+    /// A connection to a published port reaches the guest's MAC even when
+    /// the guest has sent nothing yet (the announcement at start does it).
+    #[test]
+    fn published_port_reaches_a_silent_guest() {
+        if Command::new(PASST_BIN).arg("--version").output().is_err() {
+            crate::net::tap::test_support::skip(
+                "published_port_reaches_a_silent_guest",
+                "passt is not installed",
+            );
+            return;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let publish = [format!("127.0.0.1:{port}:80").parse().unwrap()];
+        let passt = Passt::start_with(PASST_BIN, "eth0", MAC, &publish, Box::new(|_| {}))
+            .expect("start passt");
+        let client = std::thread::spawn(move || {
+            // passt listens once it has started: retry until it does.
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            for _ in 0..50 {
+                if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    std::thread::sleep(Duration::from_secs(2));
+                    drop(c);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut buf = vec![0u8; MAX_RX_FRAME];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let syn = loop {
+            match passt.recv_frame(&mut buf) {
+                Ok(n) if n >= 34 && buf[12..14] == [0x08, 0x00] && buf[23] == 6 => {
+                    break buf[..n].to_vec()
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no TCP frame from passt"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(&syn[..6], &MAC.bytes(), "SYN addressed to the guest's MAC");
+        assert_eq!(&syn[30..34], &GUEST_ADDR.octets(), "to the guest's address");
+        assert_eq!(
+            u16::from_be_bytes([syn[36], syn[37]]),
+            80,
+            "to the guest port"
+        );
+        drop(passt);
+        let _ = client.join();
     }
 }

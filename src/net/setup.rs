@@ -10,7 +10,7 @@ use log::{info, warn};
 use super::backend::FrameBackend;
 use super::passt::{ExitNotify, Passt, PasstError};
 use super::tap::{Tap, TapError};
-use super::{NetBackend, NetConfig};
+use super::{MacAddr, NetBackend, NetConfig};
 
 /// Errors setting up the host side of a NIC.
 #[derive(Debug, thiserror::Error)]
@@ -64,11 +64,13 @@ impl HostNetError {
     }
 }
 
-/// Set up the host side of `cfg`, the `index`-th NIC (`eth<index>`).
-/// `on_exit` is called if a backend process (passt) exits while in use.
+/// Set up the host side of `cfg`, the `index`-th NIC (`eth<index>`), whose
+/// guest MAC is `mac`. `on_exit` is called if a backend process (passt)
+/// exits while in use.
 pub fn open_backend(
     cfg: &NetConfig,
     index: usize,
+    mac: MacAddr,
     on_exit: ExitNotify,
 ) -> Result<Arc<dyn FrameBackend>, HostNetError> {
     let tap_err = |source| HostNetError::Tap { index, source };
@@ -106,7 +108,7 @@ pub fn open_backend(
             Arc::new(tap)
         }
         NetBackend::User { publish } => Arc::new(
-            Passt::start(&format!("eth{index}"), publish, on_exit)
+            Passt::start(&format!("eth{index}"), mac, publish, on_exit)
                 .map_err(|source| HostNetError::User { index, source })?,
         ),
     })

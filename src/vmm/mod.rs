@@ -483,12 +483,14 @@ fn attach_virtio_devices(
     devices.attach_drives(vm, mem, &config.drives, cl)?;
     for (index, net) in config.nets.iter().enumerate() {
         let exit_events = events.clone();
+        let mac = net.mac.unwrap_or_else(crate::net::MacAddr::random_local);
         let backend = crate::net::open_backend(
             net,
             index,
+            mac,
             Box::new(move |msg| exit_events.send(VmEvent::BackendExited(msg))),
         )?;
-        let dev = crate::devices::virtio::net::net_device(net, index, backend);
+        let dev = crate::devices::virtio::net::net_device(index, backend, mac);
         devices.attach_virtio(vm, mem, dev, cl)?;
     }
     if let Some(ip) = crate::net::kernel_ip_arg(&config.nets) {

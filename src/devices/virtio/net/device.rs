@@ -434,7 +434,8 @@ mod tests {
             let cfg: NetConfig = "host=10.0.2.1/24,guest=10.0.2.2,mac=02:00:00:00:00:02"
                 .parse()
                 .unwrap();
-            let backend = crate::net::open_backend(&cfg, 0, Box::new(|_| {})).expect("host side");
+            let backend = crate::net::open_backend(&cfg, 0, cfg.mac.unwrap(), Box::new(|_| {}))
+                .expect("host side");
             let mut dev = Net::new(0, backend, cfg.mac.unwrap());
             assert_eq!(dev.device_type(), VIRTIO_ID_NET);
             assert_eq!(dev.queue_max_sizes(), &[256, 256]);

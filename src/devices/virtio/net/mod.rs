@@ -21,18 +21,14 @@ pub use rxtx::{NetStats, NetStatsSnapshot};
 use std::sync::Arc;
 
 use super::VirtioDevice;
-use crate::net::{FrameBackend, MacAddr, NetConfig};
+use crate::net::{FrameBackend, MacAddr};
 
-/// The device for the `index`-th NIC (`eth<index>` in the guest) of `cfg`,
-/// on the `backend` set up for it.
+/// The device for the `index`-th NIC (`eth<index>` in the guest) with MAC
+/// `mac`, on the `backend` set up for it.
 pub fn net_device(
-    cfg: &NetConfig,
     index: usize,
     backend: Arc<dyn FrameBackend>,
+    mac: MacAddr,
 ) -> Box<dyn VirtioDevice> {
-    Box::new(Net::new(
-        index,
-        backend,
-        cfg.mac.unwrap_or_else(MacAddr::random_local),
-    ))
+    Box::new(Net::new(index, backend, mac))
 }
