@@ -8,8 +8,9 @@ PKGS=(
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils cpio kmod
   # guest root filesystem and test initramfs
   debootstrap busybox-static e2fsprogs
-  # end-to-end tests: network namespaces, HTTP client
-  iproute2 curl
+  # user-mode networking (--net user) and its tests: passt; setpriv (util-linux)
+  # drops CAP_NET_ADMIN in the rootless test; network namespaces, HTTP client
+  passt util-linux iproute2 curl
   # image tests: OCI layouts and docker archives made with tools that are not ours
   umoci skopeo zstd
   # nested normal-KVM lane (tests/nested/): QEMU's TCG emulates AMD SVM for an L1

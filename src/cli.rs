@@ -6,10 +6,15 @@ use std::time::Duration;
 use clap::Parser;
 
 use microvm::config::{ConfigError, DriveConfig, NetConfig, VmConfig};
+use microvm::net::{NetBackend, PortForward};
 
 const AFTER_HELP: &str = "\
 EXAMPLES:
   Boot the Flask VM on its root filesystem (the app listens on port 80):
+    microvm --kernel vmlinux --rootfs app.ext4 --net user --publish 8080:80
+    curl http://127.0.0.1:8080/     (user-mode networking: no TAP, no root needed)
+
+  The same on a TAP microvm creates (needs root or CAP_NET_ADMIN):
     microvm --kernel vmlinux --rootfs app.ext4 --net host=172.30.0.1/30,guest=172.30.0.2
 
   Run a command in a throw-away VM and get its exit status:
@@ -26,8 +31,9 @@ EXIT STATUS:
            0 when no command was given and the guest shut down cleanly
   2        bad usage: invalid option, missing or unreadable kernel/drive file
   124      --timeout elapsed; the VM was stopped
-  125      microvm failed (KVM or host error) or the guest crashed
-           (kernel panic, triple fault, an instruction nobody could emulate)
+  125      microvm failed (KVM or host error, a --net user passt that exited)
+           or the guest crashed (kernel panic, triple fault, an instruction
+           nobody could emulate)
   130/143  stopped by SIGINT/SIGTERM (Ctrl-C)
 
 GUEST PROTOCOL:
@@ -76,12 +82,25 @@ pub struct Cli {
     #[arg(long, value_name = "PATH[,ro]")]
     pub drive: Vec<String>,
 
-    /// virtio-net interface (eth0, eth1, ...). Repeatable. Either
-    /// "tap=NAME[,mac=MAC]" to attach an existing TAP device, or
+    /// virtio-net interface (eth0, eth1, ...). Repeatable. One of
+    /// "user[,mac=MAC]" for user-mode networking through passt (no TAP, no
+    /// privileges; the guest is 10.0.2.15 and reaches the host's loopback at
+    /// 10.0.2.2), "tap=NAME[,mac=MAC]" to attach an existing TAP device, or
     /// "host=IP/PREFIX,guest=IP[,tap=NAME][,mac=MAC]" to create a TAP with the
     /// host address and configure the guest with the kernel's ip= option.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+
+    /// Forward a host port to the guest, like `docker run -p`: connections to
+    /// HOST_IP:HOST_PORT (all host addresses without HOST_IP) reach the
+    /// guest's GUEST_PORT. Repeatable; needs --net user (the first such NIC
+    /// gets them). The host port must be free.
+    #[arg(
+        long,
+        short = 'p',
+        value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]"
+    )]
+    pub publish: Vec<String>,
 
     /// Stop the VM and exit 124 after this many seconds.
     #[arg(long, value_name = "SECONDS")]
@@ -217,6 +236,26 @@ impl Cli {
             n.id = format!("eth{}", cfg.nets.len());
             cfg.nets.push(n);
         }
+        let mut publish = Vec::new();
+        for spec in &self.publish {
+            let p: PortForward = spec
+                .parse()
+                .map_err(|e| CliError::Invalid(format!("--publish {spec}: {e}")))?;
+            publish.push(p);
+        }
+        if !publish.is_empty() {
+            let user = cfg.nets.iter_mut().find_map(|n| match &mut n.backend {
+                NetBackend::User { publish } => Some(publish),
+                _ => None,
+            });
+            let Some(ports) = user else {
+                return Err(CliError::Invalid(
+                    "--publish needs --net user (ports are forwarded by user-mode networking)"
+                        .into(),
+                ));
+            };
+            *ports = publish;
+        }
         Ok(cfg)
     }
 
@@ -341,6 +380,38 @@ mod tests {
             .contains("needs a root filesystem drive (--rootfs)"));
         assert!(parse(&["--kernel", &k, "--drive", "/nonexistent.img"]).is_err());
         assert!(parse(&["--kernel", &k, "--drive", &format!("{k},bogus")]).is_err());
+    }
+
+    #[test]
+    fn user_net_and_publish() {
+        let k = some_file();
+        let c = parse(&[
+            "--kernel",
+            &k,
+            "--net",
+            "user",
+            "--publish",
+            "8080:80",
+            "-p",
+            "127.0.0.1:5353:53/udp",
+        ])
+        .unwrap();
+        let NetBackend::User { publish } = &c.nets[0].backend else {
+            panic!("{:?}", c.nets[0]);
+        };
+        assert_eq!(publish.len(), 2);
+        assert_eq!(publish[1].to_string(), "127.0.0.1:5353:53/udp");
+        assert!(parse(&["--kernel", &k, "--publish", "8080:80"])
+            .unwrap_err()
+            .contains("needs --net user"));
+        assert!(parse(&["--kernel", &k, "--net", "tap=t0", "-p", "8080:80"])
+            .unwrap_err()
+            .contains("needs --net user"));
+        assert!(parse(&["--kernel", &k, "--net", "user", "-p", "80"])
+            .unwrap_err()
+            .contains("--publish 80:"));
+        let c = parse(&["--kernel", &k, "--net", "tap=t0", "--net", "user"]).unwrap();
+        assert_eq!(c.nets.len(), 2);
     }
 
     #[test]

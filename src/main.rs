@@ -119,6 +119,10 @@ fn main() -> ExitCode {
             );
             EXIT_VMM_FAILURE
         }
+        Ok(Outcome::BackendExited(why)) => {
+            eprintln!("microvm: error: {why}; VM stopped");
+            EXIT_VMM_FAILURE
+        }
         Ok(Outcome::GuestCrash(why)) => {
             eprintln!("microvm: error: {why}");
             EXIT_VMM_FAILURE

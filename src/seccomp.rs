@@ -241,6 +241,8 @@ const NET_WORKER: &[i64] = &[
     libc::SYS_writev,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
+    // The passt backend waits briefly for its socket to drain.
+    libc::SYS_poll,
 ];
 
 /// The BPF program for `kind`.

@@ -3,11 +3,13 @@
 
 scripts/bench runs it inside the benchmark's own network namespace
 (`ip netns exec microvm-bench-PID ...`), so it can only reach the guest on
-the TAP link of that namespace. Every mode is bounded in time and volume.
+the TAP link of that namespace; for user-mode runs, outside it, against a
+port published on 127.0.0.1. Every mode is bounded in time and volume.
 
-  netclient.py http GUEST_IP SECS MAX_REQUESTS
+  netclient.py http HOST[:PORT] SECS MAX_REQUESTS
       sequential HTTP GET / (new connection each, like the Flask development
-      server wants), until SECS elapse or MAX_REQUESTS are done.
+      server wants), until SECS elapse or MAX_REQUESTS are done; PORT 80
+      unless given (a port published with --net user).
   netclient.py net GUEST_IP PORT SECS REPS
       TCP throughput against bench.d/guest-io.sh's endpoint: REPS times
       host->guest ("RX": the guest measures) and guest->host ("TX": we
@@ -26,12 +28,14 @@ MAX_BYTES = 1 << 30  # never send more than 1 GiB in one direction
 
 
 def http_mode(host, secs, max_req):
+    host, _, port = host.partition(":")
+    port = int(port or 80)
     lat, errors, t0 = [], [], time.monotonic()
     end = t0 + secs
     while len(lat) < max_req and time.monotonic() < end:
         s = time.monotonic()
         try:
-            c = http.client.HTTPConnection(host, 80, timeout=60)
+            c = http.client.HTTPConnection(host, port, timeout=60)
             c.request("GET", "/")
             r = c.getresponse()
             body = r.read()

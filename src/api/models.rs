@@ -327,6 +327,7 @@ impl NetworkInterface {
         let host_dev_name = match &n.backend {
             crate::net::NetBackend::Tap { name } => Some(name.clone()),
             crate::net::NetBackend::Managed { tap, .. } => tap.clone(),
+            crate::net::NetBackend::User { .. } => None,
         };
         serde_json::json!({
             "iface_id": n.id,

@@ -1,8 +1,15 @@
-//! Host networking: TAP devices and the `--net` option.
+//! Host networking: the `--net` and `--publish` options and the backends
+//! behind each NIC (a TAP, or user mode through passt).
 //!
 //! Each `--net` value becomes one [`NetConfig`] and one virtio-net device; the
 //! guest names them `eth0`, `eth1`, ... in command-line order.
+//! [`setup::open_backend`] sets up the host side of one.
 
+pub mod backend;
+pub mod framing;
+pub mod passt;
+pub mod publish;
+pub mod setup;
 pub mod tap;
 
 use std::collections::hash_map::RandomState;
@@ -11,6 +18,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+pub use backend::{BackendError, FrameBackend};
+pub use publish::{PortForward, PublishError};
+pub use setup::{open_backend, HostNetError};
 pub use tap::{Tap, TapError};
 
 /// Prefix length used when `host=` has no `/PREFIX`.
@@ -23,10 +33,13 @@ pub const MAX_TAP_NAME_LEN: usize = 15;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NetConfigError {
     /// Nothing given.
-    #[error("empty --net value (expected tap=NAME or host=IP/PREFIX,guest=IP)")]
+    #[error("empty --net value (expected user, tap=NAME or host=IP/PREFIX,guest=IP)")]
     Empty,
+    /// `user` combined with a TAP key.
+    #[error("--net user takes only mac= (it needs no TAP and no host address)")]
+    UserWithTap,
     /// An item without `=`.
-    #[error("'{0}' is not KEY=VALUE (keys: tap, mac, host, guest)")]
+    #[error("'{0}' is not KEY=VALUE or 'user' (keys: tap, mac, host, guest)")]
     NotKeyValue(String),
     /// A key we do not know.
     #[error("unknown --net key '{0}' (expected tap, mac, host or guest)")]
@@ -39,7 +52,7 @@ pub enum NetConfigError {
     EmptyValue(String),
     /// Neither `tap=` nor `host=`/`guest=`.
     #[error(
-        "--net needs tap=NAME (existing TAP) or host=IP/PREFIX,guest=IP (microvm creates the TAP)"
+        "--net needs user (user-mode networking), tap=NAME (existing TAP) or host=IP/PREFIX,guest=IP (microvm creates the TAP)"
     )]
     NoBackend,
     /// `host=` without `guest=`.
@@ -205,6 +218,13 @@ pub enum NetBackend {
         /// Subnet prefix length shared by both ends.
         prefix_len: u8,
     },
+    /// User-mode networking through a `passt` child (`user`): no TAP, no
+    /// privileges; the guest is [`passt::GUEST_ADDR`] and reaches the host's
+    /// loopback at [`passt::GATEWAY`].
+    User {
+        /// Host ports forwarded to the guest (`--publish`).
+        publish: Vec<PortForward>,
+    },
 }
 
 /// One `--net` interface.
@@ -223,6 +243,11 @@ pub enum NetBackend {
 ///   `CAP_NET_ADMIN`. The TAP is not persistent: it disappears when microvm
 ///   exits. The guest reaches the host only (no NAT or forwarding is set up),
 ///   and two VMs must not share a subnet.
+///
+/// - `user[,mac=MAC]`: user-mode networking through `passt`, with no TAP and
+///   no privileges. The guest gets `10.0.2.15/24` (kernel `ip=`), reaches the
+///   host's 127.0.0.1 at the gateway `10.0.2.2` and the host's networks
+///   through passt's sockets; `--publish` forwards host ports to it.
 ///
 /// `mac=` is six hex bytes (`02:00:00:00:00:01`); without it the NIC gets a
 /// random locally administered address `02:xx:xx:xx:xx:xx`, new on each run.
@@ -247,6 +272,15 @@ impl NetConfig {
         }
     }
 
+    /// User-mode networking forwarding `publish` to the guest.
+    pub fn user(publish: Vec<PortForward>) -> Self {
+        Self {
+            id: String::new(),
+            backend: NetBackend::User { publish },
+            mac: None,
+        }
+    }
+
     /// Create a TAP with `host/prefix_len` on the host end and `guest` in the guest.
     pub fn managed(host: Ipv4Addr, guest: Ipv4Addr, prefix_len: u8) -> Self {
         Self {
@@ -265,11 +299,17 @@ impl NetConfig {
     /// (`eth<index>`), or `None` if the user configures the guest (`tap=` form).
     ///
     /// The kernel's `ip=` configures one interface only: the VMM appends it for
-    /// the first NIC in host=/guest= form (see [`kernel_ip_arg`]); further such
-    /// NICs must be configured from inside the guest.
+    /// the first NIC in host=/guest= or user form (see [`kernel_ip_arg`]);
+    /// further such NICs must be configured from inside the guest.
     pub fn kernel_ip_arg(&self, index: usize) -> Option<String> {
         match &self.backend {
             NetBackend::Tap { .. } => None,
+            NetBackend::User { .. } => Some(format!(
+                "ip={}::{}:{}::eth{index}:off",
+                passt::GUEST_ADDR,
+                passt::GATEWAY,
+                netmask(passt::PREFIX_LEN)
+            )),
             NetBackend::Managed {
                 host,
                 guest,
@@ -284,7 +324,7 @@ impl NetConfig {
 }
 
 /// The one `ip=` argument for a VM's NICs: that of the first NIC in
-/// host=/guest= form, named by its position in `nets`.
+/// host=/guest= or user form, named by its position in `nets`.
 pub fn kernel_ip_arg(nets: &[NetConfig]) -> Option<String> {
     nets.iter()
         .enumerate()
@@ -367,7 +407,15 @@ impl FromStr for NetConfig {
         let mut mac = None;
         let mut host = None;
         let mut guest = None;
+        let mut user = false;
         for item in s.split(',') {
+            if item == "user" {
+                if user {
+                    return Err(NetConfigError::DuplicateKey(item.to_string()));
+                }
+                user = true;
+                continue;
+            }
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| NetConfigError::NotKeyValue(item.to_string()))?;
@@ -391,6 +439,18 @@ impl FromStr for NetConfig {
             validate_tap_name(name)?;
         }
         let mac = mac.map(MacAddr::from_str).transpose()?;
+        if user {
+            if tap.is_some() || host.is_some() || guest.is_some() {
+                return Err(NetConfigError::UserWithTap);
+            }
+            return Ok(NetConfig {
+                id: String::new(),
+                backend: NetBackend::User {
+                    publish: Vec::new(),
+                },
+                mac,
+            });
+        }
         let tap = tap.map(str::to_string);
 
         let backend = match (host, guest) {
@@ -490,6 +550,33 @@ mod tests {
         assert_eq!(
             c.kernel_ip_arg(1).as_deref(),
             Some("ip=192.168.7.6::192.168.7.5:255.255.255.252::eth1:off")
+        );
+    }
+
+    #[test]
+    fn user_form() {
+        let c = parse("user").unwrap();
+        assert_eq!(c, NetConfig::user(Vec::new()));
+        assert_eq!(
+            c.kernel_ip_arg(0).as_deref(),
+            Some("ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off")
+        );
+        let c = parse("user,mac=02:00:00:00:00:07").unwrap();
+        assert_eq!(c.mac, Some(MacAddr([2, 0, 0, 0, 0, 7])));
+        assert_eq!(parse("mac=02:00:00:00:00:07,user").unwrap(), c);
+        use NetConfigError::*;
+        assert_eq!(parse("user,tap=t0"), Err(UserWithTap));
+        assert_eq!(
+            parse("user,host=10.0.2.1/24,guest=10.0.2.3"),
+            Err(UserWithTap)
+        );
+        assert_eq!(parse("user,user"), Err(DuplicateKey("user".into())));
+        assert_eq!(parse("users"), Err(NotKeyValue("users".into())));
+        // A TAP NIC first: the user NIC is eth1 and gets the ip= argument.
+        let nets = vec![NetConfig::tap("tap0"), NetConfig::user(Vec::new())];
+        assert_eq!(
+            kernel_ip_arg(&nets).as_deref(),
+            Some("ip=10.0.2.15::10.0.2.2:255.255.255.0::eth1:off")
         );
     }
 

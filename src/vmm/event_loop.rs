@@ -27,6 +27,8 @@ pub enum VmEvent {
     VcpuStopped(u8, VcpuStop),
     /// An API request and where its answer goes.
     Api(ApiRequest, Sender<ApiResponse>),
+    /// A NIC's backend process (passt) exited; carries the message.
+    BackendExited(String),
 }
 
 /// What one wait returned.

@@ -72,7 +72,7 @@ pub enum VmmError {
     Devices(#[from] DeviceManagerError),
     /// virtio-net (TAP) setup.
     #[error(transparent)]
-    Net(#[from] crate::devices::virtio::net::NetDeviceError),
+    Net(#[from] crate::net::HostNetError),
     /// Kernel command line too long or malformed.
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
@@ -104,7 +104,7 @@ impl VmmError {
                         | BootError::InitrdTooBig { .. },
                 )
                 | VmmError::Devices(DeviceManagerError::Block { .. })
-        )
+        ) || matches!(self, VmmError::Net(e) if e.is_usage_error())
     }
 }
 
@@ -134,6 +134,8 @@ pub enum Outcome {
     Timeout(Duration),
     /// SIGINT or SIGTERM.
     Signal(i32),
+    /// A NIC's backend process (passt) exited while the VM ran.
+    BackendExited(String),
 }
 
 /// Whether the guest runs (for the API's instance info).
@@ -213,7 +215,7 @@ impl Vmm {
         let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(cmdline_err)?;
         cl.insert_str(config_base_cmdline(&config, emulated_kvm))
             .map_err(cmdline_err)?;
-        attach_virtio_devices(&vm, &mem, &mut devices, &config, &mut cl)?;
+        attach_virtio_devices(&vm, &mem, &mut devices, &config, &mut cl, events.sender())?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         finish_cmdline(&config, emulated_kvm, &vcpu_fds, &mut cl)?;
         mptable::setup(&mem, config.cpus)?;
@@ -317,6 +319,7 @@ impl Vmm {
                     }
                     VmEvent::VcpuStopped(_, VcpuStop::Requested) => {}
                     VmEvent::VcpuStopped(i, stop) => return Ok(self.crash_outcome(i, &stop)),
+                    VmEvent::BackendExited(msg) => return Ok(Outcome::BackendExited(msg)),
                     VmEvent::Api(req, reply) => {
                         let resp = self.handle_api(req, vcpus, &mut state);
                         // The client may have gone; nothing to do then.
@@ -490,10 +493,19 @@ fn attach_virtio_devices(
     devices: &mut DeviceManager,
     config: &VmConfig,
     cl: &mut Cmdline,
+    events: EventSender,
 ) -> Result<(), VmmError> {
     devices.attach_drives(vm, mem, &config.drives, cl)?;
     for (index, net) in config.nets.iter().enumerate() {
-        let dev = crate::devices::virtio::net::net_device(net, index)?;
+        let exit_events = events.clone();
+        let mac = net.mac.unwrap_or_else(crate::net::MacAddr::random_local);
+        let backend = crate::net::open_backend(
+            net,
+            index,
+            mac,
+            Box::new(move |msg| exit_events.send(VmEvent::BackendExited(msg))),
+        )?;
+        let dev = crate::devices::virtio::net::net_device(index, backend, mac);
         devices.attach_virtio(vm, mem, dev, cl)?;
     }
     if let Some(ip) = crate::net::kernel_ip_arg(&config.nets) {

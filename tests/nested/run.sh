@@ -70,6 +70,12 @@ trap 'exit 130' INT TERM HUP
     echo '#!/bin/bash'
     printf 'cd %q || exit 1\n' "$PWD"
     echo 'export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp MICROVM_NESTED=1'
+    # Loopback up; and since the L1 has no NIC, an unconnected TAP with a
+    # default route stands in for one: passt takes its addresses from the
+    # interface with the default route and refuses to start without. No frame
+    # leaves it (nothing reads the TAP).
+    echo 'ip link set lo up'
+    echo 'ip tuntap add dev l1ext0 mode tap && ip addr add 192.0.2.2/24 dev l1ext0 && ip link set l1ext0 up && ip route add default via 192.0.2.1 2>/dev/null'
     while IFS='=' read -r name _; do
         [[ $name =~ ^(MICROVM_[A-Z0-9_]+|BENCH_[A-Z0-9_]+|CI|RUST_LOG|RUST_BACKTRACE|FIRECRACKER)$ ]] || continue
         printf 'export %s=%q\n' "$name" "${!name}"

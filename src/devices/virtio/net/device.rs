@@ -1,14 +1,18 @@
 //! The virtio-net device: features, config space, activation.
 //!
-//! Two queues (RX = 0, TX = 1) of 256 entries. Features offered:
+//! Two queues (RX = 0, TX = 1) of 256 entries, on a [`FrameBackend`] the
+//! host-networking module set up (a TAP or passt). Features offered:
 //! - always: `VERSION_1`, `MAC`, `STATUS` (link always up), `MRG_RXBUF`
 //!   (the guest posts page-sized buffers and big frames span several),
-//!   `RING_F_INDIRECT_DESC`, and the guest-to-host offloads `CSUM`,
-//!   `HOST_TSO4`, `HOST_TSO6`, which a vnet-header TAP always accepts;
-//! - when the TAP accepts the matching `TUNSETOFFLOAD` flag: `GUEST_CSUM`,
-//!   `GUEST_TSO4`, `GUEST_TSO6` (host-to-guest offloads).
+//!   `RING_F_INDIRECT_DESC`;
+//! - for a backend with a vnet header (a TAP): the guest-to-host offloads
+//!   `CSUM`, `HOST_TSO4`, `HOST_TSO6`, which a vnet-header TAP always
+//!   accepts, and, when the TAP accepts the matching `TUNSETOFFLOAD` flag,
+//!   `GUEST_CSUM`, `GUEST_TSO4`, `GUEST_TSO6` (host-to-guest offloads);
+//! - for a backend without one (passt): no offloads, so every frame is
+//!   plain and whole, and the header is dropped or built empty in software.
 //!
-//! The TAP's offloads are set to exactly what the driver acked, so it never
+//! The backend's offloads are set to exactly what the driver acked, so it never
 //! hands the guest a partial checksum or a GSO frame it did not ask for.
 //! UFO/USO and `EVENT_IDX` are not offered.
 
@@ -30,7 +34,7 @@ use crate::devices::virtio::{
     ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
-use crate::net::{MacAddr, NetBackend, NetConfig, Tap, TapError};
+use crate::net::{FrameBackend, MacAddr};
 
 /// virtio device ID of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -46,18 +50,30 @@ const fn bit(b: u32) -> u64 {
     1 << b
 }
 
-/// Features offered whatever the TAP supports.
-pub const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
+/// Features offered whatever the backend.
+pub const PLAIN_FEATURES: u64 = VIRTIO_F_VERSION_1
     | bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_STATUS)
     | bit(VIRTIO_NET_F_MRG_RXBUF)
-    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC);
+
+/// Features offered for a backend with a vnet header, whatever its offloads.
+pub const BASE_FEATURES: u64 = PLAIN_FEATURES
     | bit(VIRTIO_NET_F_CSUM)
     | bit(VIRTIO_NET_F_HOST_TSO4)
     | bit(VIRTIO_NET_F_HOST_TSO6);
 
 /// Size of the config space: `mac[6]`, `status: le16`.
 pub const CONFIG_SPACE_LEN: usize = 8;
+
+/// Features to offer for `backend`.
+pub fn backend_features(backend: &dyn FrameBackend) -> u64 {
+    if backend.has_vnet_hdr() {
+        avail_features(backend.offloads())
+    } else {
+        PLAIN_FEATURES
+    }
+}
 
 /// Features to offer when the TAP accepts `tap_offloads` (`TUN_F_*`).
 pub fn avail_features(tap_offloads: u32) -> u64 {
@@ -98,40 +114,11 @@ pub fn config_space(mac: MacAddr) -> [u8; CONFIG_SPACE_LEN] {
     cfg
 }
 
-/// Errors creating a virtio-net device.
-#[derive(Debug, thiserror::Error)]
-pub enum NetDeviceError {
-    /// The TAP could not be opened or created.
-    #[error("network interface eth{index}: cannot set up the host TAP")]
-    Tap {
-        /// NIC index.
-        index: usize,
-        /// Cause.
-        #[source]
-        source: TapError,
-    },
-    /// The TAP could not get its host address.
-    #[error("network interface eth{index}: cannot give TAP '{tap}' the host address {addr}/{prefix_len}")]
-    HostAddress {
-        /// NIC index.
-        index: usize,
-        /// TAP name.
-        tap: String,
-        /// Host address.
-        addr: std::net::Ipv4Addr,
-        /// Prefix length.
-        prefix_len: u8,
-        /// Cause.
-        #[source]
-        source: TapError,
-    },
-}
-
-/// A virtio-net device backed by a TAP.
+/// A virtio-net device on a frame backend.
 pub struct Net {
     index: usize,
     label: String,
-    tap: Arc<Tap>,
+    backend: Arc<dyn FrameBackend>,
     mac: MacAddr,
     avail_features: u64,
     acked_features: u64,
@@ -140,68 +127,24 @@ pub struct Net {
 }
 
 impl Net {
-    /// The `index`-th NIC (`eth<index>` in the guest) on an open `tap`.
-    pub fn new(index: usize, tap: Tap, mac: MacAddr) -> Self {
-        let tap_offloads = tap.probe_offloads();
+    /// The `index`-th NIC (`eth<index>` in the guest) on `backend`.
+    pub fn new(index: usize, backend: Arc<dyn FrameBackend>, mac: MacAddr) -> Self {
         let label = format!("virtio-net-{index}");
+        let avail_features = backend_features(backend.as_ref());
         info!(
-            "{label}: TAP {} mac {mac}, TAP offloads {tap_offloads:#x}",
-            tap.name()
+            "{label}: {} mac {mac}, features {avail_features:#x}",
+            backend.describe()
         );
         Self {
             index,
             label,
-            tap: Arc::new(tap),
+            backend,
             mac,
-            avail_features: avail_features(tap_offloads),
+            avail_features,
             acked_features: 0,
             stats: Arc::new(NetStats::default()),
             worker: None,
         }
-    }
-
-    /// Set up the host side as `cfg` says and build the device.
-    pub fn from_config(cfg: &NetConfig, index: usize) -> Result<Self, NetDeviceError> {
-        let tap_err = |source| NetDeviceError::Tap { index, source };
-        let tap = match &cfg.backend {
-            NetBackend::Tap { name } => {
-                let tap = Tap::attach(name).map_err(tap_err)?;
-                match tap.is_up() {
-                    Ok(true) => {}
-                    Ok(false) => warn!(
-                        "TAP '{name}' is down: the guest will not reach the host until `ip link set {name} up`"
-                    ),
-                    Err(e) => warn!("{e}"),
-                }
-                tap
-            }
-            NetBackend::Managed {
-                tap: name,
-                host,
-                guest,
-                prefix_len,
-            } => {
-                let tap = Tap::create(name.as_deref()).map_err(tap_err)?;
-                tap.configure_host_ipv4(*host, *prefix_len)
-                    .map_err(|source| NetDeviceError::HostAddress {
-                        index,
-                        tap: tap.name().to_string(),
-                        addr: *host,
-                        prefix_len: *prefix_len,
-                        source,
-                    })?;
-                info!(
-                    "created TAP {} with host address {host}/{prefix_len}; guest eth{index} is {guest}",
-                    tap.name()
-                );
-                tap
-            }
-        };
-        Ok(Self::new(
-            index,
-            tap,
-            cfg.mac.unwrap_or_else(MacAddr::random_local),
-        ))
     }
 
     /// Guest MAC address.
@@ -209,9 +152,9 @@ impl Net {
         self.mac
     }
 
-    /// Host TAP name.
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
+    /// The host side, as log lines name it.
+    pub fn backend_name(&self) -> String {
+        self.backend.describe()
     }
 
     /// Counters so far (kept across resets).
@@ -226,10 +169,10 @@ impl Net {
 
     fn program_tap_offloads(&self) {
         let flags = tap_offloads_for(self.acked_features);
-        if let Err(e) = self.tap.set_offload(flags) {
-            // Fewer TAP offloads is safe: the guest just gets plain frames.
+        if let Err(e) = self.backend.set_offloads(flags) {
+            // Fewer offloads is safe: the guest just gets plain frames.
             warn!("{}: {e}", self.label);
-            if let Err(e) = self.tap.set_offload(0) {
+            if let Err(e) = self.backend.set_offloads(0) {
                 warn!("{}: {e}", self.label);
             }
         }
@@ -319,7 +262,7 @@ impl VirtioDevice for Net {
             tx_queue,
             rx_evt,
             tx_evt,
-            tap: Arc::clone(&self.tap),
+            backend: Arc::clone(&self.backend),
             rx: RxPath::new(self.label.clone(), mrg_rxbuf, guest_csum),
             tx: TxPath::new(self.label.clone()),
             stats: Arc::clone(&self.stats),
@@ -330,7 +273,7 @@ impl VirtioDevice for Net {
             WorkerHandle::spawn(self.label.clone(), worker).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         info!(
-            "{}: activated (features {acked:#x}, TAP offloads {:#x})",
+            "{}: activated (features {acked:#x}, backend offloads {:#x})",
             self.label,
             tap_offloads_for(acked)
         );
@@ -356,10 +299,10 @@ impl VirtioDevice for Net {
 
     fn flush(&mut self) {
         info!(
-            "{} (eth{}, TAP {}): {}",
+            "{} (eth{}, {}): {}",
             self.label,
             self.index,
-            self.tap.name(),
+            self.backend.describe(),
             self.stats.snapshot()
         );
     }
@@ -377,6 +320,7 @@ mod tests {
     use super::super::rxtx::VNET_HDR_LEN;
     use super::*;
     use crate::net::tap::test_support::in_new_netns;
+    use crate::net::{NetConfig, Tap};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
     use vm_memory::{Address, Bytes, GuestAddress};
@@ -400,6 +344,50 @@ mod tests {
         }
         // TSO without checksum offload is not offered.
         assert_eq!(avail_features(libc::TUN_F_TSO4), BASE_FEATURES);
+    }
+
+    #[derive(Debug)]
+    struct Headerless;
+    impl FrameBackend for Headerless {
+        fn describe(&self) -> String {
+            "headerless".into()
+        }
+        fn poll_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+        fn has_vnet_hdr(&self) -> bool {
+            false
+        }
+        fn offloads(&self) -> u32 {
+            libc::TUN_F_CSUM
+        }
+        fn set_offloads(&self, flags: u32) -> Result<(), crate::net::BackendError> {
+            assert_eq!(flags, 0, "offloads programmed into a headerless backend");
+            Ok(())
+        }
+        fn send_frame(&self, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn recv_frame(&self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    #[test]
+    fn headerless_backend_gets_no_offload_features() {
+        let mut dev = Net::new(0, Arc::new(Headerless), MacAddr([2, 0, 0, 0, 0, 1]));
+        assert_eq!(dev.avail_features(), PLAIN_FEATURES);
+        for f in [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+        ] {
+            assert_eq!(dev.avail_features() & bit(f), 0, "feature {f}");
+        }
+        // A driver acking everything still programs no offloads.
+        dev.set_acked_features(u64::MAX);
+        assert!(dev.reset());
     }
 
     #[test]
@@ -446,7 +434,9 @@ mod tests {
             let cfg: NetConfig = "host=10.0.2.1/24,guest=10.0.2.2,mac=02:00:00:00:00:02"
                 .parse()
                 .unwrap();
-            let mut dev = Net::from_config(&cfg, 0).expect("net device");
+            let backend = crate::net::open_backend(&cfg, 0, cfg.mac.unwrap(), Box::new(|_| {}))
+                .expect("host side");
+            let mut dev = Net::new(0, backend, cfg.mac.unwrap());
             assert_eq!(dev.device_type(), VIRTIO_ID_NET);
             assert_eq!(dev.queue_max_sizes(), &[256, 256]);
             let mut mac = [0u8; 6];
@@ -543,7 +533,7 @@ mod tests {
 
             // Reset stops the worker; the device can be activated again.
             assert!(dev.reset());
-            let tap_name = dev.tap_name().to_string();
+            let tap_name = dev.backend_name().trim_start_matches("TAP ").to_string();
             dev.flush();
             drop(dev);
             assert!(!crate::net::tap::interface_exists(&tap_name));
@@ -565,7 +555,7 @@ mod tests {
         use crate::devices::virtio::test_utils::named_thread_cpu_time;
         use std::sync::atomic::AtomicBool;
         let tap = Tap::create(None).unwrap();
-        let mut dev = Net::new(index, tap, MacAddr([2, 0, 0, 0, 0, 9]));
+        let mut dev = Net::new(index, Arc::new(tap), MacAddr([2, 0, 0, 0, 0, 9]));
         let needs_reset = Arc::new(AtomicBool::new(false));
         let interrupt = Interrupt::with_needs_reset(
             Arc::new(AtomicU32::new(0)),
@@ -648,7 +638,7 @@ mod tests {
     fn activate_rejects_wrong_queue_count() {
         in_new_netns("activate_rejects_wrong_queue_count", || {
             let tap = Tap::create(None).unwrap();
-            let mut dev = Net::new(3, tap, MacAddr([2, 0, 0, 0, 0, 3]));
+            let mut dev = Net::new(3, Arc::new(tap), MacAddr([2, 0, 0, 0, 0, 3]));
             let mem = memory();
             let rx = Driver::new(&mem, 0, QUEUE_SIZE);
             let interrupt = Interrupt::new(

@@ -1,26 +1,34 @@
-//! virtio-net: a NIC backed by a host TAP.
+//! virtio-net: a NIC on a host frame backend (a TAP or passt, see
+//! [`crate::net::backend`]).
 //!
 //! - [`device`]: features, config space, activation ([`Net`]);
-//! - [`rxtx`]: the frame paths between guest queues and the TAP, pure and
+//! - [`rxtx`]: the frame paths between guest queues and the backend, pure and
 //!   unit-tested with mock rings;
-//! - `worker`: the `virtio-net-N` thread that waits on the TAP and the queue
-//!   eventfds and runs the frame paths.
+//! - `worker`: the `virtio-net-N` thread that waits on the backend and the
+//!   queue eventfds and runs the frame paths.
 //!
-//! The VMM builds one device per `--net` with [`net_device`] and appends
-//! [`crate::net::kernel_ip_arg`] to the guest command line.
+//! The VMM sets up the host side of each `--net` with
+//! [`crate::net::open_backend`], builds the device with [`net_device`] and
+//! appends [`crate::net::kernel_ip_arg`] to the guest command line.
 
 pub mod device;
 pub mod rxtx;
 mod worker;
 
-pub use device::{Net, NetDeviceError, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
+pub use device::{Net, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET};
 pub use rxtx::{NetStats, NetStatsSnapshot};
 
-use super::VirtioDevice;
-use crate::net::NetConfig;
+use std::sync::Arc;
 
-/// Set up the host side of `cfg` (attach to or create its TAP) and build the
-/// device for the `index`-th NIC, `eth<index>` in the guest.
-pub fn net_device(cfg: &NetConfig, index: usize) -> Result<Box<dyn VirtioDevice>, NetDeviceError> {
-    Ok(Box::new(Net::from_config(cfg, index)?))
+use super::VirtioDevice;
+use crate::net::{FrameBackend, MacAddr};
+
+/// The device for the `index`-th NIC (`eth<index>` in the guest) with MAC
+/// `mac`, on the `backend` set up for it.
+pub fn net_device(
+    index: usize,
+    backend: Arc<dyn FrameBackend>,
+    mac: MacAddr,
+) -> Box<dyn VirtioDevice> {
+    Box::new(Net::new(index, backend, mac))
 }

@@ -2,13 +2,13 @@
 //! itself, with pause and stop, is the shared [`crate::devices::virtio::epoll_helper`]).
 //!
 //! It sleeps in epoll on three fds and never polls:
-//! - the TAP (edge-triggered): frames for the guest;
+//! - the backend's fd (edge-triggered): frames for the guest;
 //! - the RX queue eventfd: the guest posted buffers, so retry a deferred frame;
 //! - the TX queue eventfd: the guest queued frames.
 //!
-//! With edge triggering the TAP only reports new frames, so the RX path must
+//! With edge triggering the backend only reports new frames, so the RX path must
 //! read until `EAGAIN` or until the guest runs out of buffers; in the second
-//! case the frame stays pending and the TAP is left alone until the guest
+//! case the frame stays pending and the backend is left alone until the guest
 //! kicks the RX queue. Batches are bounded so RX and TX take turns; the
 //! guest is interrupted after each batch.
 //!
@@ -28,9 +28,10 @@ use super::rxtx::{FrameSink, FrameSource, NetStats, RxPath, RxStop, TxPath};
 use crate::devices::virtio::queue_guard::{self, QueueError};
 use crate::devices::virtio::{EpollHandler, Interrupt, Served, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
-use crate::net::Tap;
+use crate::net::backend::{recv_with_vnet_hdr, send_with_vnet_hdr};
+use crate::net::FrameBackend;
 
-const TOKEN_TAP: u64 = 0;
+const TOKEN_BACKEND: u64 = 0;
 const TOKEN_RX_QUEUE: u64 = 1;
 const TOKEN_TX_QUEUE: u64 = 2;
 
@@ -39,25 +40,18 @@ const RX_BUDGET: u32 = 128;
 /// TX drain passes (each up to a queue's worth) before RX gets a turn.
 const TX_PASSES: usize = 4;
 
-/// The TAP seen by the frame paths.
-struct TapIo<'a>(&'a Tap);
+/// The backend seen by the frame paths, which always use a vnet header.
+struct BackendIo<'a>(&'a dyn FrameBackend);
 
-impl FrameSink for TapIo<'_> {
+impl FrameSink for BackendIo<'_> {
     fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        let n = self.0.write_frame(frame)?;
-        if n != frame.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short TAP write: {n} of {} bytes", frame.len()),
-            ));
-        }
-        Ok(())
+        send_with_vnet_hdr(self.0, frame)
     }
 }
 
-impl FrameSource for TapIo<'_> {
+impl FrameSource for BackendIo<'_> {
     fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read_frame(buf)
+        recv_with_vnet_hdr(self.0, buf)
     }
 }
 
@@ -70,11 +64,11 @@ pub(super) struct Worker {
     pub(super) tx_queue: Queue,
     pub(super) rx_evt: EventFd,
     pub(super) tx_evt: EventFd,
-    pub(super) tap: Arc<Tap>,
+    pub(super) backend: Arc<dyn FrameBackend>,
     pub(super) rx: RxPath,
     pub(super) tx: TxPath,
     pub(super) stats: Arc<NetStats>,
-    /// The TAP may hold more frames than the last batch took.
+    /// The backend may hold more frames than the last batch took.
     pub(super) rx_more: bool,
     /// The TX queue may hold more chains than the last batch took.
     pub(super) tx_more: bool,
@@ -88,8 +82,8 @@ impl EpollHandler for Worker {
     fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
         vec![
             (
-                self.tap.as_raw_fd(),
-                TOKEN_TAP,
+                self.backend.poll_fd(),
+                TOKEN_BACKEND,
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
             ),
             (self.rx_evt.as_raw_fd(), TOKEN_RX_QUEUE, EventSet::IN),
@@ -97,7 +91,7 @@ impl EpollHandler for Worker {
         ]
     }
 
-    /// Frames may have reached the TAP, and the driver may have queued TX,
+    /// Frames may have reached the backend, and the driver may have queued TX,
     /// before the edge-triggered watch existed: the first call (with nothing
     /// ready) looks at both.
     fn serve(&mut self, ready: &[u64]) -> Served {
@@ -107,7 +101,7 @@ impl EpollHandler for Worker {
         }
         for token in ready {
             match *token {
-                TOKEN_TAP => self.rx_more = true,
+                TOKEN_BACKEND => self.rx_more = true,
                 TOKEN_RX_QUEUE => {
                     let _ = self.rx_evt.read();
                     self.rx_more = true;
@@ -124,7 +118,7 @@ impl EpollHandler for Worker {
                 more: self.rx_more || self.tx_more,
                 stop_watching: Vec::new(),
             },
-            // A ring is broken: stop watching the queues and the TAP (until
+            // A ring is broken: stop watching the queues and the backend (until
             // the driver resets the device, which stops this worker) and
             // tell the driver.
             Err(e) => {
@@ -133,7 +127,7 @@ impl EpollHandler for Worker {
                 (self.rx_more, self.tx_more) = (false, false);
                 Served {
                     more: false,
-                    stop_watching: vec![TOKEN_TAP, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
+                    stop_watching: vec![TOKEN_BACKEND, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
                 }
             }
         }
@@ -166,7 +160,7 @@ impl Worker {
             let batch = self.tx.process(
                 &mut self.tx_queue,
                 &self.mem,
-                &mut TapIo(&self.tap),
+                &mut BackendIo(self.backend.as_ref()),
                 &self.stats,
             )?;
             if batch.used > 0 {
@@ -184,12 +178,12 @@ impl Worker {
         Ok(true)
     }
 
-    /// Move one batch of frames to the guest; true if the TAP may have more.
+    /// Move one batch of frames to the guest; true if the backend may have more.
     fn handle_rx(&mut self) -> Result<bool, QueueError> {
         let batch = self.rx.process(
             &mut self.rx_queue,
             &self.mem,
-            &mut TapIo(&self.tap),
+            &mut BackendIo(self.backend.as_ref()),
             &self.stats,
             RX_BUDGET,
         )?;

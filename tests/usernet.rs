@@ -1,0 +1,368 @@
+//! End-to-end: user-mode networking (`--net user --publish`), without
+//! CAP_NET_ADMIN and without creating any host network interface.
+//!
+//! One boot of the Flask VM checks: guest-to-host TCP (the guest connects to
+//! a listener this test opens on host loopback, at the gateway 10.0.2.2),
+//! the published port (`curl http://127.0.0.1:P/`, then 100 sequential
+//! requests), that a published port already in use is refused before a
+//! second VM boots, that microvm ran without CAP_NET_ADMIN, that `ip -o link`
+//! is unchanged, and that passt ends with the VM. A short second run checks
+//! that a passt that dies ends the VM with a message. All traffic is on
+//! loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn links() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_string()))
+        .collect()
+}
+
+/// PIDs of the direct children of process `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The passt child of microvm `pid`, waiting up to 10 s for it.
+fn passt_of(pid: u32) -> Option<u32> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Some(c) = children(pid)
+            .into_iter()
+            .find(|c| comm(*c).starts_with("passt"))
+        {
+            return Some(c);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Effective capabilities of `pid` (the CapEff mask).
+fn cap_eff(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .expect("CapEff");
+    u64::from_str_radix(line["CapEff:".len()..].trim(), 16).unwrap()
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+
+fn have(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd).arg(arg).output().is_ok() || missing(&format!("{cmd} is not installed"))
+}
+
+fn curl(url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("curl")
+        .args(["-s", "--noproxy", "*", "--max-time", "120"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl")
+}
+
+#[test]
+fn flask_over_user_networking_without_net_admin() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(rootfs) = rootfs() else { return };
+    if !have("curl", "--version") || !have("passt", "--version") || !have("setpriv", "--version") {
+        return;
+    }
+    let dir = TempDir::new("usernet");
+    let disk = dir.path("root.ext4");
+    std::fs::copy(&rootfs, &disk).unwrap();
+
+    // The host service the guest must reach, on loopback only.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    let (said_tx, said_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut line = String::new();
+            let _ = BufReader::new(conn.try_clone().unwrap()).read_line(&mut line);
+            let _ = conn.write_all(b"host-says-hi\n");
+            let _ = said_tx.send(line);
+        }
+    });
+
+    let port = free_port();
+    let publish = format!("127.0.0.1:{port}:80");
+    // The guest sends nothing until the app has served a request from the
+    // host: a published port must work for a guest that never spoke first.
+    // Then it connects to the host listener (bash's /dev/tcp, no fork).
+    let guest_cmd = format!(
+        "python3 /app/app.py >/tmp/app.log 2>&1 & \
+         until grep -q '\"GET / ' /tmp/app.log; do sleep 1; done; \
+         exec 3<>/dev/tcp/10.0.2.2/{host_port} && echo guest-says-hi >&3 && read -r r <&3 \
+         && echo \"microvm-usernet: host said $r\"; wait"
+    );
+    let links_before = links();
+    let bin = microvm_bin();
+    let start = Instant::now();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+            "--",
+        ])
+        .arg(&bin)
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .args(["--rootfs", disk.to_str().unwrap(), "--memory", "256"])
+        .args(["--net", "user", "--publish", &publish])
+        .args(["--", "bash", "-c", &guest_cmd])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn microvm under setpriv");
+    let console = pump(child.stdout.take().unwrap());
+    let stderr = pump(child.stderr.take().unwrap());
+    let mut vm = Vm(child);
+    let pid = vm.0.id();
+    let report = |what: &str| -> ! {
+        panic!(
+            "{what}\n--- console:\n{}\n--- stderr:\n{}",
+            console.lock().unwrap(),
+            stderr.lock().unwrap()
+        )
+    };
+
+    // setpriv has exec'd microvm by the time passt exists.
+    let Some(passt) = passt_of(pid) else {
+        report("microvm started no passt")
+    };
+    let caps = cap_eff(pid);
+    if caps & (1 << CAP_NET_ADMIN) != 0 {
+        report(&format!(
+            "microvm runs with CAP_NET_ADMIN (CapEff {caps:x})"
+        ));
+    }
+
+    // A second VM publishing the same port fails before it boots.
+    let second = run(
+        &args(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--net",
+            "user",
+            "--publish",
+            &publish,
+        ]),
+        None,
+        Duration::from_secs(60),
+    );
+    second.check(
+        second.code() == Some(2),
+        "a published port in use must be a usage error (exit 2)",
+    );
+    second.check(
+        second
+            .stderr
+            .contains(&format!("127.0.0.1:{port}/tcp is already in use")),
+        "message names the port",
+    );
+    second.check(second.stdout.is_empty(), "no guest output: it never booted");
+
+    let deadline = boot_deadline(Duration::from_secs(120), Duration::from_secs(1500));
+    // The app takes a while to import Flask; poll the published port.
+    let url = format!("http://127.0.0.1:{port}/");
+    let body = loop {
+        let out = curl(&url, &["--max-time", "5"]);
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        if !body.is_empty() {
+            break body;
+        }
+        if let Ok(Some(st)) = vm.0.try_wait() {
+            report(&format!("microvm exited early: {st}"));
+        }
+        if start.elapsed() > deadline {
+            report("the app never answered on the published port");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    if body.trim() != "Hello, World!" {
+        report(&format!("unexpected body {body:?}"));
+    }
+    eprintln!("app answered after {:.1} s", start.elapsed().as_secs_f64());
+    let said = loop {
+        if let Ok(line) = said_rx.try_recv() {
+            break line;
+        }
+        if let Ok(Some(st)) = vm.0.try_wait() {
+            report(&format!("microvm exited early: {st}"));
+        }
+        if start.elapsed() > deadline {
+            report("the guest never connected to the host listener at 10.0.2.2");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if said.trim() != "guest-says-hi" {
+        report(&format!("host listener got {said:?}"));
+    }
+    eprintln!(
+        "guest reached host loopback after {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+
+    if !console
+        .lock()
+        .unwrap()
+        .contains("microvm-usernet: host said host-says-hi")
+    {
+        std::thread::sleep(Duration::from_secs(2));
+        if !console
+            .lock()
+            .unwrap()
+            .contains("microvm-usernet: host said host-says-hi")
+        {
+            report("the guest did not get the host's reply");
+        }
+    }
+
+    // 100 sequential requests from one client process; every one a 200.
+    let mut argv: Vec<&str> = vec!["-w", "%{http_code}\\n"];
+    for _ in 0..100 {
+        argv.extend(["-o", "/dev/null", url.as_str()]);
+    }
+    let t = Instant::now();
+    let out = Command::new("curl")
+        .args(["-s", "--noproxy", "*", "--max-time", "120"])
+        .args(&argv)
+        .output()
+        .expect("curl");
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    let ok = codes.lines().filter(|l| l.trim() == "200").count();
+    eprintln!(
+        "100 sequential requests over user mode: {ok} OK in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    if ok != 100 {
+        report(&format!("only {ok}/100 requests succeeded: {codes}"));
+    }
+
+    let links_during = links();
+    if links_during != links_before {
+        report(&format!(
+            "host interfaces changed: before {links_before:?}, during {links_during:?}"
+        ));
+    }
+
+    // Stop the VM the way a user would: exit 143, and passt goes with it.
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let st = wait_with_deadline(&mut vm.0, Duration::from_secs(60));
+    if st.and_then(|s| s.code()) != Some(143) {
+        report(&format!("SIGTERM should give exit 143, got {st:?}"));
+    }
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{passt}")).exists()
+        && comm(passt).starts_with("passt")
+    {
+        if t.elapsed() > Duration::from_secs(10) {
+            report(&format!(
+                "passt (pid {passt}) still runs after the VM ended"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let err = stderr.lock().unwrap().clone();
+    if err.contains("Failed to send") {
+        report("passt's syslog noise reached stderr");
+    }
+    if links() != links_before {
+        report("host interfaces changed after the run");
+    }
+}
+
+/// A passt that dies ends the VM with a message naming it (exit 125).
+#[test]
+fn passt_that_dies_ends_the_vm() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    if !have("passt", "--version") {
+        return;
+    }
+    let child = spawn(
+        &args(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--net",
+            "user",
+            "--timeout",
+            "600",
+        ]),
+        &[],
+    );
+    let stderr_text = {
+        let mut vm = Vm(child);
+        let pid = vm.0.id();
+        let err = pump(vm.0.stderr.take().unwrap());
+        let _out = pump(vm.0.stdout.take().unwrap());
+        let Some(passt) = passt_of(pid) else {
+            panic!("no passt child; stderr:\n{}", err.lock().unwrap())
+        };
+        Command::new("kill")
+            .args(["-KILL", &passt.to_string()])
+            .status()
+            .unwrap();
+        let st = wait_with_deadline(&mut vm.0, Duration::from_secs(60));
+        // Let the pump threads see the pipe close.
+        std::thread::sleep(Duration::from_millis(300));
+        let text = err.lock().unwrap().clone();
+        assert_eq!(
+            st.and_then(|s| s.code()),
+            Some(125),
+            "exit status; stderr:\n{text}"
+        );
+        text
+    };
+    assert!(
+        stderr_text.contains("passt") && stderr_text.contains("lost its network"),
+        "{stderr_text}"
+    );
+}
