@@ -42,6 +42,8 @@ pub enum ThreadKind {
     NetWorker,
     /// Copies host stdin into the UART.
     Stdin,
+    /// Watches a passt child: forwards its stderr to the log, waits for its exit.
+    Passt,
     /// The API socket: accepts connections and serves each on its own thread
     /// (created by this one, under the same filter).
     Api,
@@ -61,6 +63,7 @@ impl ThreadKind {
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Api => "api",
+            ThreadKind::Passt => "passt-supervisor",
             ThreadKind::Main => "main",
         }
     }
@@ -164,6 +167,13 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         ThreadKind::BlockWorker => calls.extend_from_slice(BLOCK_WORKER),
         ThreadKind::NetWorker => calls.extend_from_slice(NET_WORKER),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
+        // Reaping under the lock kill() takes, so a recycled PID is never signalled.
+        ThreadKind::Passt => calls.extend_from_slice(&[
+            libc::SYS_read,
+            libc::SYS_waitid,
+            libc::SYS_wait4,
+            libc::SYS_kill,
+        ]),
         ThreadKind::Api => {
             calls.extend_from_slice(SPAWN_THREADS);
             calls.extend_from_slice(&[
@@ -487,6 +497,7 @@ mod tests {
             ThreadKind::NetWorker,
             ThreadKind::Stdin,
             ThreadKind::Api,
+            ThreadKind::Passt,
             ThreadKind::Main,
         ] {
             assert!(!filter(k).expect("builds").is_empty(), "{k:?}");

@@ -276,6 +276,9 @@ fn kill(proc: &Supervised) {
 /// Forward passt's stderr to our log until it closes, wait for passt to
 /// exit, reap it, and report the exit unless we caused it.
 fn supervise(label: &str, proc: &Supervised, stderr: Option<ChildStderr>, on_exit: ExitNotify) {
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Passt) {
+        log::error!("{label}: {}", crate::error_chain(&e));
+    }
     let mut tail: VecDeque<String> = VecDeque::new();
     if let Some(stderr) = stderr {
         let mut r = BufReader::new(stderr);
