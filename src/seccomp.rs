@@ -258,7 +258,8 @@ const NET_WORKER: &[i64] = &[
 /// The BPF program for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let (calls, ioctls) = syscalls(kind);
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|c| (c, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        calls.into_iter().map(|c| (c, vec![])).collect();
     if !ioctls.is_empty() {
         let build = |e| SeccompError::Build(kind.name(), e);
         let by_request = ioctls
@@ -283,7 +284,8 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         TargetArch::x86_64,
     )
     .map_err(|e| SeccompError::Build(kind.name(), e))?;
-    f.try_into().map_err(|e| SeccompError::Build(kind.name(), e))
+    f.try_into()
+        .map_err(|e| SeccompError::Build(kind.name(), e))
 }
 
 /// Off with `--no-seccomp` (for debugging): [`install`] then does nothing.
@@ -396,7 +398,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let (rlabel, request): (&[u8], &[u8]) = if nr == libc::SYS_ioctl && !ctx.is_null() {
         // SAFETY: with SA_SIGINFO the third argument is the interrupted
         // thread's ucontext, valid for the duration of the handler.
-        let rsi = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
+        let rsi =
+            unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
         (b" ", fmt_decimal(rsi as u64 & 0xffff_ffff, &mut rbuf))
     } else {
         (b"", b"")

@@ -93,11 +93,9 @@ fn timeout_stops_the_vm_with_124() {
     r.check(r.elapsed < Duration::from_secs(30), "stops promptly");
 }
 
-#[test]
-fn sigterm_stops_the_vm_with_143() {
-    let Some(kernel) = boot_prereqs() else { return };
-    let Some(initrd) = test_initrd() else { return };
-    let mut child = spawn(
+/// Spawn a VM booting the test initramfs, without waiting.
+fn spawn_initramfs_vm(kernel: &std::path::Path, initrd: &std::path::Path) -> std::process::Child {
+    spawn(
         &args(&[
             "--kernel",
             kernel.to_str().unwrap(),
@@ -105,7 +103,14 @@ fn sigterm_stops_the_vm_with_143() {
             initrd.to_str().unwrap(),
         ]),
         &[],
-    );
+    )
+}
+
+#[test]
+fn sigterm_stops_the_vm_with_143() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    let mut child = spawn_initramfs_vm(&kernel, &initrd);
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY-free: signal the child we spawned, by its PID.
     let pid = child.id().to_string();
@@ -125,20 +130,16 @@ fn sigterm_stops_the_vm_with_143() {
 fn sigterm_while_the_vm_is_built_gives_143() {
     let Some(kernel) = boot_prereqs() else { return };
     let Some(initrd) = test_initrd() else { return };
-    let mut child = spawn(
-        &args(&[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-        ]),
-        &[],
-    );
+    let mut child = spawn_initramfs_vm(&kernel, &initrd);
     let fd_dir = format!("/proc/{}/fd", child.id());
     let opened_kvm = || {
-        std::fs::read_dir(&fd_dir).into_iter().flatten().flatten().any(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|t| t == std::path::Path::new("/dev/kvm"))
-        })
+        std::fs::read_dir(&fd_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|t| t == std::path::Path::new("/dev/kvm"))
+            })
     };
     let start = std::time::Instant::now();
     while !opened_kvm() && start.elapsed() < Duration::from_secs(30) {
