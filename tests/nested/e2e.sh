@@ -23,31 +23,37 @@ for line in sys.stdin:
 ' "$@" | sort)
 ((${#bins[@]})) || { echo "tests/nested/e2e.sh: no end-to-end test executables found" >&2; exit 1; }
 
-# The L1 reads the job from this host's filesystem, where /tmp is hidden by
-# its own tmpfs: keep the script in the cache.
+# The L1 reads the jobs from this host's filesystem, where /tmp is hidden by
+# its own tmpfs: keep the scripts in the cache.
 mkdir -p "${MICROVM_CACHE:-/var/cache/microvm}/nested"
 dir=$(mktemp -d "${MICROVM_CACHE:-/var/cache/microvm}/nested/.job.XXXXXX")
 trap 'rm -rf "$dir"' EXIT
 chmod 0755 "$dir"
-job=$dir/e2e.sh
-{
-    echo 'passed=0 failed=0 rc=0'
-    for b in "${bins[@]}"; do
-        name=${b%% *} exe=${b#* }
-        printf 'echo "=== nested normal KVM: %s"\n' "$name"
-        # One test at a time: the L1 has a single vCPU.
-        printf '%q --test-threads=1 2>&1 | tee /tmp/suite.out; st=${PIPESTATUS[0]}\n' "$exe"
-        cat <<'EOF'
-[[ $st == 0 ]] || rc=1
-if r=$(grep -E '^test result: ' /tmp/suite.out | tail -n1); then
-    [[ $r =~ ([0-9]+)\ passed ]] && passed=$((passed + BASH_REMATCH[1]))
-    [[ $r =~ ([0-9]+)\ failed ]] && failed=$((failed + BASH_REMATCH[1]))
-elif [[ $st != 0 ]]; then
-    failed=$((failed + 1)) # the suite died before its summary
-fi
-EOF
+passed=0 failed=0 rc=0
+for b in "${bins[@]}"; do
+    name=${b%% *} exe=${b#* }
+    # One L1 per suite, one test at a time (the L1 has a single vCPU): an L1
+    # that stalls (seen under heavy host load: its vCPU idles for good) costs
+    # one suite, which is run once more; a test that fails is not.
+    printf '%q --test-threads=1\n' "$exe" >"$dir/$name.sh"
+    for attempt in 1 2; do
+        label=$name
+        [[ $attempt == 2 ]] && label+=" (again, after an L1 stall)"
+        echo "=== nested normal KVM: $label"
+        set +e
+        tests/nested/run.sh --timeout "${MICROVM_NESTED_TIMEOUT:-1500}" -- bash "$dir/$name.sh" |
+            tee "$dir/$name.out"
+        st=${PIPESTATUS[0]}
+        set -e
+        [[ $st == 3 ]] || break
     done
-    echo 'echo "nested-kvm: $passed passed, $failed failed"'
-    echo 'exit $rc'
-} >"$job"
-tests/nested/run.sh --timeout "${MICROVM_NESTED_TIMEOUT:-2400}" -- bash "$job"
+    [[ $st == 0 ]] || rc=1
+    if r=$(grep -E '^test result: ' "$dir/$name.out" | tail -n1); then
+        [[ $r =~ ([0-9]+)\ passed ]] && passed=$((passed + BASH_REMATCH[1]))
+        [[ $r =~ ([0-9]+)\ failed ]] && failed=$((failed + BASH_REMATCH[1]))
+    elif [[ $st != 0 ]]; then
+        failed=$((failed + 1)) # the suite died before its summary
+    fi
+done
+echo "nested-kvm: $passed passed, $failed failed"
+exit $rc

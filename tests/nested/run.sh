@@ -20,8 +20,10 @@
 # KVM_CAP_XCRS), so its benchmark lane uses `--cpu max` and `noxsave` guests.
 # If nested KVM cannot be had (no QEMU, no SVM under TCG): exit 1 with a message
 # when CI=true, else a loud SKIPPED line and exit 0.
-# Every QEMU run is bounded: --timeout (default 1800 s) in all, and --stall
-# (default 600 s) without any new output from the L1 or the job.
+# Every QEMU run is bounded: --timeout (default 1800 s) in all, --stall
+# (default 600 s) without any new output from the L1 or the job, and 180 s in
+# which QEMU uses no CPU (a stalled L1: its vCPU halted for good, seen under
+# heavy host load). A run stopped for any of these exits 3.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -104,6 +106,9 @@ QPID=$!
 
 # Stream the job's output; stop QEMU past the deadline or after a silent stall.
 shown=0
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$QPID/stat" 2>/dev/null || echo 0; }
+last_cpu=$(cpu_ticks) last_cpu_change=$SECONDS
+hz=$(getconf CLK_TCK)
 last_change=$SECONDS
 last_sizes=
 why=
@@ -121,6 +126,12 @@ while kill -0 "$QPID" 2>/dev/null; do
     fi
     if ((SECONDS - t0 > TIMEOUT)); then why="timed out after $TIMEOUT s"; fi
     if ((SECONDS - last_change > STALL)); then why="no output for $STALL s"; fi
+    cpu=$(cpu_ticks)
+    if ((cpu - last_cpu > hz)); then
+        last_cpu=$cpu last_cpu_change=$SECONDS
+    elif ((SECONDS - last_cpu_change > 180)); then
+        why="the L1 used no CPU for 180 s (stalled)"
+    fi
     if [[ -n $why ]]; then
         kill -KILL "$QPID" 2>/dev/null || true
         break
@@ -143,9 +154,10 @@ if [[ $status == nokvm ]]; then
     unavailable "the L1 kernel got no /dev/kvm (QEMU without SVM emulation?)"
 fi
 if [[ ! $status =~ ^[0-9]+$ ]]; then
-    log "error: the job did not finish; last L1 console lines:"
+    log "error: the job did not finish${why:+ ($why)}; last L1 console lines:"
     tail -n 40 "$JOB/console.log" >&2 || true
     cat "$JOB/qemu.out" >&2 || true
+    [[ -n $why ]] && exit 3
     exit 1
 fi
 exit "$status"
