@@ -147,8 +147,6 @@ const SPAWN_THREADS: &[i64] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_eventfd2,
-    libc::SYS_fcntl,
-    libc::SYS_close,
 ];
 
 fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
@@ -200,7 +198,7 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         ThreadKind::Main => {
             calls.extend_from_slice(SPAWN_THREADS);
             // The workers it creates start under this filter and add their own.
-            calls.extend_from_slice(&[libc::SYS_seccomp, libc::SYS_prctl]);
+            calls.push(libc::SYS_seccomp);
             calls.extend_from_slice(BLOCK_WORKER);
             calls.extend_from_slice(NET_WORKER);
             calls.extend_from_slice(&[

@@ -54,23 +54,6 @@ pub struct ApiVm {
     stderr: Arc<Mutex<String>>,
 }
 
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-    });
-    buf
-}
-
 impl ApiVm {
     /// Start `microvm --api-sock SOCK ARGS...` and wait for the socket.
     pub fn start(sock: &Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
@@ -85,8 +68,8 @@ impl ApiVm {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn microvm");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let stdout = super::pump(child.stdout.take().unwrap());
+        let stderr = super::pump(child.stderr.take().unwrap());
         let stdin = child.stdin.take();
         let mut vm = Self {
             child,
