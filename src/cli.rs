@@ -50,7 +50,7 @@ guest. Set RUST_LOG=info to see boot-time and exit-count lines.";
 #[command(name = "microvm", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"])]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file", "restore"])]
     pub kernel: Option<PathBuf>,
 
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
@@ -120,6 +120,15 @@ pub struct Cli {
     ])]
     pub config_file: Option<PathBuf>,
 
+    /// Run the VM saved in DIR (DIR/state and DIR/memory, written by the
+    /// API's PUT /snapshot/create): its drives, NICs and published ports
+    /// come from the snapshot, the drives' files must be unchanged in size.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "memory", "cpus", "rootfs", "rootfs_ro", "drive", "net",
+        "publish", "config_file", "command"
+    ])]
+    pub restore: Option<PathBuf>,
+
     /// Name of this VM, shown by the API's `GET /`.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_ID)]
     pub id: String,
@@ -167,6 +176,8 @@ pub struct Launch {
     pub boot_now: bool,
     /// Install the per-thread seccomp filters.
     pub seccomp: bool,
+    /// Restore the snapshot in this directory instead of booting.
+    pub restore: Option<PathBuf>,
 }
 
 impl Cli {
@@ -179,7 +190,8 @@ impl Cli {
             Some(path) => microvm::api::load_config_file(path)?,
             None => self.resources()?,
         };
-        let boot_now = !config.kernel.as_os_str().is_empty();
+        let restore = self.restore.clone();
+        let boot_now = !config.kernel.as_os_str().is_empty() && restore.is_none();
         if let Some(t) = self.timeout {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(CliError::Invalid(format!(
@@ -199,6 +211,7 @@ impl Cli {
             id,
             boot_now,
             seccomp,
+            restore,
         })
     }
 

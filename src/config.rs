@@ -19,7 +19,7 @@ pub const MAX_CPUS: u8 = 8;
 pub const MIN_MEMORY_MIB: u64 = 16;
 
 /// Everything needed to build and run one VM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Guest kernel (vmlinux ELF or bzImage); empty until one is given.
     pub kernel: PathBuf,
@@ -225,7 +225,7 @@ impl VmConfig {
 }
 
 /// How the guest's writes reach the backing file.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CacheType {
     /// No flush feature offered: the guest never waits for `fdatasync`
     /// (Firecracker's default; microvm still syncs at exit).
@@ -236,7 +236,7 @@ pub enum CacheType {
 }
 
 /// One virtio block device backed by a regular file.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DriveConfig {
     /// Name in the configuration (`drive_id` in the API); `rootfs`,
     /// `drive1`, ... for the command line.

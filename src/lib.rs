@@ -13,6 +13,7 @@ pub mod memory;
 pub mod net;
 pub mod pause;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;
 

@@ -88,7 +88,27 @@ fn main() -> ExitCode {
         },
     };
 
-    let vmm = if launch.boot_now {
+    let vmm = if let Some(dir) = &launch.restore {
+        let paths = microvm::vmm::SnapshotPaths::in_dir(dir);
+        match Vmm::restore(
+            &paths,
+            true,
+            launch.config.timeout,
+            process_start,
+            events,
+            launch.id,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("microvm: error: {}", microvm::error_chain(&e));
+                return ExitCode::from(if e.is_usage_error() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_VMM_FAILURE
+                });
+            }
+        }
+    } else if launch.boot_now {
         match Vmm::build(launch.config, process_start, events, launch.id) {
             Ok(v) => v,
             Err(e) => {
@@ -171,6 +191,23 @@ fn build_from_api(
             };
             let resp: ApiResponse = match preboot.handle(req) {
                 PrebootStep::Answer(resp) => resp,
+                PrebootStep::Restore((state, memory), resume) => match Vmm::restore(
+                    &microvm::vmm::SnapshotPaths { state, memory },
+                    resume,
+                    preboot.config.timeout,
+                    process_start,
+                    events.clone(),
+                    preboot.id.clone(),
+                ) {
+                    Ok(vmm) => {
+                        let _ = reply.send(ApiResponse::no_content());
+                        return Ok(vmm);
+                    }
+                    Err(e) => fault(&format!(
+                        "cannot load the snapshot: {}",
+                        microvm::error_chain(&e)
+                    )),
+                },
                 PrebootStep::Start => match Vmm::build(
                     preboot.config.clone(),
                     process_start,

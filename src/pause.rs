@@ -52,6 +52,14 @@ impl PauseControl {
     /// interrupted, a worker after its wake eventfd): parks while paused.
     /// Returns false when the thread must end.
     pub fn may_run(&self) -> bool {
+        self.may_run_with(|| {})
+    }
+
+    /// [`Self::may_run`], calling `on_park` once before the thread counts as
+    /// parked for a pause: what it records (a vCPU's registers, a worker's
+    /// queue positions) is in place when [`Self::wait_parked`] returns.
+    pub fn may_run_with(&self, on_park: impl FnOnce()) -> bool {
+        let mut on_park = Some(on_park);
         let mut s = self.lock();
         loop {
             match s.wanted {
@@ -69,6 +77,14 @@ impl PauseControl {
                 }
                 Wanted::Pause => {
                     if !s.parked {
+                        if let Some(f) = on_park.take() {
+                            // Unlocked: the hook may take time (KVM ioctls);
+                            // the wanted state is read again after it.
+                            drop(s);
+                            f();
+                            s = self.lock();
+                            continue;
+                        }
                         s.parked = true;
                         self.changed.notify_all();
                     }

@@ -71,8 +71,11 @@ impl ThreadKind {
 
 /// KVM ioctl request numbers the vCPU threads issue (`linux/kvm.h`).
 mod kvm_nr {
-    use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+    use kvm_bindings::{
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+        kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     const KVMIO: u32 = 0xAE;
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -81,6 +84,18 @@ mod kvm_nr {
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
     ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 
     /// What a vCPU thread needs: run, and finish instructions an
     /// interpreting KVM refuses (read registers, advance RIP, inject a vector).
@@ -92,6 +107,26 @@ mod kvm_nr {
             KVM_GET_SREGS(),
             KVM_GET_VCPU_EVENTS(),
             KVM_SET_VCPU_EVENTS(),
+            // Recording its state as it parks, for a snapshot.
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_MSRS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_TSC_KHZ(),
+        ]
+        .to_vec()
+    }
+
+    /// What the main thread reads of the VM for a snapshot.
+    pub fn snapshot() -> Vec<u64> {
+        [
+            KVM_CHECK_EXTENSION(),
+            KVM_GET_IRQCHIP(),
+            KVM_GET_PIT2(),
+            KVM_GET_CLOCK(),
         ]
         .to_vec()
     }
@@ -218,8 +253,11 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
                 libc::SYS_shutdown,
                 libc::SYS_wait4,
                 libc::SYS_waitid,
+                // PUT /snapshot/create: the sparse memory file's length.
+                libc::SYS_ftruncate,
             ]);
             ioctls.extend_from_slice(&[TUNSETOFFLOAD, TCGETS, TCSETS, FIONBIO]);
+            ioctls.extend(kvm_nr::snapshot());
         }
     }
     (calls, ioctls)

@@ -53,6 +53,10 @@ pub enum ApiRequest {
     Action(ActionType),
     /// `PATCH /vm`.
     PatchVm(VmStateRequest),
+    /// `PUT /snapshot/create`: state and memory file.
+    CreateSnapshot(models::SnapshotFiles),
+    /// `PUT /snapshot/load`: state and memory file, and whether to resume.
+    LoadSnapshot(models::SnapshotFiles, bool),
 }
 
 /// Message for a pre-boot-only request after the VM started (Firecracker's wording).
@@ -111,6 +115,13 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         }
         ("PUT", "actions", None) => ApiRequest::Action(json_body::<Action>(body)?.action_type),
         ("PATCH", "vm", None) => ApiRequest::PatchVm(json_body(body)?),
+        ("PUT", "snapshot", Some("create")) => {
+            ApiRequest::CreateSnapshot(json_body::<models::SnapshotCreate>(body)?.files()?)
+        }
+        ("PUT", "snapshot", Some("load")) => {
+            let l: models::SnapshotLoad = json_body(body)?;
+            ApiRequest::LoadSnapshot(l.files()?, l.resume_vm)
+        }
         _ => {
             return Err(format!(
                 "Invalid request method and/or path: {method} {path}"
@@ -170,6 +181,8 @@ pub enum PrebootStep {
     Answer(ApiResponse),
     /// `InstanceStart` with a valid configuration: build the VM, then answer.
     Start,
+    /// `PUT /snapshot/load`: build the VM from a snapshot, then answer.
+    Restore(models::SnapshotFiles, bool),
 }
 
 impl Preboot {
@@ -203,6 +216,10 @@ impl Preboot {
             ApiRequest::PatchVm(_) => {
                 Err("the microVM is not started: nothing to pause or resume".into())
             }
+            ApiRequest::CreateSnapshot(_) => {
+                Err("the microVM is not started: nothing to snapshot".into())
+            }
+            ApiRequest::LoadSnapshot(files, resume) => return PrebootStep::Restore(files, resume),
             ApiRequest::GetInstanceInfo
             | ApiRequest::GetVersion
             | ApiRequest::GetMachineConfig
@@ -322,6 +339,65 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_requests_take_firecracker_fields_or_a_directory() {
+        use std::path::PathBuf;
+        let files = |s: &str, m: &str| (PathBuf::from(s), PathBuf::from(m));
+        assert_eq!(
+            parse_request(
+                "PUT",
+                "/snapshot/create",
+                br#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#
+            ),
+            Ok(ApiRequest::CreateSnapshot(files("/s", "/m")))
+        );
+        assert_eq!(
+            parse_request("PUT", "/snapshot/create", br#"{"snapshot_dir": "/d"}"#),
+            Ok(ApiRequest::CreateSnapshot(files("/d/state", "/d/memory")))
+        );
+        assert_eq!(
+            parse_request(
+                "PUT",
+                "/snapshot/load",
+                br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#
+            ),
+            Ok(ApiRequest::LoadSnapshot(files("/s", "/m"), true))
+        );
+        assert_eq!(
+            parse_request(
+                "PUT",
+                "/snapshot/load",
+                br#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#
+            ),
+            Ok(ApiRequest::LoadSnapshot(files("/s", "/m"), false))
+        );
+        let e = |path: &str, body: &[u8]| parse_request("PUT", path, body).unwrap_err();
+        assert!(e(
+            "/snapshot/create",
+            br#"{"snapshot_type": "Diff", "snapshot_dir": "/d"}"#
+        )
+        .contains("only Full"));
+        assert!(e("/snapshot/create", br#"{"snapshot_path": "/s"}"#).contains("memory file"));
+        assert!(e(
+            "/snapshot/create",
+            br#"{"snapshot_dir": "/d", "snapshot_path": "/s"}"#
+        )
+        .contains("not both"));
+        assert!(e(
+            "/snapshot/load",
+            br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#
+        )
+        .contains("only File"));
+        assert!(e(
+            "/snapshot/load",
+            br#"{"snapshot_dir": "/d", "enable_diff_snapshots": true}"#
+        )
+        .contains("not supported"));
+        assert!(
+            e("/snapshot/load", br#"{"snapshot_dir": "/d", "bogus": 1}"#).contains("unknown field")
+        );
+    }
+
+    #[test]
     fn preboot_configures_then_starts() {
         let mut p = Preboot::new(VmConfig::new(""), "vm1".into());
         let answer = |p: &mut Preboot, m: &str, path: &str, b: &str| match p
@@ -329,6 +405,7 @@ mod tests {
         {
             PrebootStep::Answer(r) => r,
             PrebootStep::Start => ApiResponse::json(&serde_json::json!("start")),
+            PrebootStep::Restore(..) => ApiResponse::json(&serde_json::json!("restore")),
         };
         let r = answer(&mut p, "GET", "/", "");
         assert!(r.body.unwrap().contains(r#""state":"Not started""#));

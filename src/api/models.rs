@@ -141,6 +141,122 @@ pub struct VmStateRequest {
     pub state: VmStateValue,
 }
 
+/// `PUT /snapshot/create`: Firecracker's fields, or microvm's short form
+/// `snapshot_dir` (writes `DIR/state` and `DIR/memory`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// Only "Full" (the default); "Diff" is refused.
+    #[serde(default)]
+    pub snapshot_type: Option<String>,
+    /// Where the state goes.
+    #[serde(default)]
+    pub snapshot_path: Option<PathBuf>,
+    /// Where guest memory goes.
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    /// microvm: both files in this directory.
+    #[serde(default)]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Firecracker's deprecated target version: ignored.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// Where a snapshot's two files are (state, memory).
+pub type SnapshotFiles = (PathBuf, PathBuf);
+
+fn snapshot_files(
+    dir: &Option<PathBuf>,
+    state: &Option<PathBuf>,
+    memory: Option<PathBuf>,
+) -> Result<SnapshotFiles, String> {
+    match (dir, state, memory) {
+        (Some(d), None, None) => Ok((
+            d.join(crate::snapshot::STATE_FILE),
+            d.join(crate::snapshot::MEMORY_FILE),
+        )),
+        (None, Some(s), Some(m)) => Ok((s.clone(), m)),
+        (Some(_), _, _) => Err("give either snapshot_dir or the two file paths, not both".into()),
+        (None, None, _) => Err("snapshot_path is missing".into()),
+        (None, Some(_), None) => Err("the memory file path is missing".into()),
+    }
+}
+
+impl SnapshotCreate {
+    /// The state and memory file paths, after checking the type.
+    pub fn files(&self) -> Result<SnapshotFiles, String> {
+        match self.snapshot_type.as_deref() {
+            None | Some("Full") => {}
+            Some(t) => return Err(format!("snapshot_type '{t}' is not supported; only Full")),
+        }
+        snapshot_files(
+            &self.snapshot_dir,
+            &self.snapshot_path,
+            self.mem_file_path.clone(),
+        )
+    }
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// Only "File".
+    pub backend_type: String,
+    /// The memory file.
+    pub backend_path: PathBuf,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    /// The state file.
+    #[serde(default)]
+    pub snapshot_path: Option<PathBuf>,
+    /// The memory file (Firecracker's older field).
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    /// The memory file (Firecracker's newer field).
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// microvm: `DIR/state` and `DIR/memory`.
+    #[serde(default)]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Run the VM at once (default: stay paused, as in Firecracker).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Only `false`.
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Only `false`.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+}
+
+impl SnapshotLoad {
+    /// The state and memory file paths.
+    pub fn files(&self) -> Result<SnapshotFiles, String> {
+        if self.enable_diff_snapshots || self.track_dirty_pages {
+            return Err("diff snapshots and dirty page tracking are not supported".into());
+        }
+        let memory = match (&self.mem_file_path, &self.mem_backend) {
+            (Some(_), Some(_)) => return Err("give mem_file_path or mem_backend, not both".into()),
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(b)) if b.backend_type == "File" => Some(b.backend_path.clone()),
+            (None, Some(b)) => {
+                return Err(format!(
+                    "mem_backend type '{}' is not supported; only File",
+                    b.backend_type
+                ))
+            }
+            (None, None) => None,
+        };
+        snapshot_files(&self.snapshot_dir, &self.snapshot_path, memory)
+    }
+}
+
 /// Requested run state.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 pub enum VmStateValue {

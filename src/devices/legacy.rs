@@ -39,7 +39,42 @@ pub struct I8042 {
     pending: Option<u8>,
 }
 
+/// The i8042's state, for a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    /// Bytes waiting in the output buffer.
+    pub out: Vec<u8>,
+    /// The controller command byte.
+    pub command_byte: u8,
+    /// A command waiting for its data byte.
+    pub pending: Option<u8>,
+}
+
 impl I8042 {
+    /// The controller's state.
+    pub fn snapshot(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            out: self.out.iter().copied().collect(),
+            command_byte: self.command_byte,
+            pending: self.pending,
+        }
+    }
+
+    /// Take on a saved state; an output buffer longer than the
+    /// controller's is refused.
+    pub fn restore(&mut self, s: &I8042Snapshot) -> Result<(), String> {
+        if s.out.len() > I8042_BUFFER {
+            return Err(format!(
+                "i8042 state: {} bytes in a {I8042_BUFFER}-byte buffer",
+                s.out.len()
+            ));
+        }
+        self.out = s.out.iter().copied().collect();
+        self.command_byte = s.command_byte;
+        self.pending = s.pending;
+        Ok(())
+    }
+
     /// A controller that calls `on_reset` when the guest resets the CPU and
     /// signals `kbd_irq` (an irqfd on IRQ 1, if any) for keyboard input.
     pub fn new(on_reset: impl Fn() + Send + 'static) -> Self {

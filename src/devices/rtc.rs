@@ -94,10 +94,39 @@ impl Default for Cmos {
     }
 }
 
+/// The CMOS registers a snapshot keeps: the selected index and the NVRAM
+/// (the clock itself is read from the host, so a restored guest sees the
+/// time of the restore).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosSnapshot {
+    /// Selected register.
+    pub index: u8,
+    /// NVRAM bytes (128).
+    pub nvram: Vec<u8>,
+}
+
 impl Cmos {
     /// A clock reading the host's time.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The registers a snapshot keeps.
+    pub fn snapshot(&self) -> CmosSnapshot {
+        CmosSnapshot {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    /// A CMOS with the saved registers; the NVRAM must be 128 bytes.
+    pub fn from_snapshot(s: &CmosSnapshot) -> Result<Self, String> {
+        let nvram = <[u8; 128]>::try_from(s.nvram.as_slice())
+            .map_err(|_| format!("CMOS state: {} NVRAM bytes, not 128", s.nvram.len()))?;
+        Ok(Self {
+            index: s.index & 0x7f,
+            nvram,
+        })
     }
 
     fn register(&self, reg: u8, now: &DateTime) -> u8 {

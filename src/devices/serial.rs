@@ -80,11 +80,74 @@ pub struct SerialDevice<W: Write + Send> {
     uart: Serial<IrqTrigger, NoEvents, ConsoleOutput<W>>,
 }
 
+/// The UART's registers and receive FIFO, for a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Input the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
 impl<W: Write + Send> SerialDevice<W> {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: EventFd, out: ConsoleOutput<W>) -> Self {
         Self {
             uart: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// A UART in the state `saved` describes; an error if the state is
+    /// impossible (a receive FIFO longer than the UART's).
+    pub fn from_snapshot(
+        irq: EventFd,
+        out: ConsoleOutput<W>,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: saved.baud_divisor[0],
+            baud_divisor_high: saved.baud_divisor[1],
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("serial port state: {e:?}"))
+    }
+
+    /// The UART's state.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

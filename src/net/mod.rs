@@ -123,7 +123,7 @@ pub enum NetConfigError {
 }
 
 /// An Ethernet MAC address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
@@ -199,7 +199,7 @@ impl FromStr for MacAddr {
 }
 
 /// How the host end of one NIC is set up.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetBackend {
     /// Attach to a TAP the user created and configured (`tap=NAME`).
     Tap {
@@ -251,7 +251,7 @@ pub enum NetBackend {
 ///
 /// `mac=` is six hex bytes (`02:00:00:00:00:01`); without it the NIC gets a
 /// random locally administered address `02:xx:xx:xx:xx:xx`, new on each run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Name of the interface in the configuration (`iface_id` in the API);
     /// `eth<N>` for `--net`.

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 use std::str::FromStr;
 
 /// Transport protocol of a published port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     /// TCP (the default).
     Tcp,
@@ -48,7 +48,7 @@ pub enum PublishError {
 }
 
 /// One published port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortForward {
     /// Host address to listen on; `None` for all of them.
     pub host_ip: Option<Ipv4Addr>,

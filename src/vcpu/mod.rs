@@ -8,10 +8,11 @@
 pub mod cpuid;
 pub mod emulate;
 pub mod regs;
+pub mod state;
 pub mod thread;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -96,6 +97,18 @@ impl ExitCounters {
     }
 }
 
+/// What a parked vCPU recorded of itself, for a snapshot.
+pub type SavedState = Arc<Mutex<Option<Result<state::VcpuState, String>>>>;
+
+/// What a vCPU needs to record its state when it parks.
+#[derive(Clone, Debug, Default)]
+pub struct StateSaving {
+    /// MSRs KVM lists for save and restore.
+    pub msr_list: Arc<Vec<u32>>,
+    /// The host has XCRs (XSAVE).
+    pub xcrs: bool,
+}
+
 /// One vCPU with what its run loop needs.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -105,6 +118,8 @@ pub struct Vcpu {
     mem: GuestMemoryMmap,
     emulated_kvm: bool,
     counters: Arc<ExitCounters>,
+    saving: StateSaving,
+    saved: SavedState,
 }
 
 impl Vcpu {
@@ -126,12 +141,45 @@ impl Vcpu {
             mem,
             emulated_kvm,
             counters,
+            saving: StateSaving::default(),
+            saved: SavedState::default(),
         }
+    }
+
+    /// Record the vCPU's state each time it parks for a pause, with what
+    /// `saving` says to read.
+    pub fn with_state_saving(mut self, saving: StateSaving) -> Self {
+        self.saving = saving;
+        self
     }
 
     /// Index of this vCPU (also its APIC ID).
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// The KVM vCPU.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Where the state recorded at the last pause goes.
+    pub fn saved_state(&self) -> SavedState {
+        self.saved.clone()
+    }
+
+    /// Park if asked to (recording the state first), false if asked to stop.
+    fn may_run(&self, control: &thread::VcpuControl) -> bool {
+        control.may_run_with(|| {
+            let s = state::VcpuState::read(
+                &self.fd,
+                self.index,
+                &self.saving.msr_list,
+                self.saving.xcrs,
+            )
+            .map_err(|e| crate::error_chain(&e));
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        })
     }
 
     /// Run until the vCPU cannot continue or `control` asks it to stop;
@@ -154,7 +202,7 @@ impl Vcpu {
         process_start: Option<std::time::Instant>,
     ) -> VcpuStop {
         let c = self.counters.clone();
-        if !control.may_run() {
+        if !self.may_run(control) {
             return VcpuStop::Requested;
         }
         if let Some(t0) = process_start {
@@ -214,7 +262,7 @@ impl Vcpu {
                     VcpuExit::Intr => {
                         c.intr.fetch_add(1, Ordering::Relaxed);
                         self.fd.set_kvm_immediate_exit(0);
-                        if !control.may_run() {
+                        if !self.may_run(control) {
                             return VcpuStop::Requested;
                         }
                     }
@@ -231,7 +279,7 @@ impl Vcpu {
                     // A kick: clear it first, so one that comes while we look
                     // at the request is not lost, then pause or stop if asked.
                     self.fd.set_kvm_immediate_exit(0);
-                    if !control.may_run() {
+                    if !self.may_run(control) {
                         return VcpuStop::Requested;
                     }
                 }

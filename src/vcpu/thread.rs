@@ -63,6 +63,7 @@ pub struct VcpuHandle {
     index: u8,
     control: Arc<VcpuControl>,
     thread: Option<JoinHandle<()>>,
+    saved: super::SavedState,
 }
 
 /// How long a vCPU may take to park after a kick before pause gives up.
@@ -70,12 +71,28 @@ pub const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VcpuHandle {
     /// A handle for the thread `thread` running vCPU `index` under `control`.
-    pub fn new(index: u8, control: Arc<VcpuControl>, thread: JoinHandle<()>) -> Self {
+    pub fn new(
+        index: u8,
+        control: Arc<VcpuControl>,
+        thread: JoinHandle<()>,
+        saved: super::SavedState,
+    ) -> Self {
         Self {
             index,
             control,
             thread: Some(thread),
+            saved,
         }
+    }
+
+    /// The state the vCPU recorded when it last parked (call after
+    /// [`Self::wait_parked`]); an error if it could not read it.
+    pub fn saved_state(&self) -> Result<super::state::VcpuState, String> {
+        self.saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| Err(format!("vcpu{} has not parked", self.index)))
     }
 
     /// vCPU index.

@@ -9,6 +9,9 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod host;
 mod runtime_api;
+mod snapshot;
+
+pub use snapshot::{SnapshotPaths, SnapshotStats};
 pub mod terminal;
 
 use std::rc::Rc;
@@ -25,9 +28,11 @@ use crate::boot::LoadedKernel;
 use crate::boot::{self, cmdline, mptable, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::{BootTimer, ExitDevice, ExitStatus, I8042};
+use crate::devices::rtc::Cmos;
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
 use crate::layout;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
+use crate::snapshot::{PlatformState, SnapshotError};
 use crate::vcpu::regs::{self, RegsError};
 use crate::vcpu::thread::{VcpuControl, VcpuHandle, Wanted};
 use crate::vcpu::{cpuid, ExitCounters, Vcpu, VcpuStop};
@@ -76,6 +81,9 @@ pub enum VmmError {
     /// Kernel command line too long or malformed.
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    /// Saving or restoring a snapshot.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(Box<crate::seccomp::SeccompError>),
@@ -105,6 +113,7 @@ impl VmmError {
                 )
                 | VmmError::Devices(DeviceManagerError::Block { .. })
         ) || matches!(self, VmmError::Net(e) if e.is_usage_error())
+            || matches!(self, VmmError::Snapshot(e) if e.is_usage_error())
     }
 }
 
@@ -151,6 +160,7 @@ pub enum RunState {
 struct Platform {
     serial: Arc<Mutex<SerialDevice<std::io::Stdout>>>,
     i8042: Arc<Mutex<I8042>>,
+    cmos: Arc<Mutex<Cmos>>,
     exit_status: ExitStatus,
     guest_panicked: Arc<AtomicBool>,
 }
@@ -160,14 +170,16 @@ pub struct Vmm {
     config: VmConfig,
     id: String,
     _kvm: Kvm,
-    _vm: VmFd,
-    _mem: GuestMemoryMmap,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     platform: Platform,
     devices: DeviceManager,
     events: Rc<EventLoop>,
     counters: Arc<ExitCounters>,
     process_start: Instant,
+    /// Start with the vCPUs parked (a snapshot loaded with `resume_vm` false).
+    start_paused: bool,
 }
 
 impl Vmm {
@@ -184,7 +196,7 @@ impl Vmm {
     /// Build the VM, serving `events` (which may already carry an API) as
     /// the VM named `id`. Each step is a function below, in this order.
     pub fn build(
-        config: VmConfig,
+        mut config: VmConfig,
         process_start: Instant,
         events: Rc<EventLoop>,
         id: String,
@@ -209,13 +221,20 @@ impl Vmm {
             &vm,
             &mut devices,
             events.sender(),
-            process_start,
-            build_start,
+            (process_start, build_start),
+            None,
         )?;
         let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(cmdline_err)?;
         cl.insert_str(config_base_cmdline(&config, emulated_kvm))
             .map_err(cmdline_err)?;
-        attach_virtio_devices(&vm, &mem, &mut devices, &config, &mut cl, events.sender())?;
+        attach_virtio_devices(
+            &vm,
+            &mem,
+            &mut devices,
+            &mut config,
+            &mut cl,
+            events.sender(),
+        )?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         finish_cmdline(&config, emulated_kvm, &vcpu_fds, &mut cl)?;
         mptable::setup(&mem, config.cpus)?;
@@ -236,14 +255,15 @@ impl Vmm {
             config,
             id,
             _kvm: kvm,
-            _vm: vm,
-            _mem: mem,
+            vm,
+            mem,
             vcpus,
             platform,
             devices,
             events,
             counters,
             process_start,
+            start_paused: false,
         })
     }
 
@@ -269,7 +289,12 @@ impl Vmm {
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut result = Ok(());
         for vcpu in self.vcpus.drain(..) {
-            match spawn_vcpu(vcpu, self.events.sender(), self.process_start) {
+            match spawn_vcpu(
+                vcpu,
+                self.events.sender(),
+                self.process_start,
+                self.start_paused,
+            ) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     result = Err(e);
@@ -299,7 +324,11 @@ impl Vmm {
     /// The event loop proper.
     fn serve(&mut self, vcpus: &[VcpuHandle]) -> Result<Outcome, VmmError> {
         let deadline = self.config.timeout.map(|t| Instant::now() + t);
-        let mut state = RunState::Running;
+        let mut state = if self.start_paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
         loop {
             for ready in self.events.wait(deadline)? {
                 let event = match ready {
@@ -411,19 +440,27 @@ fn irqfd(vm: &VmFd, irq: u32, what: &'static str) -> Result<EventFd, VmmError> {
     Ok(evt)
 }
 
-/// UART, i8042, CMOS RTC, exit port and boot timer.
+/// UART, i8042, CMOS RTC, exit port and boot timer; in the state `saved`
+/// describes when restoring a snapshot.
 fn attach_platform_devices(
     vm: &VmFd,
     devices: &mut DeviceManager,
     events: EventSender,
-    process_start: Instant,
-    build_start: Instant,
+    (process_start, build_start): (Instant, Instant),
+    saved: Option<&PlatformState>,
 ) -> Result<Platform, VmmError> {
+    let restore_err = |what: &str| {
+        let what = what.to_string();
+        move |reason| VmmError::Snapshot(SnapshotError::Restore { what, reason })
+    };
     let guest_panicked = Arc::new(AtomicBool::new(false));
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irqfd(vm, layout::SERIAL_IRQ, "serial irqfd")?,
-        ConsoleOutput::new(std::io::stdout(), guest_panicked.clone()),
-    )));
+    let serial_irq = irqfd(vm, layout::SERIAL_IRQ, "serial irqfd")?;
+    let out = ConsoleOutput::new(std::io::stdout(), guest_panicked.clone());
+    let serial = Arc::new(Mutex::new(match saved {
+        None => SerialDevice::new(serial_irq, out),
+        Some(s) => SerialDevice::from_snapshot(serial_irq, out, &s.serial)
+            .map_err(restore_err("the serial port"))?,
+    }));
     devices.attach_platform(
         BusKind::Pio,
         "the serial port",
@@ -431,13 +468,20 @@ fn attach_platform_devices(
         layout::SERIAL_PORT_BASE,
         layout::SERIAL_PORT_SIZE,
     )?;
-    let i8042 = Arc::new(Mutex::new(
-        I8042::new(move || events.send(VmEvent::Reset)).with_kbd_irq(irqfd(
-            vm,
-            layout::KEYBOARD_IRQ,
-            "i8042 irqfd",
-        )?),
-    ));
+    let mut kbd = I8042::new(move || events.send(VmEvent::Reset)).with_kbd_irq(irqfd(
+        vm,
+        layout::KEYBOARD_IRQ,
+        "i8042 irqfd",
+    )?);
+    let cmos = match saved {
+        None => Cmos::new(),
+        Some(s) => {
+            kbd.restore(&s.i8042).map_err(restore_err("the i8042"))?;
+            Cmos::from_snapshot(&s.cmos).map_err(restore_err("the CMOS"))?
+        }
+    };
+    let i8042 = Arc::new(Mutex::new(kbd));
+    let cmos = Arc::new(Mutex::new(cmos));
     devices.attach_platform(
         BusKind::Pio,
         "the i8042",
@@ -448,11 +492,11 @@ fn attach_platform_devices(
     devices.attach_platform(
         BusKind::Pio,
         "the RTC",
-        Arc::new(Mutex::new(crate::devices::rtc::Cmos::new())),
+        cmos.clone(),
         layout::RTC_PORT_BASE,
         layout::RTC_PORT_SIZE,
     )?;
-    let exit_status: ExitStatus = Arc::new(AtomicI32::new(-1));
+    let exit_status: ExitStatus = Arc::new(AtomicI32::new(saved.map_or(-1, |s| s.exit_status)));
     devices.attach_platform(
         BusKind::Pio,
         "the exit port",
@@ -470,6 +514,7 @@ fn attach_platform_devices(
     Ok(Platform {
         serial,
         i8042,
+        cmos,
         exit_status,
         guest_panicked,
     })
@@ -491,14 +536,17 @@ fn attach_virtio_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     devices: &mut DeviceManager,
-    config: &VmConfig,
+    config: &mut VmConfig,
     cl: &mut Cmdline,
     events: EventSender,
 ) -> Result<(), VmmError> {
     devices.attach_drives(vm, mem, &config.drives, cl)?;
-    for (index, net) in config.nets.iter().enumerate() {
+    for (index, net) in config.nets.iter_mut().enumerate() {
         let exit_events = events.clone();
-        let mac = net.mac.unwrap_or_else(crate::net::MacAddr::random_local);
+        // Kept in the configuration: a snapshot restores the same address.
+        let mac = *net
+            .mac
+            .get_or_insert_with(crate::net::MacAddr::random_local);
         let backend = crate::net::open_backend(
             net,
             index,
@@ -575,6 +623,7 @@ fn configure_vcpus(
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("read supported CPUID"))?;
+    let saving = state_saving(kvm);
     let mut vcpus = Vec::with_capacity(vcpu_fds.len());
     for (index, fd) in (0..cpus).zip(vcpu_fds) {
         let mut c = supported.clone();
@@ -584,17 +633,35 @@ fn configure_vcpus(
         if index == 0 {
             regs::setup_boot_vcpu(&fd, kernel.entry.0)?;
         }
-        vcpus.push(Vcpu::new(
-            fd,
-            index,
-            pio_bus.clone(),
-            mmio_bus.clone(),
-            mem.clone(),
-            emulated_kvm,
-            counters.clone(),
-        ));
+        vcpus.push(
+            Vcpu::new(
+                fd,
+                index,
+                pio_bus.clone(),
+                mmio_bus.clone(),
+                mem.clone(),
+                emulated_kvm,
+                counters.clone(),
+            )
+            .with_state_saving(saving.clone()),
+        );
     }
     Ok(vcpus)
+}
+
+/// What a parked vCPU reads of itself for a snapshot on this host.
+fn state_saving(kvm: &Kvm) -> crate::vcpu::StateSaving {
+    let msr_list = match kvm.get_msr_index_list() {
+        Ok(l) => l.as_slice().to_vec(),
+        Err(e) => {
+            log::warn!("cannot read KVM's MSR list; snapshots will miss MSRs: {e}");
+            Vec::new()
+        }
+    };
+    crate::vcpu::StateSaving {
+        msr_list: Arc::new(msr_list),
+        xcrs: kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+    }
 }
 
 /// Start the thread of one vCPU; it reports on `events` if it stops on its own.
@@ -602,9 +669,14 @@ fn spawn_vcpu(
     mut vcpu: Vcpu,
     events: EventSender,
     process_start: Instant,
+    paused: bool,
 ) -> Result<VcpuHandle, VmmError> {
     let index = vcpu.index();
+    let saved = vcpu.saved_state();
     let control = Arc::new(VcpuControl::default());
+    if paused {
+        control.request(Wanted::Pause);
+    }
     let c = control.clone();
     let t0 = (index == 0).then_some(process_start);
     let thread = std::thread::Builder::new()
@@ -624,5 +696,5 @@ fn spawn_vcpu(
             events.send(VmEvent::VcpuStopped(index, stop));
         })
         .map_err(host_err("vCPU thread"))?;
-    Ok(VcpuHandle::new(index, control, thread))
+    Ok(VcpuHandle::new(index, control, thread, saved))
 }

@@ -42,10 +42,21 @@ impl Vmm {
                 Err("the microVM is already running".to_string())
             }
             ApiRequest::PatchDrive(p) => self.patch_drive(&p),
+            ApiRequest::CreateSnapshot((state_file, memory_file)) => self
+                .snapshot(
+                    vcpus,
+                    *state,
+                    &super::snapshot::SnapshotPaths {
+                        state: state_file,
+                        memory: memory_file,
+                    },
+                )
+                .map(|_| ()),
             ApiRequest::PutMachineConfig(_)
             | ApiRequest::PutBootSource(_)
             | ApiRequest::PutDrive(_)
-            | ApiRequest::PutNetworkInterface(_) => Err(api::NOT_AFTER_START.to_string()),
+            | ApiRequest::PutNetworkInterface(_)
+            | ApiRequest::LoadSnapshot(..) => Err(api::NOT_AFTER_START.to_string()),
             ApiRequest::GetInstanceInfo
             | ApiRequest::GetVersion
             | ApiRequest::GetMachineConfig

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -42,6 +42,32 @@ pub trait EpollHandler: Send + 'static {
     fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
         None
     }
+    /// Where the device stands in each of its queues, for a snapshot:
+    /// recorded each time the worker parks for a pause.
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        Vec::new()
+    }
+}
+
+/// How far a device got in one queue: the next available entry it will
+/// take and the next used entry it will fill.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    /// `next_avail` of the device's queue.
+    pub next_avail: u16,
+    /// `next_used` of the device's queue.
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// Where `q` stands.
+    pub fn of(q: &virtio_queue::Queue) -> Self {
+        use virtio_queue::QueueT;
+        Self {
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+        }
+    }
 }
 
 /// A running worker: pause, resume, stop (joins the thread).
@@ -50,6 +76,7 @@ pub struct WorkerHandle {
     control: Arc<PauseControl>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
+    positions: Arc<Mutex<Vec<QueuePosition>>>,
 }
 
 impl WorkerHandle {
@@ -68,7 +95,9 @@ impl WorkerHandle {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
             fds.insert(token, fd);
         }
+        let positions = Arc::new(Mutex::new(Vec::new()));
         let (c, w, name) = (control.clone(), wake.try_clone()?, label.clone());
+        let pos = positions.clone();
         let thread = std::thread::Builder::new()
             .name(label.clone())
             .spawn(move || {
@@ -79,7 +108,7 @@ impl WorkerHandle {
                         return;
                     }
                 }
-                if let Err(e) = run(&epoll, &fds, &w, &c, &mut handler) {
+                if let Err(e) = run(&epoll, &fds, &w, &c, &pos, &mut handler) {
                     log::error!("{name}: worker failed: {e}");
                 }
                 c.set_gone();
@@ -89,7 +118,17 @@ impl WorkerHandle {
             control,
             wake,
             thread: Some(thread),
+            positions,
         })
+    }
+
+    /// The queue positions the worker recorded when it last parked; call
+    /// after [`Self::pause`] returned true.
+    pub fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn request(&self, wanted: Wanted) -> bool {
@@ -142,6 +181,7 @@ fn run(
     fds: &HashMap<u64, RawFd>,
     wake: &EventFd,
     control: &PauseControl,
+    positions: &Mutex<Vec<QueuePosition>>,
     handler: &mut impl EpollHandler,
 ) -> io::Result<()> {
     let mut events = [EpollEvent::default(); 8];
@@ -158,7 +198,11 @@ fn run(
             if ev.data() == TOKEN_CONTROL {
                 // EAGAIN: merged with an earlier request.
                 let _ = wake.read();
-                if !control.may_run() {
+                let park = || {
+                    *positions.lock().unwrap_or_else(|e| e.into_inner()) =
+                        handler.queue_positions();
+                };
+                if !control.may_run_with(park) {
                     return Ok(());
                 }
             } else {

@@ -608,6 +608,182 @@ impl MmioTransport {
     }
 }
 
+/// One queue as the driver set it up, and how far the device got in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Size the driver chose.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// The device's next available entry.
+    pub next_avail: u16,
+    /// The device's next used entry.
+    pub next_used: u16,
+}
+
+/// The transport's registers and queues, for a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    /// Device ID of the device behind it (checked on restore).
+    pub device_type: u32,
+    /// Device status as the driver set it.
+    pub driver_status: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// The device had reported DEVICE_NEEDS_RESET.
+    pub needs_reset: bool,
+    /// The device was serving its queues (or about to).
+    pub activated: bool,
+    /// Every queue, in order.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl MmioTransport {
+    /// The transport's state; the device must be paused, so that the
+    /// positions its worker recorded are current.
+    pub fn snapshot(&self) -> Result<TransportSnapshot, String> {
+        let activated = self.device_activated || self.activation_pending;
+        let positions = if self.device_activated {
+            let p = self.device.queue_positions().ok_or_else(|| {
+                format!(
+                    "virtio device type {} is active but reports no queue positions",
+                    self.device.device_type()
+                )
+            })?;
+            if p.len() != self.queues.len() {
+                return Err(format!(
+                    "virtio device type {} reports {} queue positions for {} queues",
+                    self.device.device_type(),
+                    p.len(),
+                    self.queues.len()
+                ));
+            }
+            p
+        } else {
+            vec![Default::default(); self.queues.len()]
+        };
+        let queues = self
+            .queues
+            .iter()
+            .zip(positions)
+            .map(|(q, p)| QueueSnapshot {
+                size: q.size(),
+                ready: q.ready(),
+                desc_table: q.desc_table(),
+                avail_ring: q.avail_ring(),
+                used_ring: q.used_ring(),
+                next_avail: p.next_avail,
+                next_used: p.next_used,
+            })
+            .collect();
+        Ok(TransportSnapshot {
+            device_type: self.device.device_type(),
+            driver_status: self.driver_status,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            needs_reset: self.device_needs_reset.load(Ordering::SeqCst),
+            activated,
+            queues,
+        })
+    }
+
+    /// Take on a saved state (the transport is new, nothing has run) and,
+    /// if the device was serving its queues, start it again where it left
+    /// off. Every field comes from a file and is checked like a guest write.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        let kind = self.device.device_type();
+        if s.device_type != kind {
+            return Err(format!(
+                "device type {} in the snapshot, {kind} here",
+                s.device_type
+            ));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "device type {kind}: {} queues in the snapshot, {} here",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let offered = self.device.avail_features();
+        if s.acked_features & !offered != 0 {
+            return Err(format!(
+                "device type {kind}: the guest accepted features {:#x}, this host's device offers {offered:#x}",
+                s.acked_features
+            ));
+        }
+        let known = STATUS_ACKNOWLEDGE
+            | STATUS_DRIVER
+            | STATUS_FEATURES_OK
+            | STATUS_DRIVER_OK
+            | STATUS_FAILED;
+        if s.driver_status & !known != 0 || (s.activated && s.driver_status & STATUS_DRIVER_OK == 0)
+        {
+            return Err(format!(
+                "device type {kind}: impossible status {:#x}",
+                s.driver_status
+            ));
+        }
+        for (i, (q, saved)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size(),
+                next_avail: saved.next_avail,
+                next_used: saved.next_used,
+                event_idx_enabled: false,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            };
+            *q = Queue::try_from(state)
+                .map_err(|e| format!("device type {kind}, queue {i}: {e}"))?;
+        }
+        self.queue_select = s.queue_select;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.acked_features = s.acked_features;
+        self.driver_status = s.driver_status;
+        self.config_generation = s.config_generation;
+        self.interrupt_status
+            .store(s.interrupt_status, Ordering::SeqCst);
+        if s.driver_status & STATUS_FEATURES_OK != 0 {
+            self.device.set_acked_features(s.acked_features);
+        }
+        if s.activated && !s.needs_reset {
+            self.activate().map_err(|e| crate::error_chain(&e))?;
+        }
+        self.device_needs_reset
+            .store(s.needs_reset, Ordering::SeqCst);
+        if s.interrupt_status != 0 {
+            // Whatever the guest had not acknowledged yet: a second look
+            // at InterruptStatus is harmless, a lost interrupt is not.
+            self.raise_interrupt(0);
+        }
+        Ok(())
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {

@@ -16,7 +16,7 @@ pub mod queue_guard;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
-pub use epoll_helper::{EpollHandler, Served, WorkerHandle};
+pub use epoll_helper::{EpollHandler, QueuePosition, Served, WorkerHandle};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -140,6 +140,11 @@ pub trait VirtioDevice: Send {
     }
     /// Serve queues again.
     fn resume(&mut self) {}
+    /// Where the paused device's worker stands in each queue (for a
+    /// snapshot); `None` when no worker runs.
+    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
+        None
+    }
     /// Serve a new backing file from now on (block devices); the caller
     /// then tells the driver that the configuration changed.
     fn swap_backing_file(&mut self, _path: &std::path::Path) -> Result<(), block::DiskError> {

@@ -214,6 +214,10 @@ impl VirtioDevice for Block {
         self.worker.as_ref().is_none_or(WorkerHandle::pause)
     }
 
+    fn queue_positions(&self) -> Option<Vec<crate::devices::virtio::QueuePosition>> {
+        self.worker.as_ref().map(WorkerHandle::queue_positions)
+    }
+
     fn resume(&mut self) {
         if let Some(w) = &self.worker {
             w.resume();
@@ -292,6 +296,10 @@ impl EpollHandler for BlockHandler {
     fn watch(&self) -> Vec<(std::os::fd::RawFd, u64, EventSet)> {
         use std::os::fd::AsRawFd;
         vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)]
+    }
+
+    fn queue_positions(&self) -> Vec<crate::devices::virtio::QueuePosition> {
+        vec![crate::devices::virtio::QueuePosition::of(&self.queue)]
     }
 
     fn serve(&mut self, _ready: &[u64]) -> Served {

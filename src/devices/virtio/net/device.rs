@@ -291,6 +291,10 @@ impl VirtioDevice for Net {
         self.worker.as_ref().is_none_or(WorkerHandle::pause)
     }
 
+    fn queue_positions(&self) -> Option<Vec<crate::devices::virtio::QueuePosition>> {
+        self.worker.as_ref().map(WorkerHandle::queue_positions)
+    }
+
     fn resume(&mut self) {
         if let Some(w) = &self.worker {
             w.resume();

@@ -79,6 +79,14 @@ impl EpollHandler for Worker {
         Some(crate::seccomp::ThreadKind::NetWorker)
     }
 
+    fn queue_positions(&self) -> Vec<crate::devices::virtio::QueuePosition> {
+        use crate::devices::virtio::QueuePosition;
+        vec![
+            QueuePosition::of(&self.rx_queue),
+            QueuePosition::of(&self.tx_queue),
+        ]
+    }
+
     fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
         vec![
             (

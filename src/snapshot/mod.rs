@@ -1,0 +1,481 @@
+//! Snapshots: a paused VM written to two files, and a new process that
+//! runs it on from there.
+//!
+//! - The **state file** is one JSON document (serde): a format name and
+//!   version first, then the configuration (drives, NICs, memory size), the
+//!   guest memory layout, every vCPU's KVM state, the VM's interrupt
+//!   controllers, PIT and KVM clock, and each device's registers and queues.
+//!   A file with another format version is refused with a message naming
+//!   both versions.
+//! - The **memory file** is guest RAM, region after region, as a sparse file
+//!   (pages that are all zero are holes). A restore maps it `MAP_PRIVATE`:
+//!   nothing is read until the guest touches a page, and the guest's writes
+//!   never reach the file, so one snapshot can be restored any number of
+//!   times.
+//!
+//! Both files are input the VMM did not write in this process: every size,
+//! count and address in them is checked before it is used (see
+//! [`Snapshot::check`]); a bad file is an error, never a panic or a
+//! half-built VM. Disks are the caller's, as in Firecracker: the state names
+//! the backing files and their sizes, and a restore refuses a missing file or
+//! one whose size changed.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
+
+use crate::config::VmConfig;
+use crate::devices::legacy::I8042Snapshot;
+use crate::devices::rtc::CmosSnapshot;
+use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio::mmio::TransportSnapshot;
+use crate::memory::GuestMemoryMmap;
+use crate::vcpu::state::VcpuState;
+
+/// What the state file says it is.
+pub const FORMAT: &str = "microvm-snapshot";
+/// The state layout this build writes and reads.
+pub const VERSION: u32 = 1;
+/// Largest state file read (a 8-vCPU VM writes well under 1 MiB).
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+/// Granule of the sparse memory file.
+const PAGE: usize = 4096;
+/// Bytes copied out of guest memory at a time when saving.
+const CHUNK: usize = 1 << 20;
+
+/// The names `microvm --restore DIR` and the API's short form use in DIR.
+pub const STATE_FILE: &str = "state";
+/// See [`STATE_FILE`].
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors creating or loading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file could not be read, written or created.
+    #[error("snapshot file '{path}'")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not a snapshot this build can read.
+    #[error("'{path}' is not a usable snapshot state file: {reason}")]
+    BadState {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The memory file does not match the state.
+    #[error("memory file '{path}': {reason}")]
+    BadMemory {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A VM-level KVM ioctl failed.
+    #[error("KVM: cannot {what}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The VM cannot be saved in the state it is in.
+    #[error("cannot snapshot the VM: {0}")]
+    NotSaveable(String),
+    /// The restored VM could not take on the saved state.
+    #[error("cannot restore {what}: {reason}")]
+    Restore {
+        /// The part that failed.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl SnapshotError {
+    /// The error is the caller's input (a bad or mismatched file), not a
+    /// failure of the VMM or the host.
+    pub fn is_usage_error(&self) -> bool {
+        matches!(
+            self,
+            SnapshotError::BadState { .. } | SnapshotError::BadMemory { .. }
+        ) || matches!(self, SnapshotError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The interrupt controllers, PIT and clock KVM keeps for the VM.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct VmState {
+    /// Master 8259.
+    pub pic_master: kvm_irqchip,
+    /// Slave 8259.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The 8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// The KVM clock.
+    pub clock: kvm_clock_data,
+}
+
+impl VmState {
+    /// Read the state of the paused VM `vm`.
+    pub fn read(vm: &VmFd) -> Result<Self, SnapshotError> {
+        let chip = |id| -> Result<kvm_irqchip, SnapshotError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut c)
+                .map_err(|source| SnapshotError::Kvm {
+                    what: "read the interrupt controllers",
+                    source,
+                })?;
+            Ok(c)
+        };
+        let kvm = |what| move |source| SnapshotError::Kvm { what, source };
+        Ok(Self {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: vm.get_pit2().map_err(kvm("read the PIT"))?,
+            clock: vm.get_clock().map_err(kvm("read the KVM clock"))?,
+        })
+    }
+
+    /// Write the interrupt controllers and the PIT into the new VM `vm`.
+    pub fn write_devices(&self, vm: &VmFd) -> Result<(), SnapshotError> {
+        let kvm = |what| move |source| SnapshotError::Kvm { what, source };
+        for (chip, id) in [
+            (&self.pic_master, KVM_IRQCHIP_PIC_MASTER),
+            (&self.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            (&self.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != id {
+                return Err(SnapshotError::Restore {
+                    what: "the interrupt controllers".into(),
+                    reason: format!("chip {} where chip {id} belongs", chip.chip_id),
+                });
+            }
+            vm.set_irqchip(chip)
+                .map_err(kvm("set the interrupt controllers"))?;
+        }
+        vm.set_pit2(&self.pit).map_err(kvm("set the PIT"))
+    }
+
+    /// Set the KVM clock `elapsed_ns` past the saved one: the guest's
+    /// clocks move on by the time the VM spent saved.
+    pub fn write_clock(&self, vm: &VmFd, elapsed_ns: u64) -> Result<(), SnapshotError> {
+        let clock = kvm_clock_data {
+            clock: self.clock.clock.wrapping_add(elapsed_ns),
+            ..Default::default()
+        };
+        vm.set_clock(&clock).map_err(|source| SnapshotError::Kvm {
+            what: "set the KVM clock",
+            source,
+        })
+    }
+}
+
+/// The platform devices' registers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PlatformState {
+    /// The 16550.
+    pub serial: SerialSnapshot,
+    /// The CMOS.
+    pub cmos: CmosSnapshot,
+    /// The i8042.
+    pub i8042: I8042Snapshot,
+    /// What the guest wrote to the exit port so far (-1: nothing).
+    pub exit_status: i32,
+}
+
+/// One region of guest RAM and where it sits in the memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegion {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset in the memory file.
+    pub file_offset: u64,
+}
+
+/// One backing file as the snapshot saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIdentity {
+    /// The drive.
+    pub drive_id: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Everything in the state file.
+#[derive(Serialize, Deserialize)]
+pub struct Snapshot {
+    /// [`FORMAT`].
+    pub format: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// The microvm that wrote it.
+    pub vmm_version: String,
+    /// Wall-clock time of the save, in ns since the Unix epoch.
+    pub saved_at_unix_ns: u64,
+    /// The VM's configuration (NIC MACs filled in).
+    pub config: VmConfig,
+    /// Sizes of the drives' backing files.
+    pub disks: Vec<DiskIdentity>,
+    /// Guest RAM regions.
+    pub memory: Vec<MemoryRegion>,
+    /// KVM's VM-level state.
+    pub vm: VmState,
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// The platform devices.
+    pub platform: PlatformState,
+    /// Every virtio-mmio transport, in attach order (drives, then NICs).
+    pub virtio: Vec<TransportSnapshot>,
+}
+
+/// The first two fields, read before the rest so that a file of another
+/// version is refused by version, not by whichever field changed.
+#[derive(Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+}
+
+/// Nanoseconds since the Unix epoch now.
+pub fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Snapshot {
+    /// Everything a restore relies on that the types alone do not promise:
+    /// the memory layout is the one this build gives `memory_mib`, counts
+    /// match the configuration, lists are within what KVM takes.
+    pub fn check(&self) -> Result<(), String> {
+        let c = &self.config;
+        VmConfig::validate_machine(u64::from(c.cpus), c.memory_mib).map_err(|e| e.to_string())?;
+        if self.vcpus.len() != usize::from(c.cpus) {
+            return Err(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                c.cpus
+            ));
+        }
+        let want = crate::memory::ram_regions(c.memory_mib << 20);
+        let mut offset = 0u64;
+        if self.memory.len() != want.len() {
+            return Err(format!(
+                "{} memory regions where {} MiB has {}",
+                self.memory.len(),
+                c.memory_mib,
+                want.len()
+            ));
+        }
+        for (r, (addr, size)) in self.memory.iter().zip(&want) {
+            if r.guest_addr != addr.raw_value() || r.size != *size as u64 || r.file_offset != offset
+            {
+                return Err(format!(
+                    "memory region {:#x}+{:#x} at file offset {:#x} is not the layout of {} MiB",
+                    r.guest_addr, r.size, r.file_offset, c.memory_mib
+                ));
+            }
+            offset += r.size;
+        }
+        if self.virtio.len() != c.drives.len() + c.nets.len() {
+            return Err(format!(
+                "{} virtio devices for {} drives and {} NICs",
+                self.virtio.len(),
+                c.drives.len(),
+                c.nets.len()
+            ));
+        }
+        if self.disks.len() != c.drives.len()
+            || self
+                .disks
+                .iter()
+                .zip(&c.drives)
+                .any(|(d, c)| d.drive_id != c.id)
+        {
+            return Err("the disk list does not match the drives".into());
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if v.msrs.len() > crate::vcpu::state::MAX_MSRS
+                || v.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES
+            {
+                return Err(format!(
+                    "vcpu{i}: more MSRs or CPUID entries than KVM takes"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Total guest RAM, which is the memory file's size.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.iter().map(|r| r.size).sum()
+    }
+
+    /// Write the state file at `path` (replacing it).
+    pub fn write(&self, path: &Path) -> Result<u64, SnapshotError> {
+        let text =
+            serde_json::to_vec(self).map_err(|e| SnapshotError::NotSaveable(e.to_string()))?;
+        std::fs::write(path, &text).map_err(io_err(path))?;
+        Ok(text.len() as u64)
+    }
+
+    /// Read and check the state file at `path`.
+    pub fn read(path: &Path) -> Result<Self, SnapshotError> {
+        let bad = |reason: String| SnapshotError::BadState {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = File::open(path).map_err(io_err(path))?;
+        let mut text = Vec::new();
+        file.take(MAX_STATE_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(io_err(path))?;
+        if text.len() as u64 > MAX_STATE_BYTES {
+            return Err(bad(format!("larger than {MAX_STATE_BYTES} bytes")));
+        }
+        let header: Header =
+            serde_json::from_slice(&text).map_err(|e| bad(format!("no snapshot header ({e})")))?;
+        if header.format != FORMAT {
+            return Err(bad(format!(
+                "format '{}', expected '{FORMAT}'",
+                header.format
+            )));
+        }
+        if header.version != VERSION {
+            return Err(bad(format!(
+                "format version {}, this microvm reads version {VERSION}",
+                header.version
+            )));
+        }
+        let snap: Snapshot = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        snap.check().map_err(bad)?;
+        Ok(snap)
+    }
+}
+
+/// Write guest RAM to a new sparse file at `path`, region after region;
+/// returns the regions and how many bytes were not zero.
+pub fn save_memory(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(Vec<MemoryRegion>, u64), SnapshotError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for region in mem.iter() {
+        let size = region.len();
+        let start = region.start_addr();
+        let mut done = 0u64;
+        while done < size {
+            let n = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let addr = start.unchecked_add(done);
+            mem.get_slice(addr, n)
+                .map_err(|e| {
+                    SnapshotError::NotSaveable(format!("guest memory at {addr:#x?}: {e}"))
+                })?
+                .copy_to(&mut buf[..n]);
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, offset + done + (i * PAGE) as u64)
+                        .map_err(io_err(path))?;
+                    written += page.len() as u64;
+                }
+            }
+            done += n as u64;
+        }
+        regions.push(MemoryRegion {
+            guest_addr: start.raw_value(),
+            size,
+            file_offset: offset,
+        });
+        offset += size;
+    }
+    // The holes at the end are part of the file too.
+    file.set_len(offset).map_err(io_err(path))?;
+    Ok((regions, written))
+}
+
+/// Map the memory file at `path` as guest RAM laid out as `regions`,
+/// copy-on-write: pages are read when the guest touches them, and its
+/// writes stay in this process.
+pub fn map_memory(path: &Path, regions: &[MemoryRegion]) -> Result<GuestMemoryMmap, SnapshotError> {
+    let bad = |reason: String| SnapshotError::BadMemory {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    let want: u64 = regions.iter().map(|r| r.size).sum();
+    if len != want {
+        // A shorter file would fault the guest (SIGBUS) at the first page past its end.
+        return Err(bad(format!(
+            "{len} bytes, the snapshot's guest has {want} bytes of RAM"
+        )));
+    }
+    let mut mapped = Vec::with_capacity(regions.len());
+    for r in regions {
+        let size = usize::try_from(r.size).map_err(|_| bad("region too large".into()))?;
+        let fd = file.try_clone().map_err(io_err(path))?;
+        let region = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(fd, r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| {
+                bad(format!(
+                    "cannot map {size} bytes at offset {}: {e}",
+                    r.file_offset
+                ))
+            })?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+            .ok_or_else(|| bad(format!("region at {:#x} overflows", r.guest_addr)))?;
+        mapped.push(region);
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;
