@@ -22,8 +22,17 @@ const I8042_STATUS_BASE: u8 = 0x14;
 const I8042_CMD_BYTE_KBD_INT: u8 = 0x01;
 /// Bytes the output buffer holds; more are dropped, as a real 8042 would.
 const I8042_BUFFER: usize = 16;
-/// Set-2 scancodes of Ctrl, Alt and Delete pressed (Delete is extended).
+/// Command byte bit: translate the keyboard's set-2 scancodes to set 1.
+/// On, as PC firmware leaves it; Linux keeps it unless booted with
+/// `i8042.direct`, and then reads set 1.
+const I8042_CMD_BYTE_XLATE: u8 = 0x40;
+/// Command byte bit: system flag (self-test passed).
+const I8042_CMD_BYTE_SYS: u8 = 0x04;
+/// Set-2 scancodes of Ctrl, Alt and Delete pressed (Delete is extended),
+/// what the keyboard sends.
 const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+/// The same keys in set 1, what the controller hands on when it translates.
+const CTRL_ALT_DEL_XLATED: [u8; 4] = [0x1d, 0x38, 0xe0, 0x53];
 
 /// i8042 controller: the CPU reset line (command 0xFE, which `reboot=k`
 /// uses) calls `on_reset`, and a keyboard whose only keys are the
@@ -82,7 +91,7 @@ impl I8042 {
             on_reset: Box::new(on_reset),
             kbd_irq: None,
             out: VecDeque::new(),
-            command_byte: I8042_CMD_BYTE_KBD_INT | 0x04,
+            command_byte: I8042_CMD_BYTE_KBD_INT | I8042_CMD_BYTE_SYS | I8042_CMD_BYTE_XLATE,
             pending: None,
         }
     }
@@ -118,7 +127,11 @@ impl I8042 {
 
     /// Press Ctrl-Alt-Del: the guest sees the three make codes on IRQ 1.
     pub fn press_ctrl_alt_del(&mut self) {
-        self.push(&CTRL_ALT_DEL);
+        if self.command_byte & I8042_CMD_BYTE_XLATE != 0 {
+            self.push(&CTRL_ALT_DEL_XLATED);
+        } else {
+            self.push(&CTRL_ALT_DEL);
+        }
     }
 
     fn command(&mut self, cmd: u8) {
@@ -324,11 +337,24 @@ mod tests {
                 assert!(irq.read().is_ok(), "an interrupt for each further byte");
             }
         }
+        // Translation is on, as Linux leaves it: set-1 codes.
+        assert_eq!(got, CTRL_ALT_DEL_XLATED);
+
+        // `i8042.direct`: the driver clears translation and reads set 2.
+        d.write(4, &[0x60]);
+        d.write(0, &[I8042_CMD_BYTE_KBD_INT]);
+        while irq.read().is_ok() {}
+        d.press_ctrl_alt_del();
+        let mut got = Vec::new();
+        while status(&mut d) & 1 == 1 {
+            got.push(data(&mut d));
+        }
         assert_eq!(got, CTRL_ALT_DEL);
 
         // With the interrupt masked in the command byte, no IRQ.
         d.write(4, &[0x60]);
         d.write(0, &[0x00]);
+        while irq.read().is_ok() {}
         d.press_ctrl_alt_del();
         assert!(irq.read().is_err());
     }
