@@ -86,9 +86,7 @@ fn cap_eff(pid: u32) -> u64 {
 
 const CAP_NET_ADMIN: u32 = 12;
 
-fn have(cmd: &str, arg: &str) -> bool {
-    Command::new(cmd).arg(arg).output().is_ok() || missing(&format!("{cmd} is not installed"))
-}
+use common::have_command as have;
 
 fn curl(url: &str, extra: &[&str]) -> std::process::Output {
     Command::new("curl")

@@ -39,6 +39,11 @@ pub fn missing(what: &str) -> bool {
     false
 }
 
+/// `cmd arg` runs (the tool is installed); reports it missing otherwise.
+pub fn have_command(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd).arg(arg).output().is_ok() || missing(&format!("{cmd} is not installed"))
+}
+
 /// /dev/kvm is usable.
 pub fn have_kvm() -> bool {
     match std::fs::OpenOptions::new()
