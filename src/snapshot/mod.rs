@@ -142,6 +142,8 @@ pub struct VmState {
     pub pit: kvm_pit_state2,
     /// The KVM clock.
     pub clock: kvm_clock_data,
+    /// Wall-clock time the clock was read (ns since the Unix epoch).
+    pub read_at_unix_ns: u64,
 }
 
 impl VmState {
@@ -166,6 +168,7 @@ impl VmState {
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: vm.get_pit2().map_err(kvm("read the PIT"))?,
             clock: vm.get_clock().map_err(kvm("read the KVM clock"))?,
+            read_at_unix_ns: unix_now_ns(),
         })
     }
 
@@ -189,9 +192,11 @@ impl VmState {
         vm.set_pit2(&self.pit).map_err(kvm("set the PIT"))
     }
 
-    /// Set the KVM clock `elapsed_ns` past the saved one: the guest's
-    /// clocks move on by the time the VM spent saved.
-    pub fn write_clock(&self, vm: &VmFd, elapsed_ns: u64) -> Result<(), SnapshotError> {
+    /// Set the KVM clock as far past the saved one as the wall clock moved
+    /// since it was read: the guest's clocks go on as if it had been paused
+    /// all along.
+    pub fn write_clock(&self, vm: &VmFd) -> Result<u64, SnapshotError> {
+        let elapsed_ns = unix_now_ns().saturating_sub(self.read_at_unix_ns);
         let clock = kvm_clock_data {
             clock: self.clock.clock.wrapping_add(elapsed_ns),
             ..Default::default()
@@ -199,7 +204,8 @@ impl VmState {
         vm.set_clock(&clock).map_err(|source| SnapshotError::Kvm {
             what: "set the KVM clock",
             source,
-        })
+        })?;
+        Ok(elapsed_ns)
     }
 }
 

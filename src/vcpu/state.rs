@@ -88,6 +88,9 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     /// The guest TSC frequency in kHz.
     pub tsc_khz: u32,
+    /// Wall-clock time the state was read (ns since the Unix epoch): the
+    /// TSC went on counting after it while the VM stayed paused.
+    pub read_at_unix_ns: u64,
 }
 
 impl Clone for VcpuState {
@@ -108,6 +111,7 @@ impl Clone for VcpuState {
             mp_state: self.mp_state,
             events: self.events,
             tsc_khz: self.tsc_khz,
+            read_at_unix_ns: self.read_at_unix_ns,
         }
     }
 }
@@ -200,6 +204,7 @@ impl VcpuState {
                 .get_vcpu_events()
                 .map_err(kvm("read the pending events"))?,
             tsc_khz: fd.get_tsc_khz().map_err(kvm("read the TSC frequency"))?,
+            read_at_unix_ns: crate::snapshot::unix_now_ns(),
         })
     }
 
@@ -312,6 +317,7 @@ mod tests {
             mp_state: Default::default(),
             events: Default::default(),
             tsc_khz,
+            read_at_unix_ns: 0,
         }
     }
 

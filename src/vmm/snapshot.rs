@@ -227,7 +227,6 @@ impl Vmm {
             mut vcpus,
             platform: saved_platform,
             virtio,
-            saved_at_unix_ns,
             ..
         } = snap;
         config.timeout = timeout;
@@ -261,14 +260,15 @@ impl Vmm {
         )?;
 
         vm_state.write_devices(&vm)?;
-        let elapsed = snapshot::unix_now_ns().saturating_sub(saved_at_unix_ns);
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         let counters = Arc::new(ExitCounters::default());
         let saving = state_saving(&kvm);
         let (pio_bus, mmio_bus) = (devices.pio_bus(), devices.mmio_bus());
         let mut restored = Vec::with_capacity(vcpu_fds.len());
         for ((index, fd), state) in (0u8..).zip(vcpu_fds).zip(&mut vcpus) {
-            state.advance_tsc(elapsed);
+            // From when the vCPU parked: its TSC kept counting while the
+            // VM stayed paused before the snapshot, as the KVM clock did.
+            state.advance_tsc(snapshot::unix_now_ns().saturating_sub(state.read_at_unix_ns));
             state.write(&fd, index).map_err(|e| {
                 VmmError::Snapshot(SnapshotError::Restore {
                     what: format!("vcpu{index}"),
@@ -295,7 +295,7 @@ impl Vmm {
                 .restore(s)
                 .map_err(restore_err(format!("virtio device {i}")))?;
         }
-        vm_state.write_clock(&vm, elapsed)?;
+        let elapsed = vm_state.write_clock(&vm)?;
         for v in &restored {
             // Tells a guest using kvmclock that it was stopped, so that its
             // soft-lockup watchdog does not count the time saved; EINVAL
