@@ -840,6 +840,10 @@ mod tests {
         config_writes: Vec<(u64, Vec<u8>)>,
         fail_activate: bool,
         reset_result: bool,
+        /// What `queue_positions` reports (a paused worker's).
+        report_positions: Option<Vec<super::super::QueuePosition>>,
+        /// (next_avail, next_used) of each queue handed to `activate`.
+        activated_positions: Vec<(u16, u16)>,
     }
 
     struct MockDevice {
@@ -892,6 +896,10 @@ mod tests {
                 });
             }
             s.activations += 1;
+            s.activated_positions = queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used()))
+                .collect();
             s.queues = queues
                 .iter()
                 .map(|q| {
@@ -907,6 +915,9 @@ mod tests {
             s.interrupt = Some(interrupt);
             s.evts = queue_evts;
             Ok(())
+        }
+        fn queue_positions(&self) -> Option<Vec<super::super::QueuePosition>> {
+            self.state.lock().unwrap().report_positions.clone()
         }
         fn reset(&mut self) -> bool {
             let mut s = self.state.lock().unwrap();
@@ -991,6 +1002,84 @@ mod tests {
         assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 0);
         assert_eq!(r32(&mut t, REG_SHM_LEN_LOW), u32::MAX);
         assert_eq!(r32(&mut t, REG_CONFIG_GENERATION), 0);
+    }
+
+    #[test]
+    fn snapshot_restores_where_the_device_stopped_and_refuses_impossible_states() {
+        use super::super::{QueuePosition, VIRTIO_MMIO_INT_VRING};
+        let (mut t, state) = transport(vec![16]);
+        let m = mem();
+        let q0 = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        assert!(negotiate(&mut t, VIRTIO_F_VERSION_1 | FEATURE_A));
+        let (d, a, u) = (q0.desc_table_addr().0, q0.avail_addr().0, q0.used_addr().0);
+        setup_queue(&mut t, 0, d, a, u, 16);
+        w32(&mut t, REG_STATUS, OK_STATUS);
+        assert!(t.is_activated());
+        // An active device that cannot say where it is cannot be saved.
+        assert!(t.snapshot().unwrap_err().contains("no queue positions"));
+        state.lock().unwrap().report_positions = Some(vec![QueuePosition {
+            next_avail: 7,
+            next_used: 5,
+        }]);
+        t.interrupt_status()
+            .store(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        let snap = t.snapshot().unwrap();
+        assert!(snap.activated);
+        assert_eq!(snap.driver_status, OK_STATUS);
+        assert_eq!(snap.acked_features, VIRTIO_F_VERSION_1 | FEATURE_A);
+        assert_eq!(
+            (snap.queues[0].next_avail, snap.queues[0].next_used),
+            (7, 5)
+        );
+        assert_eq!(snap.queues[0].desc_table, d);
+
+        // A new transport takes it on and starts the device where it was.
+        let (mut t2, state2) = transport(vec![16]);
+        // The guest's memory as it was: 7 entries made available (avail.idx).
+        use vm_memory::Bytes;
+        t2.mem.write_obj(7u16, GuestAddress(a + 2)).unwrap();
+        t2.restore(&snap).unwrap();
+        assert!(t2.is_activated());
+        let s2 = state2.lock().unwrap();
+        assert_eq!(s2.activations, 1);
+        assert_eq!(s2.acked, VIRTIO_F_VERSION_1 | FEATURE_A);
+        assert_eq!(s2.activated_positions, vec![(7, 5)]);
+        assert_eq!(s2.queues[0], (true, 16, d, a, u));
+        drop(s2);
+        assert_eq!(r32(&mut t2, REG_STATUS), OK_STATUS);
+        assert_eq!(r32(&mut t2, REG_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+
+        // Every impossible state is refused and starts nothing.
+        let bad = |f: &dyn Fn(&mut TransportSnapshot), want: &str| {
+            let mut s = snap.clone();
+            f(&mut s);
+            let (mut t3, st3) = transport(vec![16]);
+            t3.mem.write_obj(7u16, GuestAddress(a + 2)).unwrap();
+            let e = t3.restore(&s).unwrap_err();
+            assert!(e.contains(want), "{want:?} not in {e:?}");
+            assert_eq!(st3.lock().unwrap().activations, 0);
+        };
+        bad(&|s| s.device_type = 1, "device type 1 in the snapshot");
+        bad(
+            &|s| s.queues.push(Default::default()),
+            "2 queues in the snapshot",
+        );
+        bad(
+            &|s| s.acked_features |= FEATURE_UNOFFERED,
+            "this host's device offers",
+        );
+        bad(&|s| s.driver_status |= 0x100, "impossible status");
+        bad(
+            &|s| s.driver_status &= !STATUS_DRIVER_OK,
+            "impossible status",
+        );
+        bad(&|s| s.queues[0].size = 12, "queue 0");
+        bad(&|s| s.queues[0].size = 32, "queue 0");
+        bad(&|s| s.queues[0].desc_table = 0x1001, "queue 0");
+        // Rings outside guest RAM, a device position the guest's ring
+        // contradicts: the activation check refuses them.
+        bad(&|s| s.queues[0].used_ring = 0x4000_0000, "cannot be served");
+        bad(&|s| s.queues[0].next_avail = 60_000, "cannot be served");
     }
 
     #[test]
