@@ -375,22 +375,24 @@ impl Snapshot {
         if text.len() as u64 > MAX_STATE_BYTES {
             return Err(bad(format!("larger than {MAX_STATE_BYTES} bytes")));
         }
+        Self::parse(&text).map_err(bad)
+    }
+
+    /// Parse and check a state file's bytes; the error says what is wrong.
+    pub fn parse(text: &[u8]) -> Result<Self, String> {
         let header: Header =
-            serde_json::from_slice(&text).map_err(|e| bad(format!("no snapshot header ({e})")))?;
+            serde_json::from_slice(text).map_err(|e| format!("no snapshot header ({e})"))?;
         if header.format != FORMAT {
-            return Err(bad(format!(
-                "format '{}', expected '{FORMAT}'",
-                header.format
-            )));
+            return Err(format!("format '{}', expected '{FORMAT}'", header.format));
         }
         if header.version != VERSION {
-            return Err(bad(format!(
+            return Err(format!(
                 "format version {}, this microvm reads version {VERSION}",
                 header.version
-            )));
+            ));
         }
-        let snap: Snapshot = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-        snap.check().map_err(bad)?;
+        let snap: Snapshot = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        snap.check()?;
         Ok(snap)
     }
 }
