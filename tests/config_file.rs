@@ -1,7 +1,8 @@
 //! End-to-end: `--config-file` boots the Flask VM from the example in
 //! docs/vm-config.json (its paths pointed at the test artifacts), with the
 //! API up as well: it reports the file's configuration and the running
-//! state, pauses and resumes, and SIGTERM ends the VM and removes the socket.
+//! state, pauses and resumes, and Ctrl-Alt-Del stops the app: the init syncs
+//! and reboots, microvm exits with the app's status and removes the socket.
 
 mod common;
 
@@ -70,11 +71,29 @@ fn config_file_boots_the_flask_vm() {
         );
         vm.check(r.0 == 204, &format!("{state}: {r:?}"));
     }
-    vm.terminate();
-    let st = vm.wait_exit(Duration::from_secs(60));
+    // Ctrl-Alt-Del: the init passes it to the app as SIGINT, then syncs and
+    // reboots, which ends the VM with the app's status.
+    let r = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    vm.check(r.0 == 204, &format!("SendCtrlAltDel: {r:?}"));
+    let st = vm.wait_exit(Duration::from_secs(120));
     vm.check(
-        st.and_then(|s| s.code()) == Some(143),
-        "SIGTERM ends the VM with 143",
+        st.is_some() && vm.stdout().contains("microvm-init: exit status"),
+        "Ctrl-Alt-Del stops the app and the init reboots",
+    );
+    let reported = vm
+        .stdout()
+        .split("microvm-init: exit status ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.trim().parse::<i32>().ok());
+    vm.check(
+        st.and_then(|s| s.code()) == reported,
+        &format!("microvm exits with the status the init reported ({reported:?}): {st:?}"),
     );
     assert!(!sock.exists(), "socket removed on exit");
 }

@@ -436,6 +436,11 @@ fn main() {
         }
     }
     setup_system();
+    // Ctrl-Alt-Del (the API's SendCtrlAltDel) then reaches PID 1 as a SIGINT,
+    // passed on to the app like any other, instead of restarting the kernel
+    // at once: the app stops, and the init syncs and reboots as after any exit.
+    // SAFETY: reboot(2) with RB_DISABLE_CAD only changes what Ctrl-Alt-Del does.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
     say("userspace up");
 
     let cfg = match std::fs::read_to_string(CONFIG_PATH) {
