@@ -88,43 +88,34 @@ fn main() -> ExitCode {
         },
     };
 
-    let vmm = if let Some(dir) = &launch.restore {
+    let built = if let Some(dir) = &launch.restore {
         let paths = microvm::vmm::SnapshotPaths::in_dir(dir);
-        match Vmm::restore(
+        Vmm::restore(
             &paths,
             true,
             launch.config.timeout,
             process_start,
             events,
             launch.id,
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("microvm: error: {}", microvm::error_chain(&e));
-                return ExitCode::from(if e.is_usage_error() {
-                    EXIT_USAGE
-                } else {
-                    EXIT_VMM_FAILURE
-                });
-            }
-        }
+        )
     } else if launch.boot_now {
-        match Vmm::build(launch.config, process_start, events, launch.id) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("microvm: error: {}", microvm::error_chain(&e));
-                return ExitCode::from(if e.is_usage_error() {
-                    EXIT_USAGE
-                } else {
-                    EXIT_VMM_FAILURE
-                });
-            }
-        }
+        Vmm::build(launch.config, process_start, events, launch.id)
     } else {
         let mut preboot = Preboot::new(launch.config, launch.id);
         match build_from_api(&mut preboot, &events, process_start) {
-            Ok(v) => v,
+            Ok(v) => Ok(v),
             Err(code) => return ExitCode::from(code),
+        }
+    };
+    let vmm = match built {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("microvm: error: {}", microvm::error_chain(&e));
+            return ExitCode::from(if e.is_usage_error() {
+                EXIT_USAGE
+            } else {
+                EXIT_VMM_FAILURE
+            });
         }
     };
     terminal::enter_raw_mode();
@@ -189,40 +180,38 @@ fn build_from_api(
                 // Nothing else exists before the VM does.
                 Ready::Event(_) | Ready::Activate | Ready::Timeout => continue,
             };
-            let resp: ApiResponse = match preboot.handle(req) {
-                PrebootStep::Answer(resp) => resp,
-                PrebootStep::Restore((state, memory), resume) => match Vmm::restore(
-                    &microvm::vmm::SnapshotPaths { state, memory },
-                    resume,
-                    preboot.config.timeout,
-                    process_start,
-                    events.clone(),
-                    preboot.id.clone(),
-                ) {
-                    Ok(vmm) => {
-                        let _ = reply.send(ApiResponse::no_content());
-                        return Ok(vmm);
-                    }
-                    Err(e) => fault(&format!(
-                        "cannot load the snapshot: {}",
-                        microvm::error_chain(&e)
-                    )),
-                },
-                PrebootStep::Start => match Vmm::build(
-                    preboot.config.clone(),
-                    process_start,
-                    events.clone(),
-                    preboot.id.clone(),
-                ) {
-                    Ok(vmm) => {
-                        let _ = reply.send(ApiResponse::no_content());
-                        return Ok(vmm);
-                    }
-                    Err(e) => fault(&format!(
-                        "cannot start the microVM: {}",
-                        microvm::error_chain(&e)
-                    )),
-                },
+            let (built, failed) = match preboot.handle(req) {
+                PrebootStep::Answer(resp) => {
+                    let _ = reply.send(resp);
+                    continue;
+                }
+                PrebootStep::Restore((state, memory), resume) => (
+                    Vmm::restore(
+                        &microvm::vmm::SnapshotPaths { state, memory },
+                        resume,
+                        preboot.config.timeout,
+                        process_start,
+                        events.clone(),
+                        preboot.id.clone(),
+                    ),
+                    "cannot load the snapshot",
+                ),
+                PrebootStep::Start => (
+                    Vmm::build(
+                        preboot.config.clone(),
+                        process_start,
+                        events.clone(),
+                        preboot.id.clone(),
+                    ),
+                    "cannot start the microVM",
+                ),
+            };
+            let resp = match built {
+                Ok(vmm) => {
+                    let _ = reply.send(ApiResponse::no_content());
+                    return Ok(vmm);
+                }
+                Err(e) => fault(&format!("{failed}: {}", microvm::error_chain(&e))),
             };
             let _ = reply.send(resp);
         }

@@ -212,18 +212,8 @@ impl Vmm {
             Some(p) => Some(boot::load_initrd(&mem, p)?),
             None => None,
         };
-        let mut devices = DeviceManager::with_activate_evt(
-            events
-                .activate_evt()
-                .map_err(host_err("activate eventfd"))?,
-        );
-        let platform = attach_platform_devices(
-            &vm,
-            &mut devices,
-            events.sender(),
-            (process_start, build_start),
-            None,
-        )?;
+        let (mut devices, platform) =
+            new_devices(&vm, &events, (process_start, build_start), None)?;
         let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(cmdline_err)?;
         cl.insert_str(config_base_cmdline(&config, emulated_kvm))
             .map_err(cmdline_err)?;
@@ -440,6 +430,23 @@ fn irqfd(vm: &VmFd, irq: u32, what: &'static str) -> Result<EventFd, VmmError> {
     Ok(evt)
 }
 
+/// A device manager whose transports activate through `events`, with the
+/// platform devices attached (in their saved state when restoring).
+fn new_devices(
+    vm: &VmFd,
+    events: &EventLoop,
+    times: (Instant, Instant),
+    saved: Option<&PlatformState>,
+) -> Result<(DeviceManager, Platform), VmmError> {
+    let mut devices = DeviceManager::with_activate_evt(
+        events
+            .activate_evt()
+            .map_err(host_err("activate eventfd"))?,
+    );
+    let platform = attach_platform_devices(vm, &mut devices, events.sender(), times, saved)?;
+    Ok((devices, platform))
+}
+
 /// UART, i8042, CMOS RTC, exit port and boot timer; in the state `saved`
 /// describes when restoring a snapshot.
 fn attach_platform_devices(
@@ -618,12 +625,10 @@ fn configure_vcpus(
     counters: &Arc<ExitCounters>,
 ) -> Result<Vec<Vcpu>, VmmError> {
     let cpus = u8::try_from(vcpu_fds.len()).unwrap_or(u8::MAX);
-    let pio_bus = devices.pio_bus();
-    let mmio_bus = devices.mmio_bus();
+    let parts = VcpuParts::new(kvm, devices, mem, emulated_kvm, counters);
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("read supported CPUID"))?;
-    let saving = state_saving(kvm);
     let mut vcpus = Vec::with_capacity(vcpu_fds.len());
     for (index, fd) in (0..cpus).zip(vcpu_fds) {
         let mut c = supported.clone();
@@ -633,20 +638,53 @@ fn configure_vcpus(
         if index == 0 {
             regs::setup_boot_vcpu(&fd, kernel.entry.0)?;
         }
-        vcpus.push(
-            Vcpu::new(
-                fd,
-                index,
-                pio_bus.clone(),
-                mmio_bus.clone(),
-                mem.clone(),
-                emulated_kvm,
-                counters.clone(),
-            )
-            .with_state_saving(saving.clone()),
-        );
+        vcpus.push(parts.vcpu(fd, index));
     }
     Ok(vcpus)
+}
+
+/// What every vCPU of a VM shares: the buses, guest memory, the exit
+/// counters and what it records of itself when it parks.
+struct VcpuParts {
+    pio_bus: Arc<crate::devices::bus::Bus>,
+    mmio_bus: Arc<crate::devices::bus::Bus>,
+    mem: GuestMemoryMmap,
+    emulated_kvm: bool,
+    counters: Arc<ExitCounters>,
+    saving: crate::vcpu::StateSaving,
+}
+
+impl VcpuParts {
+    fn new(
+        kvm: &Kvm,
+        devices: &DeviceManager,
+        mem: &GuestMemoryMmap,
+        emulated_kvm: bool,
+        counters: &Arc<ExitCounters>,
+    ) -> Self {
+        Self {
+            pio_bus: devices.pio_bus(),
+            mmio_bus: devices.mmio_bus(),
+            mem: mem.clone(),
+            emulated_kvm,
+            counters: counters.clone(),
+            saving: state_saving(kvm),
+        }
+    }
+
+    /// vCPU `index` on `fd`.
+    fn vcpu(&self, fd: VcpuFd, index: u8) -> Vcpu {
+        Vcpu::new(
+            fd,
+            index,
+            self.pio_bus.clone(),
+            self.mmio_bus.clone(),
+            self.mem.clone(),
+            self.emulated_kvm,
+            self.counters.clone(),
+        )
+        .with_state_saving(self.saving.clone())
+    }
 }
 
 /// What a parked vCPU reads of itself for a snapshot on this host.

@@ -19,8 +19,8 @@ use linux_loader::loader::Cmdline;
 
 use super::event_loop::EventLoop;
 use super::{
-    attach_platform_devices, attach_virtio_devices, cmdline_err, create_vcpu_fds, create_vm,
-    host_err, open_kvm, state_saving, RunState, Vmm, VmmError,
+    attach_virtio_devices, cmdline_err, create_vcpu_fds, create_vm, new_devices, open_kvm,
+    RunState, VcpuParts, Vmm, VmmError,
 };
 use crate::layout;
 use crate::memory;
@@ -28,7 +28,7 @@ use crate::snapshot::{
     self, DiskIdentity, PlatformState, Snapshot, SnapshotError, VmState, FORMAT, VERSION,
 };
 use crate::vcpu::thread::VcpuHandle;
-use crate::vcpu::{ExitCounters, Vcpu};
+use crate::vcpu::ExitCounters;
 
 /// Where a snapshot goes, or comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,15 +235,9 @@ impl Vmm {
         let vm = create_vm(&kvm)?;
         check_xsave_size(&vm).map_err(restore_err("the vCPUs"))?;
         memory::register_with_kvm(&vm, &mem)?;
-        let mut devices = super::DeviceManager::with_activate_evt(
-            events
-                .activate_evt()
-                .map_err(host_err("activate eventfd"))?,
-        );
-        let platform = attach_platform_devices(
+        let (mut devices, platform) = new_devices(
             &vm,
-            &mut devices,
-            events.sender(),
+            &events,
             (process_start, build_start),
             Some(&saved_platform),
         )?;
@@ -262,8 +256,7 @@ impl Vmm {
         vm_state.write_devices(&vm)?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         let counters = Arc::new(ExitCounters::default());
-        let saving = state_saving(&kvm);
-        let (pio_bus, mmio_bus) = (devices.pio_bus(), devices.mmio_bus());
+        let parts = VcpuParts::new(&kvm, &devices, &mem, emulated_kvm, &counters);
         let mut restored = Vec::with_capacity(vcpu_fds.len());
         for ((index, fd), state) in (0u8..).zip(vcpu_fds).zip(&mut vcpus) {
             // From when the vCPU parked: its TSC kept counting while the
@@ -275,18 +268,7 @@ impl Vmm {
                     reason: crate::error_chain(&e),
                 })
             })?;
-            restored.push(
-                Vcpu::new(
-                    fd,
-                    index,
-                    pio_bus.clone(),
-                    mmio_bus.clone(),
-                    mem.clone(),
-                    emulated_kvm,
-                    counters.clone(),
-                )
-                .with_state_saving(saving.clone()),
-            );
+            restored.push(parts.vcpu(fd, index));
         }
         for (i, (d, s)) in devices.devices().iter().zip(&virtio).enumerate() {
             d.transport
