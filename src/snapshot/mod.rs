@@ -255,6 +255,8 @@ pub struct Snapshot {
     pub saved_at_unix_ns: u64,
     /// The VM's configuration (NIC MACs filled in).
     pub config: VmConfig,
+    /// The kernel command line the guest booted with.
+    pub cmdline: String,
     /// Sizes of the drives' backing files.
     pub disks: Vec<DiskIdentity>,
     /// Guest RAM regions.

@@ -44,6 +44,7 @@ fn minimal() -> Snapshot {
         vmm_version: "test".into(),
         saved_at_unix_ns: unix_now_ns(),
         config,
+        cmdline: "console=ttyS0".into(),
         disks: Vec::new(),
         memory: vec![MemoryRegion {
             guest_addr: 0,

@@ -180,6 +180,8 @@ pub struct Vmm {
     process_start: Instant,
     /// Start with the vCPUs parked (a snapshot loaded with `resume_vm` false).
     start_paused: bool,
+    /// The kernel command line the guest booted with (kept in snapshots).
+    cmdline: String,
 }
 
 impl Vmm {
@@ -254,6 +256,10 @@ impl Vmm {
             counters,
             process_start,
             start_paused: false,
+            cmdline: cl
+                .as_cstring()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         })
     }
 

@@ -178,6 +178,7 @@ impl Vmm {
             vmm_version: env!("CARGO_PKG_VERSION").into(),
             saved_at_unix_ns: snapshot::unix_now_ns(),
             config: self.config.clone(),
+            cmdline: self.cmdline.clone(),
             disks,
             memory,
             vm,
@@ -222,6 +223,7 @@ impl Vmm {
         check_disks(&snap)?;
         let Snapshot {
             mut config,
+            cmdline: saved_cmdline,
             memory: regions,
             vm: vm_state,
             mut vcpus,
@@ -308,6 +310,7 @@ impl Vmm {
             counters,
             process_start,
             start_paused: !resume,
+            cmdline: saved_cmdline,
         })
     }
 }
