@@ -408,12 +408,10 @@ impl NetVm {
         host: &str,
         guest: &str,
     ) -> Self {
-        let bin = microvm_bin();
         let net = format!("host={host}/30,guest={guest}");
-        let start = Instant::now();
-        let mut child = ns
-            .command(&[
-                bin.to_str().unwrap(),
+        Self::spawn(
+            ns,
+            &[
                 "--kernel",
                 kernel.to_str().unwrap(),
                 "--rootfs",
@@ -422,7 +420,18 @@ impl NetVm {
                 "256",
                 "--net",
                 &net,
-            ])
+            ],
+        )
+    }
+
+    /// `microvm ARGS` inside `ns`.
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Self {
+        let bin = microvm_bin();
+        let start = Instant::now();
+        let mut argv = vec![bin.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        let mut child = ns
+            .command(&argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
