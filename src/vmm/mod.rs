@@ -23,9 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::LoadedKernel;
 use crate::boot::{self, cmdline, mptable, BootError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, ConsoleMode, VmConfig};
 use crate::devices::legacy::{BootTimer, ExitDevice, ExitStatus, I8042};
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
+use crate::devices::virtio::console::{Console, ConsoleInput};
 use crate::layout;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vcpu::regs::{self, RegsError};
@@ -168,6 +169,18 @@ pub struct Vmm {
     events: Rc<EventLoop>,
     counters: Arc<ExitCounters>,
     process_start: Instant,
+    /// Where host stdin goes: the guest's /dev/console.
+    stdin_to: StdinTarget,
+}
+
+/// The device host stdin feeds.
+enum StdinTarget {
+    /// The 16550 (`console=ttyS0`, also when `boot_args` ask for it).
+    Serial,
+    /// virtio-console's receive queue.
+    Virtio(ConsoleInput),
+    /// No console to type into.
+    Nothing,
 }
 
 impl Vmm {
@@ -216,6 +229,7 @@ impl Vmm {
         cl.insert_str(config_base_cmdline(&config, emulated_kvm))
             .map_err(cmdline_err)?;
         attach_virtio_devices(&vm, &mem, &mut devices, &config, &mut cl, events.sender())?;
+        let console_input = attach_console(&vm, &mem, &mut devices, &config, &platform, &mut cl)?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         finish_cmdline(&config, emulated_kvm, &vcpu_fds, &mut cl)?;
         mptable::setup(&mem, config.cpus)?;
@@ -231,6 +245,16 @@ impl Vmm {
             emulated_kvm,
             &counters,
         )?;
+        let stdin_to = match console_input {
+            _ if cl
+                .as_cstring()
+                .is_ok_and(|c| cmdline::console_is_serial(&c.to_string_lossy())) =>
+            {
+                StdinTarget::Serial
+            }
+            Some(input) => StdinTarget::Virtio(input),
+            None => StdinTarget::Nothing,
+        };
         log::debug!("VM built in {:?}", build_start.elapsed());
         Ok(Self {
             config,
@@ -244,26 +268,14 @@ impl Vmm {
             events,
             counters,
             process_start,
+            stdin_to,
         })
     }
 
     /// Start the vCPU threads and serve the event loop until the VM ends.
     /// Every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<Outcome, VmmError> {
-        let serial = self.platform.serial.clone();
-        // A blocking read of the host's stdin; the only thread not joined
-        // (nothing can interrupt the read), and it holds nothing that must
-        // be released.
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Stdin) {
-                    log::error!("stdin: {}", crate::error_chain(&e));
-                    return;
-                }
-                crate::devices::serial::forward_stdin(serial)
-            })
-            .map_err(host_err("stdin thread"))?;
+        self.spawn_stdin()?;
 
         crate::vcpu::thread::install_kick_handler().map_err(host_err("vCPU kick handler"))?;
         let mut handles = Vec::with_capacity(self.vcpus.len());
@@ -294,6 +306,34 @@ impl Vmm {
         self.devices.flush_all();
         log::info!("{}", self.counters.summary());
         outcome
+    }
+
+    /// Copy host stdin to the guest's console on a thread of its own: a
+    /// blocking read of the host's stdin; the only thread not joined
+    /// (nothing can interrupt the read), and it holds nothing that must be
+    /// released.
+    fn spawn_stdin(&self) -> Result<(), VmmError> {
+        let mut enqueue: Box<dyn FnMut(&[u8]) -> usize + Send> = match &self.stdin_to {
+            StdinTarget::Serial => Box::new(crate::devices::serial::uart_input(
+                self.platform.serial.clone(),
+            )),
+            StdinTarget::Virtio(input) => {
+                let input = input.clone();
+                Box::new(move |b: &[u8]| input.enqueue(b))
+            }
+            StdinTarget::Nothing => return Ok(()),
+        };
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Stdin) {
+                    log::error!("stdin: {}", crate::error_chain(&e));
+                    return;
+                }
+                crate::devices::serial::forward_stdin(&mut *enqueue)
+            })
+            .map_err(host_err("stdin thread"))?;
+        Ok(())
     }
 
     /// The event loop proper.
@@ -479,7 +519,7 @@ fn attach_platform_devices(
 /// `boot_args` in their place; then this host's workarounds.
 fn config_base_cmdline(config: &VmConfig, emulated_kvm: bool) -> String {
     match &config.boot_args {
-        None => cmdline::base(emulated_kvm),
+        None => cmdline::base(emulated_kvm, config.console),
         Some(args) if emulated_kvm => format!("{args} {}", cmdline::EMULATED_KVM_CMDLINE),
         Some(args) => args.clone(),
     }
@@ -512,6 +552,27 @@ fn attach_virtio_devices(
         cl.insert_str(ip).map_err(cmdline_err)?;
     }
     Ok(())
+}
+
+/// With `--console virtio`, the virtio-console (after every drive and NIC,
+/// so their windows and IRQs do not move): guest output to stdout, scanned
+/// for a kernel panic like the UART's; returns its input for host stdin.
+fn attach_console(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: &mut DeviceManager,
+    config: &VmConfig,
+    platform: &Platform,
+    cl: &mut Cmdline,
+) -> Result<Option<ConsoleInput>, VmmError> {
+    if config.console != ConsoleMode::Virtio {
+        return Ok(None);
+    }
+    let input = ConsoleInput::new().map_err(host_err("console input eventfd"))?;
+    let out = ConsoleOutput::new(std::io::stdout(), platform.guest_panicked.clone());
+    let dev = Console::new(Box::new(out), input.clone());
+    devices.attach_virtio(vm, mem, Box::new(dev), cl)?;
+    Ok(Some(input))
 }
 
 /// One vCPU file descriptor per vCPU (configured in [`configure_vcpus`]).

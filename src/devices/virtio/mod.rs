@@ -9,6 +9,7 @@
 //!   net, the TAP fd) and runs the queue logic.
 
 pub mod block;
+pub mod console;
 pub mod epoll_helper;
 pub mod mmio;
 pub mod net;
