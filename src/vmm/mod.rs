@@ -305,6 +305,7 @@ impl Vmm {
         // Whatever ended the VM, what the guest wrote must reach the disk images.
         self.devices.flush_all();
         log::info!("{}", self.counters.summary());
+        log::info!("{}", self.counters.by_address(16));
         outcome
     }
 
