@@ -12,6 +12,21 @@ use common::*;
 
 const HELLO: &str = "microvm-test-init: hello from userspace";
 
+/// Boot the test initramfs with `extra` microvm arguments (RUST_LOG=info),
+/// noting when `marker` shows; None (after reporting) without KVM or images.
+fn boot_initramfs(extra: &[&str], marker: Option<&str>) -> Option<Run> {
+    let kernel = boot_prereqs()?;
+    let initrd = test_initrd()?;
+    let mut a = args(&["--kernel", kernel.to_str()?, "--initrd", initrd.to_str()?]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    Some(run_env(
+        &a,
+        &[("RUST_LOG", "info")],
+        marker,
+        boot_deadline(Duration::from_secs(60), Duration::from_secs(900)),
+    ))
+}
+
 /// Type a command into the test initramfs' busybox shell over hvc0 and read
 /// the answer back from the console; `exit` ends the shell, and the guest
 /// reports the status given on its command line.
@@ -81,22 +96,12 @@ fn shell_over_virtio_console() {
 /// `--console serial`: the 16550 is the console, as before virtio-console.
 #[test]
 fn serial_console_still_works() {
-    let Some(kernel) = boot_prereqs() else { return };
-    let Some(initrd) = test_initrd() else { return };
-    let r = run(
-        &args(&[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--console",
-            "serial",
-            "--cmdline",
-            "microvm.test=exit=9",
-        ]),
+    let Some(r) = boot_initramfs(
+        &["--console", "serial", "--cmdline", "microvm.test=exit=9"],
         Some(HELLO),
-        boot_deadline(Duration::from_secs(60), Duration::from_secs(900)),
-    );
+    ) else {
+        return;
+    };
     r.check(r.marker_at.is_some(), "init marker on the serial console");
     r.check(
         r.stdout.contains("console=ttyS0 8250.nr_uarts=1"),
@@ -109,23 +114,12 @@ fn serial_console_still_works() {
 /// still arrives, and the boot timer still sees user space.
 #[test]
 fn no_console_still_reports_the_exit_status() {
-    let Some(kernel) = boot_prereqs() else { return };
-    let Some(initrd) = test_initrd() else { return };
-    let r = run_env(
-        &args(&[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--console",
-            "none",
-            "--cmdline",
-            "microvm.test=exit=3",
-        ]),
-        &[("RUST_LOG", "info")],
+    let Some(r) = boot_initramfs(
+        &["--console", "none", "--cmdline", "microvm.test=exit=3"],
         None,
-        boot_deadline(Duration::from_secs(60), Duration::from_secs(900)),
-    );
+    ) else {
+        return;
+    };
     r.check(r.code() == Some(3), "exit status through the exit device");
     r.check(r.stdout.is_empty(), "no console output");
     r.check(r.stderr.contains("Guest-boot-time"), "user space ran");
@@ -149,20 +143,12 @@ fn bad_console_is_a_usage_error() {
 /// default virtio console; hvc0 takes over once it is there.
 #[test]
 fn earlycon_on_the_16550() {
-    let Some(kernel) = boot_prereqs() else { return };
-    let Some(initrd) = test_initrd() else { return };
-    let r = run(
-        &args(&[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            "earlycon=uart,io,0x3f8 microvm.test=exit=4",
-        ]),
+    let Some(r) = boot_initramfs(
+        &["--cmdline", "earlycon=uart,io,0x3f8 microvm.test=exit=4"],
         Some(HELLO),
-        boot_deadline(Duration::from_secs(60), Duration::from_secs(900)),
-    );
+    ) else {
+        return;
+    };
     r.check(
         r.stdout.contains("earlycon: uart") && r.stdout.contains("I/O port 0x3f8"),
         "early messages on the 16550",

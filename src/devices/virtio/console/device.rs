@@ -21,8 +21,8 @@ use super::queue::{process_rx, process_tx, BadChains};
 use crate::devices::virtio::net::rxtx::LogLimiter;
 use crate::devices::virtio::queue_guard::{self, QueueError};
 use crate::devices::virtio::{
-    ActivateError, EpollHandler, Interrupt, Served, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, take_queues, ActivateError, EpollHandler, Interrupt, Served, VirtioDevice,
+    WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -210,12 +210,7 @@ impl VirtioDevice for Console {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(start) = usize::try_from(offset).ok().filter(|&o| o < CONFIG.len()) else {
-            return;
-        };
-        let n = data.len().min(CONFIG.len() - start);
-        data[..n].copy_from_slice(&CONFIG[start..start + n]);
+        read_config_bytes(&CONFIG, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -233,13 +228,7 @@ impl VirtioDevice for Console {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let [rx, tx]: [Queue; 2] = queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 2, got })?;
-        let [rx_evt, tx_evt]: [EventFd; 2] = queue_evts
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 2, got })?;
+        let ([rx, tx], [rx_evt, tx_evt]) = take_queues::<2>(queues, queue_evts)?;
         self.stop();
         let out = self
             .out
