@@ -57,7 +57,7 @@ pub fn console_is_serial(cmdline: &str) -> bool {
     cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix("console="))
-        .last()
+        .next_back()
         .is_some_and(|c| c.starts_with("ttyS"))
 }
 

@@ -173,6 +173,9 @@ pub struct Vmm {
     stdin_to: StdinTarget,
 }
 
+/// Takes host stdin bytes, says how many fit (see `serial::forward_stdin`).
+type StdinSink = Box<dyn FnMut(&[u8]) -> usize + Send>;
+
 /// The device host stdin feeds.
 enum StdinTarget {
     /// The 16550 (`console=ttyS0`, also when `boot_args` ask for it).
@@ -314,7 +317,7 @@ impl Vmm {
     /// (nothing can interrupt the read), and it holds nothing that must be
     /// released.
     fn spawn_stdin(&self) -> Result<(), VmmError> {
-        let mut enqueue: Box<dyn FnMut(&[u8]) -> usize + Send> = match &self.stdin_to {
+        let mut enqueue: StdinSink = match &self.stdin_to {
             StdinTarget::Serial => Box::new(crate::devices::serial::uart_input(
                 self.platform.serial.clone(),
             )),
