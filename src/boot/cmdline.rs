@@ -49,16 +49,15 @@ pub fn base(emulated_kvm: bool, console: ConsoleMode) -> String {
     }
 }
 
-/// Whether the guest's /dev/console is the 16550 on this command line: the
-/// kernel makes the last `console=` its /dev/console, so that is where host
-/// stdin must go (the API's `boot_args` may name ttyS0 whatever `--console`
-/// says).
-pub fn console_is_serial(cmdline: &str) -> bool {
+/// The last `console=` on a command line, without options (`ttyS0` of
+/// `console=ttyS0,115200`): the kernel makes it /dev/console, so that is
+/// where host stdin must go (the API's `boot_args` may name any).
+pub fn last_console(cmdline: &str) -> Option<&str> {
     cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix("console="))
         .next_back()
-        .is_some_and(|c| c.starts_with("ttyS"))
+        .map(|c| c.split(',').next().unwrap_or(c))
 }
 
 /// `microvm.cmd=<base64 of each argument followed by a NUL>`: survives any
@@ -109,12 +108,15 @@ mod tests {
         assert!(b(ConsoleMode::Virtio).starts_with("console=hvc0 8250.nr_uarts=0 "));
         assert!(b(ConsoleMode::Serial).starts_with("console=ttyS0 8250.nr_uarts=1 "));
         assert!(!b(ConsoleMode::None).contains("console="));
-        assert!(!console_is_serial(&b(ConsoleMode::Virtio)));
-        assert!(console_is_serial(&b(ConsoleMode::Serial)));
-        assert!(!console_is_serial(&b(ConsoleMode::None)));
+        assert_eq!(last_console(&b(ConsoleMode::Virtio)), Some("hvc0"));
+        assert_eq!(last_console(&b(ConsoleMode::Serial)), Some("ttyS0"));
+        assert_eq!(last_console(&b(ConsoleMode::None)), None);
         // The last console= is /dev/console.
-        assert!(console_is_serial("console=hvc0 x console=ttyS0,115200"));
-        assert!(!console_is_serial("console=ttyS0 console=hvc0"));
+        assert_eq!(
+            last_console("console=hvc0 x console=ttyS0,115200"),
+            Some("ttyS0")
+        );
+        assert_eq!(last_console("console=ttyS0 console=hvc0"), Some("hvc0"));
     }
 
     #[test]

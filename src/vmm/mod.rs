@@ -248,16 +248,7 @@ impl Vmm {
             emulated_kvm,
             &counters,
         )?;
-        let stdin_to = match console_input {
-            _ if cl
-                .as_cstring()
-                .is_ok_and(|c| cmdline::console_is_serial(&c.to_string_lossy())) =>
-            {
-                StdinTarget::Serial
-            }
-            Some(input) => StdinTarget::Virtio(input),
-            None => StdinTarget::Nothing,
-        };
+        let stdin_to = stdin_target(&config, &cl, console_input);
         log::debug!("VM built in {:?}", build_start.elapsed());
         Ok(Self {
             config,
@@ -577,6 +568,24 @@ fn attach_console(
     let dev = Console::new(Box::new(out), input.clone());
     devices.attach_virtio(vm, mem, Box::new(dev), cl)?;
     Ok(Some(input))
+}
+
+/// Where host stdin goes: the device of the last `console=`; without one
+/// the kernel's own default, ttyS0 (`boot_args` without `console=`), unless
+/// `--console none` left the guest no console at all.
+fn stdin_target(config: &VmConfig, cl: &Cmdline, input: Option<ConsoleInput>) -> StdinTarget {
+    let line = cl
+        .as_cstring()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match (cmdline::last_console(&line), input) {
+        (Some(c), Some(input)) if c.starts_with("hvc") => StdinTarget::Virtio(input),
+        (Some(c), None) if c.starts_with("hvc") => StdinTarget::Nothing,
+        (None, _) if config.boot_args.is_none() && config.console == ConsoleMode::None => {
+            StdinTarget::Nothing
+        }
+        _ => StdinTarget::Serial,
+    }
 }
 
 /// One vCPU file descriptor per vCPU (configured in [`configure_vcpus`]).
