@@ -141,6 +141,26 @@ def mmio_seeds():
     write("mmio_transport", "avail-index", handshake(0x100) + g.image(avail_idx=40))
 
 
+def console_seeds():
+    g = Guest()
+    g.put(0x400, b"hello, world\r\n")
+    g.chain(0, [(0x400, 7, 0), (0x407, 7, 0)])
+    g.indirect(2, 0x1000, [(0x400, 14, 0), (0x400, 14, 0)])
+    g.chain(3, [(0x500, 64, WRITE)])  # wrong direction for TX
+    write("console_queues", "tx", header() + g.image())
+    g = Guest()
+    g.indirect(0, 0x1000, [(0x400, 1, 0)] * 40)
+    write("console_queues", "tx-too-long", header() + g.image())
+    write("console_queues", "avail-index", header() + Guest().image(avail_idx=300))
+    g = Guest()
+    g.chain(0, [(0x400, 4, WRITE)])
+    g.chain(1, [(0x500, 3, WRITE), (0x600, 32, WRITE)])
+    g.chain(3, [(0x700, 16, 0)])  # wrong direction for RX
+    g.indirect(4, 0x1000, [(0x700, 8, WRITE)] * 3)
+    write("console_queues", "rx", header(flags=(9 << 1) | 1) + g.image())
+
+
 block_seeds()
 net_seeds()
 mmio_seeds()
+console_seeds()

@@ -41,11 +41,11 @@ GUEST PROTOCOL:
   0xf4 (the microvm exit device), then rebooting (i8042 reset, reboot=k).
   Writing 123 to the byte at guest-physical 0xC0000000 logs the boot time.
 
-The console is the guest's serial port: guest output goes to stdout, stdin to the
-guest. Set RUST_LOG=info to see boot-time and exit-count lines.";
+The console (--console) is virtio-console by default (hvc0): guest output goes to
+stdout, stdin to the guest. Set RUST_LOG=info to see boot-time and exit-count lines.";
 
 /// A lightweight KVM virtual machine monitor: boots a Linux kernel with virtio
-/// block and network devices, on a serial console.
+/// block and network devices and a virtio console.
 #[derive(Parser, Debug)]
 #[command(name = "microvm", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -125,9 +125,19 @@ pub struct Cli {
     /// come from the snapshot, the drives' files must be unchanged in size.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "memory", "cpus", "rootfs", "rootfs_ro", "drive", "net",
-        "publish", "config_file", "command"
+        "publish", "config_file", "command", "console"
     ])]
     pub restore: Option<PathBuf>,
+
+    /// The guest's console: "virtio" (virtio-console, console=hvc0: output
+    /// in batches, few VM exits), "serial" (the 16550 UART, console=ttyS0:
+    /// two VM exits per character) or "none" (no console output; a guest
+    /// command's exit status still arrives). Also for --config-file and
+    /// the API, whose formats have no console setting; `boot_args` that
+    /// name console=ttyS0 get the 16550, which is always present (also for
+    /// earlycon).
+    #[arg(long, value_name = "virtio|serial|none", default_value = "virtio")]
+    pub console: microvm::config::ConsoleMode,
 
     /// Name of this VM, shown by the API's `GET /`.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_ID)]
@@ -201,6 +211,7 @@ impl Cli {
             config.timeout = Some(Duration::from_secs_f64(t));
         }
         config.command = self.command;
+        config.console = self.console;
         // Without a kernel the API supplies the rest; InstanceStart validates.
         if boot_now {
             config.validate()?;

@@ -43,6 +43,36 @@ pub struct VmConfig {
     pub command: Vec<String>,
     /// Stop the VM after this long.
     pub timeout: Option<Duration>,
+    /// Which device is the guest's console.
+    pub console: ConsoleMode,
+}
+
+/// Which device is the guest's console (`--console`). The 16550 is on the
+/// port-I/O bus in every mode, for `earlycon` or a `console=ttyS0` the
+/// user asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ConsoleMode {
+    /// virtio-console, `console=hvc0`: output in batches on a virtqueue.
+    #[default]
+    Virtio,
+    /// The 16550 UART, `console=ttyS0`: two port-I/O exits per character.
+    Serial,
+    /// No console: no output; the exit status still arrives on port 0xf4.
+    None,
+}
+
+impl FromStr for ConsoleMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "virtio" => Ok(Self::Virtio),
+            "serial" => Ok(Self::Serial),
+            "none" => Ok(Self::None),
+            _ => Err(format!(
+                "unknown console '{s}': expected virtio, serial or none"
+            )),
+        }
+    }
 }
 
 impl VmConfig {
@@ -59,6 +89,7 @@ impl VmConfig {
             nets: Vec::new(),
             command: Vec::new(),
             timeout: None,
+            console: ConsoleMode::default(),
         }
     }
 }

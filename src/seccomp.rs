@@ -40,7 +40,9 @@ pub enum ThreadKind {
     BlockWorker,
     /// A virtio-net worker: queue processing and frames to/from its backend.
     NetWorker,
-    /// Copies host stdin into the UART.
+    /// A virtio-console worker: guest output to stdout, host input to the guest.
+    ConsoleWorker,
+    /// Copies host stdin into the console (the UART or virtio-console).
     Stdin,
     /// Watches a passt child: forwards its stderr to the log, waits for its exit.
     Passt,
@@ -61,6 +63,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::BlockWorker => "virtio-blk",
             ThreadKind::NetWorker => "virtio-net",
+            ThreadKind::ConsoleWorker => "virtio-console",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Api => "api",
             ThreadKind::Passt => "passt-supervisor",
@@ -199,6 +202,7 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         }
         ThreadKind::BlockWorker => calls.extend_from_slice(BLOCK_WORKER),
         ThreadKind::NetWorker => calls.extend_from_slice(NET_WORKER),
+        ThreadKind::ConsoleWorker => calls.extend_from_slice(CONSOLE_WORKER),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
         // Reaping under the lock kill() takes, so a recycled PID is never signalled.
         ThreadKind::Passt => calls.extend_from_slice(&[
@@ -236,6 +240,7 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
             calls.push(libc::SYS_seccomp);
             calls.extend_from_slice(BLOCK_WORKER);
             calls.extend_from_slice(NET_WORKER);
+            calls.extend_from_slice(CONSOLE_WORKER);
             calls.extend_from_slice(&[
                 libc::SYS_poll,
                 libc::SYS_ppoll,
@@ -289,6 +294,15 @@ const NET_WORKER: &[i64] = &[
     libc::SYS_sendto,
     // The passt backend waits briefly for its socket to drain.
     libc::SYS_poll,
+];
+
+/// A virtio-console worker: queue and input eventfds, stdout (`write`,
+/// common), the irqfd.
+const CONSOLE_WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
 ];
 
 /// The BPF program for `kind`.
@@ -534,6 +548,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::BlockWorker,
             ThreadKind::NetWorker,
+            ThreadKind::ConsoleWorker,
             ThreadKind::Stdin,
             ThreadKind::Api,
             ThreadKind::Passt,

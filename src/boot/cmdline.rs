@@ -2,10 +2,26 @@
 
 use base64::Engine;
 
-/// What every guest gets: serial console, i8042 reset on reboot, reboot
-/// (not hang) on panic, no PCI probing, one legacy UART.
+use crate::config::ConsoleMode;
+
+/// What every guest gets, whatever its console: i8042 reset on reboot,
+/// reboot (not hang) on panic, no PCI probing, the i8042 probed for its
+/// keyboard only.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+    "reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// The console part of the defaults. Only with the serial console does the
+/// 8250 driver get a port to probe: probing and registering the absent
+/// COM2-4 (and, without a console on it, COM1) costs port-I/O exits that
+/// nothing needs. `--cmdline 8250.nr_uarts=1` brings ttyS0 back (the last
+/// value given wins), e.g. with `earlycon` or `console=ttyS0`.
+pub fn console_params(console: ConsoleMode) -> &'static str {
+    match console {
+        ConsoleMode::Virtio => "console=hvc0 8250.nr_uarts=0",
+        ConsoleMode::Serial => "console=ttyS0 8250.nr_uarts=1",
+        ConsoleMode::None => "8250.nr_uarts=0",
+    }
+}
 
 /// Added only on hosts whose KVM interprets guest kernel mode (see
 /// docs/ARCHITECTURE.md): keep the kernel off instructions that KVM's
@@ -23,13 +39,25 @@ pub const EMULATED_KVM_CMDLINE: &str = concat!(
 /// Kernel parameter carrying the command the rootfs init runs (see rootfs/README.md).
 pub const CMD_PARAM: &str = "microvm.cmd";
 
-/// The base command line for this host.
-pub fn base(emulated_kvm: bool) -> String {
+/// The base command line for this host and console.
+pub fn base(emulated_kvm: bool, console: ConsoleMode) -> String {
+    let console = console_params(console);
     if emulated_kvm {
-        format!("{DEFAULT_CMDLINE} {EMULATED_KVM_CMDLINE}")
+        format!("{console} {DEFAULT_CMDLINE} {EMULATED_KVM_CMDLINE}")
     } else {
-        DEFAULT_CMDLINE.to_string()
+        format!("{console} {DEFAULT_CMDLINE}")
     }
+}
+
+/// The last `console=` on a command line, without options (`ttyS0` of
+/// `console=ttyS0,115200`): the kernel makes it /dev/console, so that is
+/// where host stdin must go (the API's `boot_args` may name any).
+pub fn last_console(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("console="))
+        .next_back()
+        .map(|c| c.split(',').next().unwrap_or(c))
 }
 
 /// `microvm.cmd=<base64 of each argument followed by a NUL>`: survives any
@@ -66,11 +94,29 @@ mod tests {
 
     #[test]
     fn emulated_adds_workarounds_only_there() {
-        assert!(!base(false).contains("noxsave"));
-        assert!(base(true).starts_with(DEFAULT_CMDLINE));
-        assert!(base(true).contains("clearcpuid=smap"));
-        assert!(base(true).contains("tsc=reliable"));
-        assert!(!base(true).contains(", "));
+        let v = ConsoleMode::Virtio;
+        assert!(!base(false, v).contains("noxsave"));
+        assert!(base(true, v).contains(DEFAULT_CMDLINE));
+        assert!(base(true, v).contains("clearcpuid=smap"));
+        assert!(base(true, v).contains("tsc=reliable"));
+        assert!(!base(true, v).contains(", "));
+    }
+
+    #[test]
+    fn console_modes_pick_the_console_and_the_uarts() {
+        let b = |c| base(false, c);
+        assert!(b(ConsoleMode::Virtio).starts_with("console=hvc0 8250.nr_uarts=0 "));
+        assert!(b(ConsoleMode::Serial).starts_with("console=ttyS0 8250.nr_uarts=1 "));
+        assert!(!b(ConsoleMode::None).contains("console="));
+        assert_eq!(last_console(&b(ConsoleMode::Virtio)), Some("hvc0"));
+        assert_eq!(last_console(&b(ConsoleMode::Serial)), Some("ttyS0"));
+        assert_eq!(last_console(&b(ConsoleMode::None)), None);
+        // The last console= is /dev/console.
+        assert_eq!(
+            last_console("console=hvc0 x console=ttyS0,115200"),
+            Some("ttyS0")
+        );
+        assert_eq!(last_console("console=ttyS0 console=hvc0"), Some("hvc0"));
     }
 
     #[test]

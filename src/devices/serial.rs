@@ -181,8 +181,10 @@ impl<W: Write + Send> BusDevice for SerialDevice<W> {
     }
 }
 
-/// Feed the host's stdin into the UART until EOF. Runs on its own thread.
-pub fn forward_stdin<W: Write + Send + 'static>(serial: Arc<Mutex<SerialDevice<W>>>) {
+/// Feed the host's stdin to the guest's console until EOF: `enqueue` takes
+/// bytes and says how many fit (the UART's FIFO, virtio-console's input
+/// buffer). Runs on its own thread.
+pub fn forward_stdin(mut enqueue: impl FnMut(&[u8]) -> usize) {
     use std::io::Read;
     let mut stdin = io::stdin();
     let mut buf = [0u8; 64];
@@ -193,16 +195,25 @@ pub fn forward_stdin<W: Write + Send + 'static>(serial: Arc<Mutex<SerialDevice<W
         };
         let mut sent = 0;
         while sent < n {
-            let k = {
-                let mut s = serial.lock().unwrap_or_else(|e| e.into_inner());
-                s.enqueue_input(&buf[sent..n])
-            };
+            let k = enqueue(&buf[sent..n]);
             sent += k;
             if k == 0 {
-                // FIFO full: the guest has not read yet; wait a little.
+                // Full: the guest has not read yet; wait a little.
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
         }
+    }
+}
+
+/// [`forward_stdin`]'s `enqueue` for the UART.
+pub fn uart_input<W: Write + Send>(
+    serial: Arc<Mutex<SerialDevice<W>>>,
+) -> impl FnMut(&[u8]) -> usize {
+    move |bytes| {
+        serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_input(bytes)
     }
 }
 

@@ -267,7 +267,7 @@ pub struct Snapshot {
     pub vcpus: Vec<VcpuState>,
     /// The platform devices.
     pub platform: PlatformState,
-    /// Every virtio-mmio transport, in attach order (drives, then NICs).
+    /// Every virtio-mmio transport, in attach order (drives, NICs, console).
     pub virtio: Vec<TransportSnapshot>,
 }
 
@@ -321,9 +321,10 @@ impl Snapshot {
             }
             offset += r.size;
         }
-        if self.virtio.len() != c.drives.len() + c.nets.len() {
+        let consoles = usize::from(c.console == crate::config::ConsoleMode::Virtio);
+        if self.virtio.len() != c.drives.len() + c.nets.len() + consoles {
             return Err(format!(
-                "{} virtio devices for {} drives and {} NICs",
+                "{} virtio devices for {} drives, {} NICs and {consoles} virtio consoles",
                 self.virtio.len(),
                 c.drives.len(),
                 c.nets.len()

@@ -38,6 +38,7 @@ fn minimal() -> Snapshot {
     let mut config = VmConfig::new("/boot/vmlinux");
     config.memory_mib = 16;
     config.cpus = 1;
+    config.console = crate::config::ConsoleMode::Serial;
     Snapshot {
         format: FORMAT.into(),
         version: VERSION,

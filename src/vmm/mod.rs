@@ -26,10 +26,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::LoadedKernel;
 use crate::boot::{self, cmdline, mptable, BootError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, ConsoleMode, VmConfig};
 use crate::devices::legacy::{BootTimer, ExitDevice, ExitStatus, I8042};
 use crate::devices::rtc::Cmos;
 use crate::devices::serial::{ConsoleOutput, SerialDevice};
+use crate::devices::virtio::console::{Console, ConsoleInput};
 use crate::layout;
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::snapshot::{PlatformState, SnapshotError};
@@ -182,6 +183,21 @@ pub struct Vmm {
     start_paused: bool,
     /// The kernel command line the guest booted with (kept in snapshots).
     cmdline: String,
+    /// Where host stdin goes: the guest's /dev/console.
+    stdin_to: StdinTarget,
+}
+
+/// Takes host stdin bytes, says how many fit (see `serial::forward_stdin`).
+type StdinSink = Box<dyn FnMut(&[u8]) -> usize + Send>;
+
+/// The device host stdin feeds.
+enum StdinTarget {
+    /// The 16550 (`console=ttyS0`, also when `boot_args` ask for it).
+    Serial,
+    /// virtio-console's receive queue.
+    Virtio(ConsoleInput),
+    /// No console to type into.
+    Nothing,
 }
 
 impl Vmm {
@@ -227,6 +243,7 @@ impl Vmm {
             &mut cl,
             events.sender(),
         )?;
+        let console_input = attach_console(&vm, &mem, &mut devices, &config, &platform, &mut cl)?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         finish_cmdline(&config, emulated_kvm, &vcpu_fds, &mut cl)?;
         mptable::setup(&mem, config.cpus)?;
@@ -242,6 +259,11 @@ impl Vmm {
             emulated_kvm,
             &counters,
         )?;
+        let cmdline = cl
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stdin_to = stdin_target(&config, &cmdline, console_input);
         log::debug!("VM built in {:?}", build_start.elapsed());
         Ok(Self {
             config,
@@ -256,30 +278,15 @@ impl Vmm {
             counters,
             process_start,
             start_paused: false,
-            cmdline: cl
-                .as_cstring()
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            cmdline,
+            stdin_to,
         })
     }
 
     /// Start the vCPU threads and serve the event loop until the VM ends.
     /// Every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<Outcome, VmmError> {
-        let serial = self.platform.serial.clone();
-        // A blocking read of the host's stdin; the only thread not joined
-        // (nothing can interrupt the read), and it holds nothing that must
-        // be released.
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Stdin) {
-                    log::error!("stdin: {}", crate::error_chain(&e));
-                    return;
-                }
-                crate::devices::serial::forward_stdin(serial)
-            })
-            .map_err(host_err("stdin thread"))?;
+        self.spawn_stdin()?;
 
         crate::vcpu::thread::install_kick_handler().map_err(host_err("vCPU kick handler"))?;
         let mut handles = Vec::with_capacity(self.vcpus.len());
@@ -314,7 +321,36 @@ impl Vmm {
         // Whatever ended the VM, what the guest wrote must reach the disk images.
         self.devices.flush_all();
         log::info!("{}", self.counters.summary());
+        log::info!("{}", self.counters.by_address(16));
         outcome
+    }
+
+    /// Copy host stdin to the guest's console on a thread of its own: a
+    /// blocking read of the host's stdin; the only thread not joined
+    /// (nothing can interrupt the read), and it holds nothing that must be
+    /// released.
+    fn spawn_stdin(&self) -> Result<(), VmmError> {
+        let mut enqueue: StdinSink = match &self.stdin_to {
+            StdinTarget::Serial => Box::new(crate::devices::serial::uart_input(
+                self.platform.serial.clone(),
+            )),
+            StdinTarget::Virtio(input) => {
+                let input = input.clone();
+                Box::new(move |b: &[u8]| input.enqueue(b))
+            }
+            StdinTarget::Nothing => return Ok(()),
+        };
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Stdin) {
+                    log::error!("stdin: {}", crate::error_chain(&e));
+                    return;
+                }
+                crate::devices::serial::forward_stdin(&mut *enqueue)
+            })
+            .map_err(host_err("stdin thread"))?;
+        Ok(())
     }
 
     /// The event loop proper.
@@ -537,7 +573,7 @@ fn attach_platform_devices(
 /// `boot_args` in their place; then this host's workarounds.
 fn config_base_cmdline(config: &VmConfig, emulated_kvm: bool) -> String {
     match &config.boot_args {
-        None => cmdline::base(emulated_kvm),
+        None => cmdline::base(emulated_kvm, config.console),
         Some(args) if emulated_kvm => format!("{args} {}", cmdline::EMULATED_KVM_CMDLINE),
         Some(args) => args.clone(),
     }
@@ -573,6 +609,41 @@ fn attach_virtio_devices(
         cl.insert_str(ip).map_err(cmdline_err)?;
     }
     Ok(())
+}
+
+/// With `--console virtio`, the virtio-console (after every drive and NIC,
+/// so their windows and IRQs do not move): guest output to stdout, scanned
+/// for a kernel panic like the UART's; returns its input for host stdin.
+fn attach_console(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: &mut DeviceManager,
+    config: &VmConfig,
+    platform: &Platform,
+    cl: &mut Cmdline,
+) -> Result<Option<ConsoleInput>, VmmError> {
+    if config.console != ConsoleMode::Virtio {
+        return Ok(None);
+    }
+    let input = ConsoleInput::new().map_err(host_err("console input eventfd"))?;
+    let out = ConsoleOutput::new(std::io::stdout(), platform.guest_panicked.clone());
+    let dev = Console::new(Box::new(out), input.clone());
+    devices.attach_virtio(vm, mem, Box::new(dev), cl)?;
+    Ok(Some(input))
+}
+
+/// Where host stdin goes: the device of the last `console=`; without one
+/// the kernel's own default, ttyS0 (`boot_args` without `console=`), unless
+/// `--console none` left the guest no console at all.
+fn stdin_target(config: &VmConfig, line: &str, input: Option<ConsoleInput>) -> StdinTarget {
+    match (cmdline::last_console(line), input) {
+        (Some(c), Some(input)) if c.starts_with("hvc") => StdinTarget::Virtio(input),
+        (Some(c), None) if c.starts_with("hvc") => StdinTarget::Nothing,
+        (None, _) if config.boot_args.is_none() && config.console == ConsoleMode::None => {
+            StdinTarget::Nothing
+        }
+        _ => StdinTarget::Serial,
+    }
 }
 
 /// One vCPU file descriptor per vCPU (configured in [`configure_vcpus`]).

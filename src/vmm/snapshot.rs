@@ -19,8 +19,8 @@ use linux_loader::loader::Cmdline;
 
 use super::event_loop::EventLoop;
 use super::{
-    attach_virtio_devices, cmdline_err, create_vcpu_fds, create_vm, new_devices, open_kvm,
-    RunState, VcpuParts, Vmm, VmmError,
+    attach_console, attach_virtio_devices, cmdline_err, create_vcpu_fds, create_vm, new_devices,
+    open_kvm, stdin_target, RunState, VcpuParts, Vmm, VmmError,
 };
 use crate::layout;
 use crate::memory;
@@ -254,6 +254,8 @@ impl Vmm {
             &mut cl,
             events.sender(),
         )?;
+        let console_input = attach_console(&vm, &mem, &mut devices, &config, &platform, &mut cl)?;
+        let stdin_to = stdin_target(&config, &saved_cmdline, console_input);
 
         vm_state.write_devices(&vm)?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
@@ -311,6 +313,7 @@ impl Vmm {
             process_start,
             start_paused: !resume,
             cmdline: saved_cmdline,
+            stdin_to,
         })
     }
 }

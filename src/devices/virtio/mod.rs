@@ -9,6 +9,7 @@
 //!   net, the TAP fd) and runs the queue logic.
 
 pub mod block;
+pub mod console;
 pub mod epoll_helper;
 pub mod mmio;
 pub mod net;
@@ -48,6 +49,30 @@ pub enum ActivateError {
     /// A host resource (thread, epoll, fd) could not be created.
     #[error("cannot start the device worker")]
     Worker(#[source] std::io::Error),
+}
+
+/// Copy the bytes of a device configuration space `config` at `offset`
+/// into `data`; bytes past its end (or an offset no slice can hold) read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(start) = usize::try_from(offset).ok().filter(|&o| o < config.len()) else {
+        return;
+    };
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// The `N` queues and their notify eventfds a device of `N` queues was
+/// activated with, or the error naming how many the driver set up.
+pub fn take_queues<const N: usize>(
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+) -> Result<([Queue; N], [EventFd; N]), ActivateError> {
+    let count = |got| ActivateError::QueueCount { want: N, got };
+    let (nq, ne) = (queues.len(), queue_evts.len());
+    let queues: [Queue; N] = queues.try_into().map_err(|_| count(nq))?;
+    let evts: [EventFd; N] = queue_evts.try_into().map_err(|_| count(ne))?;
+    Ok((queues, evts))
 }
 
 /// How a device raises its interrupt: sets a bit in the transport's

@@ -22,9 +22,10 @@
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// What is wrong with a queue (the ring variants) or one chain (the chain
 /// variants, see [`QueueError::is_chain_error`]).
@@ -143,6 +144,25 @@ pub fn enable_notification<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result
         .enable_notification(mem)
         .map_err(|_| QueueError::RingAccess("write the used ring flags"))?;
     Ok(pending(queue, mem)? > 0)
+}
+
+/// Whether the driver wants an interrupt for the used entries just added:
+/// with `VIRTIO_RING_F_EVENT_IDX` as its used event index says; without it,
+/// unless it set `VRING_AVAIL_F_NO_INTERRUPT` (a hint we honour). An error
+/// (the ring cannot be read) means "interrupt", which is never wrong.
+pub fn wants_interrupt<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+) -> Result<bool, virtio_queue::Error> {
+    // Without EVENT_IDX, virtio-queue always says yes.
+    let needed = queue.needs_notification(mem)?;
+    if !needed || queue.event_idx_enabled() {
+        return Ok(needed);
+    }
+    let flags = mem
+        .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
 }
 
 /// A descriptor chain that yields at most `limit` descriptors (the queue

@@ -25,8 +25,8 @@ use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOC
 use crate::config::{CacheType, DriveConfig};
 use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
-    ActivateError, EpollHandler, Interrupt, Served, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, take_queues, ActivateError, EpollHandler, Interrupt, Served, VirtioDevice,
+    WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -155,12 +155,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(start) = usize::try_from(offset).ok().filter(|&o| o < CONFIG_LEN) else {
-            return;
-        };
-        let n = data.len().min(CONFIG_LEN - start);
-        data[..n].copy_from_slice(&self.config[start..start + n]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -177,16 +172,9 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         interrupt: Interrupt,
         queues: Vec<Queue>,
-        mut queue_evts: Vec<EventFd>,
+        queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let [queue]: [Queue; 1] = queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 1, got })?;
-        let queue_evt = queue_evts
-            .pop()
-            .filter(|_| queue_evts.is_empty())
-            .ok_or(ActivateError::QueueCount { want: 1, got })?;
+        let ([queue], [queue_evt]) = take_queues::<1>(queues, queue_evts)?;
         self.stop_worker();
 
         let handler = BlockHandler {

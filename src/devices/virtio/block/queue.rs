@@ -4,10 +4,7 @@
 //! Pure queue logic over guest memory and a [`Disk`]: no threads, no KVM, so
 //! it is tested with virtio-queue's mock driver.
 
-use std::sync::atomic::Ordering;
-
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -56,21 +53,10 @@ fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, used_any: bool, errors: &mut
     if !used_any {
         return false;
     }
-    match queue.needs_notification(mem) {
-        // Without EVENT_IDX, virtio-queue always says yes; the driver may
-        // still have set VRING_AVAIL_F_NO_INTERRUPT (a hint we honour).
-        Ok(true) if !queue.event_idx_enabled() => {
-            match mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire) {
-                Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
-                Err(_) => true,
-            }
-        }
-        Ok(needed) => needed,
-        Err(e) => {
-            errors.report("cannot read the used event index", &e);
-            true
-        }
-    }
+    queue_guard::wants_interrupt(queue, mem).unwrap_or_else(|e| {
+        errors.report("cannot read the used event index", &e);
+        true
+    })
 }
 
 /// Serve one chain; returns the used length (bytes written to guest memory,
@@ -127,7 +113,7 @@ mod tests {
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
 use super::worker::Worker;
 use crate::devices::virtio::{
-    ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
+    take_queues, ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 use crate::net::{FrameBackend, MacAddr};
@@ -230,27 +230,10 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                want: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        if queue_evts.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                want: QUEUE_SIZES.len(),
-                got: queue_evts.len(),
-            });
-        }
+        let ([rx_queue, tx_queue], [rx_evt, tx_evt]) = take_queues::<2>(queues, queue_evts)?;
         self.stop_worker();
         self.program_tap_offloads();
 
-        let [rx_queue, tx_queue]: [Queue; 2] = queues
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 2, got: 0 })?;
-        let [rx_evt, tx_evt]: [EventFd; 2] = queue_evts
-            .try_into()
-            .map_err(|_| ActivateError::QueueCount { want: 2, got: 0 })?;
         let acked = self.acked_features;
         let mrg_rxbuf = acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
         let guest_csum = acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0;
