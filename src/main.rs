@@ -60,6 +60,7 @@ fn main() -> ExitCode {
     }));
 
     microvm::seccomp::set_enabled(launch.seccomp);
+    microvm::seccomp::limit_malloc_arenas();
     if launch.seccomp {
         if let Err(e) = microvm::seccomp::install_sigsys_handler() {
             eprintln!("microvm: error: {}", microvm::error_chain(&e));

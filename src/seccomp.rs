@@ -305,6 +305,23 @@ const CONSOLE_WORKER: &[i64] = &[
     libc::SYS_read,
 ];
 
+/// glibc's malloc arenas at most: a fixed limit, set before any thread
+/// starts (see [`limit_malloc_arenas`]).
+const MALLOC_ARENAS: libc::c_int = 4;
+
+/// Fix the number of glibc malloc arenas. Without a limit, the thread that
+/// needs a ninth arena makes glibc count the CPUs by opening
+/// /sys/devices/system/cpu/online, and no filter allows `openat` to a
+/// worker or API connection thread: with drives, a NIC and the console a
+/// VM has that many threads, and an API connection died of SIGSYS on it.
+/// Fewer arenas is also less memory for a VMM whose threads mostly wait.
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt only changes malloc's tuning; called before threads exist.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) } != 1 {
+        log::warn!("cannot limit malloc arenas; a thread may die of SIGSYS on openat");
+    }
+}
+
 /// The BPF program for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let (calls, ioctls) = syscalls(kind);

@@ -43,13 +43,22 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// One API call; a failed one fails the test with the VM's output.
+fn checked_call(vm: &mut ApiVm, method: &str, path: &str, body: &str, want: u16) {
+    let sock = vm.sock.clone();
+    let r = std::panic::catch_unwind(|| call(&sock, method, path, Some(body)));
+    let alive = !vm.child_exited();
+    vm.check(
+        matches!(&r, Ok((s, _)) if *s == want) && alive,
+        &format!("{method} {path}: {r:?} (microvm still running: {alive})"),
+    );
+}
+
 fn pause_and_snapshot(vm: &mut ApiVm, dir: &Path) {
-    let r = call(&vm.sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    vm.check(r.0 == 204, &format!("pause: {r:?}"));
+    checked_call(vm, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
     let body = serde_json::json!({ "snapshot_dir": dir }).to_string();
     let t = Instant::now();
-    let r = call(&vm.sock, "PUT", "/snapshot/create", Some(&body));
-    vm.check(r.0 == 204, &format!("snapshot/create: {r:?}"));
+    checked_call(vm, "PUT", "/snapshot/create", &body, 204);
     let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "snapshot created in {:?}: state {} bytes, memory {} MiB",
