@@ -28,21 +28,13 @@ fn flask_app_answers_over_virtio_net() {
     std::fs::copy(&rootfs, &disk).unwrap();
 
     let sock = dir.path("api.sock");
-    let net = format!("host={HOST_IP}/30,guest={GUEST_IP}");
-    let mut vm = NetVm::spawn(
+    let mut vm = NetVm::boot_with(
         &ns,
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--rootfs",
-            disk.to_str().unwrap(),
-            "--memory",
-            "256",
-            "--net",
-            &net,
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ],
+        &kernel,
+        &disk,
+        HOST_IP,
+        GUEST_IP,
+        &["--api-sock", sock.to_str().unwrap()],
     );
     let ready = vm.wait_for("microvm-init: app ready on port 80");
     eprintln!("boot to Flask app ready: {:.1} s", ready.as_secs_f64());

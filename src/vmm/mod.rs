@@ -126,6 +126,12 @@ fn host_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Host { what, source }
 }
 
+/// `what` could not take on its saved state, for `reason`.
+fn restore_err(what: impl Into<String>) -> impl FnOnce(String) -> VmmError {
+    let what = what.into();
+    move |reason| VmmError::Snapshot(SnapshotError::Restore { what, reason })
+}
+
 fn cmdline_err(e: linux_loader::cmdline::Error) -> VmmError {
     VmmError::Cmdline(e)
 }
@@ -235,15 +241,15 @@ impl Vmm {
         let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(cmdline_err)?;
         cl.insert_str(config_base_cmdline(&config, emulated_kvm))
             .map_err(cmdline_err)?;
-        attach_virtio_devices(
+        let console_input = attach_virtio_devices(
             &vm,
             &mem,
             &mut devices,
             &mut config,
+            &platform,
             &mut cl,
             events.sender(),
         )?;
-        let console_input = attach_console(&vm, &mem, &mut devices, &config, &platform, &mut cl)?;
         let vcpu_fds = create_vcpu_fds(&vm, config.cpus)?;
         finish_cmdline(&config, emulated_kvm, &vcpu_fds, &mut cl)?;
         mptable::setup(&mem, config.cpus)?;
@@ -498,10 +504,6 @@ fn attach_platform_devices(
     (process_start, build_start): (Instant, Instant),
     saved: Option<&PlatformState>,
 ) -> Result<Platform, VmmError> {
-    let restore_err = |what: &str| {
-        let what = what.to_string();
-        move |reason| VmmError::Snapshot(SnapshotError::Restore { what, reason })
-    };
     let guest_panicked = Arc::new(AtomicBool::new(false));
     let serial_irq = irqfd(vm, layout::SERIAL_IRQ, "serial irqfd")?;
     let out = ConsoleOutput::new(std::io::stdout(), guest_panicked.clone());
@@ -579,16 +581,19 @@ fn config_base_cmdline(config: &VmConfig, emulated_kvm: bool) -> String {
     }
 }
 
-/// Block devices first (so the first drive is /dev/vda), then NICs; each
-/// appends its own `virtio_mmio.device=` entry, and `ip=` follows.
+/// Every virtio device, in the order a restore relies on: block devices
+/// first (so the first drive is /dev/vda), then NICs, each appending its own
+/// `virtio_mmio.device=` entry, then `ip=`, then the console. Returns the
+/// virtio console's input, if there is one.
 fn attach_virtio_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     devices: &mut DeviceManager,
     config: &mut VmConfig,
+    platform: &Platform,
     cl: &mut Cmdline,
     events: EventSender,
-) -> Result<(), VmmError> {
+) -> Result<Option<ConsoleInput>, VmmError> {
     devices.attach_drives(vm, mem, &config.drives, cl)?;
     for (index, net) in config.nets.iter_mut().enumerate() {
         let exit_events = events.clone();
@@ -608,7 +613,7 @@ fn attach_virtio_devices(
     if let Some(ip) = crate::net::kernel_ip_arg(&config.nets) {
         cl.insert_str(ip).map_err(cmdline_err)?;
     }
-    Ok(())
+    attach_console(vm, mem, devices, config, platform, cl)
 }
 
 /// With `--console virtio`, the virtio-console (after every drive and NIC,

@@ -19,8 +19,8 @@ use linux_loader::loader::Cmdline;
 
 use super::event_loop::EventLoop;
 use super::{
-    attach_console, attach_virtio_devices, cmdline_err, create_vcpu_fds, create_vm, new_devices,
-    open_kvm, stdin_target, RunState, VcpuParts, Vmm, VmmError,
+    attach_virtio_devices, cmdline_err, create_vcpu_fds, create_vm, new_devices, open_kvm,
+    restore_err, stdin_target, RunState, VcpuParts, Vmm, VmmError,
 };
 use crate::layout;
 use crate::memory;
@@ -64,11 +64,6 @@ pub struct SnapshotStats {
 
 /// Larger than this XSAVE area (AMX) does not fit the 4 KiB `kvm_xsave`.
 const XSAVE_LEGACY_SIZE: i32 = 4096;
-
-fn restore_err(what: impl Into<String>) -> impl FnOnce(String) -> VmmError {
-    let what = what.into();
-    move |reason| VmmError::Snapshot(SnapshotError::Restore { what, reason })
-}
 
 /// The XSAVE area of this host's vCPUs fits `kvm_xsave`.
 fn check_xsave_size(vm: &kvm_ioctls::VmFd) -> Result<(), String> {
@@ -246,15 +241,15 @@ impl Vmm {
         // The guest read its command line at boot; the entries the devices
         // add are not used again.
         let mut cl = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(cmdline_err)?;
-        attach_virtio_devices(
+        let console_input = attach_virtio_devices(
             &vm,
             &mem,
             &mut devices,
             &mut config,
+            &platform,
             &mut cl,
             events.sender(),
         )?;
-        let console_input = attach_console(&vm, &mem, &mut devices, &config, &platform, &mut cl)?;
         let stdin_to = stdin_target(&config, &saved_cmdline, console_input);
 
         vm_state.write_devices(&vm)?;
@@ -266,12 +261,10 @@ impl Vmm {
             // From when the vCPU parked: its TSC kept counting while the
             // VM stayed paused before the snapshot, as the KVM clock did.
             state.advance_tsc(snapshot::unix_now_ns().saturating_sub(state.read_at_unix_ns));
-            state.write(&fd, index).map_err(|e| {
-                VmmError::Snapshot(SnapshotError::Restore {
-                    what: format!("vcpu{index}"),
-                    reason: crate::error_chain(&e),
-                })
-            })?;
+            state
+                .write(&fd, index)
+                .map_err(|e| crate::error_chain(&e))
+                .map_err(restore_err(format!("vcpu{index}")))?;
             restored.push(parts.vcpu(fd, index));
         }
         for (i, (d, s)) in devices.devices().iter().zip(&virtio).enumerate() {

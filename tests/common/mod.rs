@@ -408,20 +408,31 @@ impl NetVm {
         host: &str,
         guest: &str,
     ) -> Self {
+        Self::boot_with(ns, kernel, disk, host, guest, &[])
+    }
+
+    /// [`Self::boot`] with `extra` microvm arguments after those.
+    pub fn boot_with(
+        ns: &Netns,
+        kernel: &std::path::Path,
+        disk: &std::path::Path,
+        host: &str,
+        guest: &str,
+        extra: &[&str],
+    ) -> Self {
         let net = format!("host={host}/30,guest={guest}");
-        Self::spawn(
-            ns,
-            &[
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--rootfs",
-                disk.to_str().unwrap(),
-                "--memory",
-                "256",
-                "--net",
-                &net,
-            ],
-        )
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--rootfs",
+            disk.to_str().unwrap(),
+            "--memory",
+            "256",
+            "--net",
+            &net,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(ns, &args)
     }
 
     /// `microvm ARGS` inside `ns`.
