@@ -230,7 +230,7 @@ impl VmConfig {
         if memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall { got: memory_mib });
         }
-        if let Some(host) = crate::vmm::host::host_memory_mib() {
+        if let Some(host) = crate::host::host_memory_mib() {
             if memory_mib > host {
                 return Err(ConfigError::MemoryTooLarge {
                     got: memory_mib,

@@ -7,6 +7,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod host;
 pub mod image;
 pub mod layout;
 pub mod memory;

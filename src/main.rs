@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     // Block SIGINT/SIGTERM before anything else: one that arrives while the VM
     // is being built stays pending until the signal thread in `Vmm::run` takes
     // it, so an early SIGTERM still ends with 143 instead of killing us.
-    if let Err(e) = microvm::vmm::host::block_stop_signals() {
+    if let Err(e) = microvm::host::block_stop_signals() {
         eprintln!("microvm: error: cannot block signals: {e}");
         return ExitCode::from(EXIT_VMM_FAILURE);
     }

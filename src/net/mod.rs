@@ -23,6 +23,10 @@ pub use publish::{PortForward, PublishError};
 pub use setup::{open_backend, HostNetError};
 pub use tap::{Tap, TapError};
 
+/// Largest Ethernet frame a NIC moves in either direction, whatever its
+/// backend: a 64 KiB GSO frame plus an Ethernet header with a VLAN tag.
+pub const MAX_FRAME_LEN: usize = 65536 + 18;
+
 /// Prefix length used when `host=` has no `/PREFIX`.
 pub const DEFAULT_PREFIX_LEN: u8 = 24;
 

@@ -50,7 +50,7 @@ pub const MTU: u16 = 1500;
 pub const PASST_BIN: &str = "passt";
 
 /// Largest frame read from passt: what the device can hand the guest.
-const MAX_RX_FRAME: usize = crate::devices::virtio::net::rxtx::MAX_FRAME_LEN;
+const MAX_RX_FRAME: usize = super::MAX_FRAME_LEN;
 /// Largest frame sent to passt: the largest frame it takes (`ETH_MAX_MTU`).
 const MAX_TX_FRAME: usize = 65535;
 /// How long a send waits for passt to take an earlier, partly sent frame.

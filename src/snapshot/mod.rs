@@ -24,7 +24,6 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -38,6 +37,7 @@ use vm_memory::{
 };
 
 use crate::config::VmConfig;
+use crate::host::unix_now_ns;
 use crate::devices::legacy::I8042Snapshot;
 use crate::devices::rtc::CmosSnapshot;
 use crate::devices::serial::SerialSnapshot;
@@ -277,14 +277,6 @@ pub struct Snapshot {
 struct Header {
     format: String,
     version: u32,
-}
-
-/// Nanoseconds since the Unix epoch now.
-pub fn unix_now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl Snapshot {

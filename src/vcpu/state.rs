@@ -204,7 +204,7 @@ impl VcpuState {
                 .get_vcpu_events()
                 .map_err(kvm("read the pending events"))?,
             tsc_khz: fd.get_tsc_khz().map_err(kvm("read the TSC frequency"))?,
-            read_at_unix_ns: crate::snapshot::unix_now_ns(),
+            read_at_unix_ns: crate::host::unix_now_ns(),
         })
     }
 

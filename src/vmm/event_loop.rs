@@ -14,7 +14,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::host;
+use crate::host;
 use crate::api::{ApiRequest, ApiResponse};
 use crate::vcpu::VcpuStop;
 

@@ -7,7 +7,6 @@
 
 pub mod device_manager;
 pub mod event_loop;
-pub mod host;
 mod runtime_api;
 mod snapshot;
 
@@ -443,7 +442,7 @@ impl Vmm {
 /// KVM, and whether this host's KVM interprets guest kernel code.
 fn open_kvm() -> Result<(Kvm, bool), VmmError> {
     let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
-    let emulated_kvm = host::kvm_is_emulated();
+    let emulated_kvm = crate::host::kvm_is_emulated();
     if emulated_kvm {
         log::warn!(
             "this host's KVM interprets guest kernel code (kvm_pvm native mode): \

@@ -171,7 +171,7 @@ impl Vmm {
             format: FORMAT.into(),
             version: VERSION,
             vmm_version: env!("CARGO_PKG_VERSION").into(),
-            saved_at_unix_ns: snapshot::unix_now_ns(),
+            saved_at_unix_ns: crate::host::unix_now_ns(),
             config: self.config.clone(),
             cmdline: self.cmdline.clone(),
             disks,
@@ -260,7 +260,7 @@ impl Vmm {
         for ((index, fd), state) in (0u8..).zip(vcpu_fds).zip(&mut vcpus) {
             // From when the vCPU parked: its TSC kept counting while the
             // VM stayed paused before the snapshot, as the KVM clock did.
-            state.advance_tsc(snapshot::unix_now_ns().saturating_sub(state.read_at_unix_ns));
+            state.advance_tsc(crate::host::unix_now_ns().saturating_sub(state.read_at_unix_ns));
             state
                 .write(&fd, index)
                 .map_err(|e| crate::error_chain(&e))

@@ -23,9 +23,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 pub use crate::net::tap::VNET_HDR_LEN;
 
-/// Largest Ethernet frame moved in either direction: a 64 KiB GSO frame plus
-/// an Ethernet header with a VLAN tag.
-pub const MAX_FRAME_LEN: usize = 65536 + 18;
+pub use crate::net::MAX_FRAME_LEN;
 /// Largest vnet header + frame.
 pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 

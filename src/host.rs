@@ -1,6 +1,9 @@
-//! Facts about the host and process-wide plumbing: KVM mode, signals.
+//! The ground floor: facts about the host and process-wide plumbing (KVM
+//! mode, signals, host memory, the wall clock), used by every layer above
+//! and using none of them.
 
 use std::mem::MaybeUninit;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Where the kvm_pvm module says whether it runs guests by interpretation.
 const PVM_NATIVE_PARAM: &str = "/sys/module/kvm_pvm/parameters/pvm_native";
@@ -73,4 +76,12 @@ pub fn host_memory_mib() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
+}
+
+/// Nanoseconds since the Unix epoch now (0 before it, `u64::MAX` past 2554).
+pub fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
