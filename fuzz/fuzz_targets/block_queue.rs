@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use microvm::devices::virtio::block::{process_queue, Disk, ErrorLog};
+use microvm::devices::virtio::block::{process_queue, Disk};
+use microvm::devices::virtio::GuestLog;
 use microvm_fuzz::{guest_memory, QueueSetup};
 
 /// A 16-sector disk in RAM-backed storage, shared by every input.
@@ -42,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         limits.seg_max = u32::MAX;
         limits.size_max = u32::MAX;
     }
-    let mut errors = ErrorLog::default();
+    let mut errors = GuestLog::default();
     // Two kicks: the second must see the state the first left.
     for _ in 0..2 {
         if process_queue(&mem, &mut queue, disk, &limits, &mut errors).is_err() {

@@ -12,7 +12,9 @@
 use libfuzzer_sys::fuzz_target;
 use microvm::devices::bus::BusDevice;
 use microvm::devices::virtio::mmio::MmioTransport;
-use microvm::devices::virtio::{queue_guard, ActivateError, Interrupt, VirtioDevice};
+use microvm::devices::virtio::{
+    queue_guard, ActivateError, Interrupt, VirtioCommon, VirtioDevice,
+};
 use microvm::memory::GuestMemoryMmap;
 use microvm_fuzz::guest_memory;
 use virtio_queue::{Queue, QueueT};
@@ -21,22 +23,20 @@ use vmm_sys_util::eventfd::EventFd;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 struct Device {
-    sizes: [u16; 2],
-    features: u64,
+    common: VirtioCommon,
 }
 
 impl VirtioDevice for Device {
-    fn device_type(&self) -> u32 {
-        2
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.sizes
-    }
-    fn avail_features(&self) -> u64 {
-        self.features
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
     fn set_acked_features(&mut self, features: u64) {
-        assert_eq!(features & !self.features, 0, "unoffered features acked");
+        let offered = self.common.avail_features();
+        assert_eq!(features & !offered, 0, "unoffered features acked");
+        self.common.ack_features(features);
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
@@ -51,8 +51,8 @@ impl VirtioDevice for Device {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        assert_eq!(queues.len(), self.sizes.len());
-        assert_eq!(queue_evts.len(), self.sizes.len());
+        assert_eq!(queues.len(), self.common.queue_sizes().len());
+        assert_eq!(queue_evts.len(), self.common.queue_sizes().len());
         for mut q in queues {
             // The transport checked it: the guard agrees.
             assert_eq!(queue_guard::check(&q, &mem), Ok(()));
@@ -92,8 +92,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mem = guest_memory(image);
     let device = Device {
-        sizes: [16, 256],
-        features: VIRTIO_F_VERSION_1 | 1 << 3,
+        common: VirtioCommon::new(2, "fuzz".into(), VIRTIO_F_VERSION_1 | 1 << 3, &[16, 256]),
     };
     let Ok(mut t) = MmioTransport::new(mem, Box::new(device)) else {
         return;

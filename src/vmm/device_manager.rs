@@ -325,6 +325,25 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Serve the drive `id` from the file at `path` from now on, and tell
+    /// the driver its configuration (the capacity) changed.
+    pub fn swap_drive_file(&self, id: &str, path: &std::path::Path) -> Result<(), DeviceManagerError> {
+        let mut t = self.drive(id)?.lock().unwrap_or_else(|e| e.into_inner());
+        let block = t
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<Block>()
+            .ok_or_else(|| DeviceManagerError::UnknownDrive(id.to_string()))?;
+        block
+            .swap_backing_file(path)
+            .map_err(|source| DeviceManagerError::Block {
+                path: path.display().to_string(),
+                source,
+            })?;
+        t.config_changed();
+        Ok(())
+    }
+
     /// Every attached device, in attach order.
     pub fn devices(&self) -> &[AttachedDevice] {
         &self.devices

@@ -101,12 +101,9 @@ impl Vmm {
         };
         let drive = self.config.drive_mut(&p.drive_id)?;
         crate::config::check_file("drive", &path).map_err(|e| e.to_string())?;
-        let transport = self.devices.drive(&p.drive_id).map_err(|e| e.to_string())?;
-        let mut t = transport.lock().unwrap_or_else(|e| e.into_inner());
-        t.device_mut()
-            .swap_backing_file(&path)
+        self.devices
+            .swap_drive_file(&p.drive_id, &path)
             .map_err(|e| crate::error_chain(&e))?;
-        t.config_changed();
         drive.path = path;
         Ok(())
     }

@@ -27,6 +27,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::guest_log::GuestLog;
 use super::queue_guard::{self, QueueError};
 use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
 use crate::devices::bus::BusDevice;
@@ -106,9 +107,6 @@ const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 const STATUS_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 
-/// Bad accesses logged in full before the log is thinned out.
-const BAD_ACCESS_LOG_FIRST: u64 = 16;
-
 /// Errors of the virtio-mmio transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
@@ -176,7 +174,7 @@ pub struct MmioTransport {
     /// the status; `None` activates at once (tests without an event loop).
     activate_evt: Option<EventFd>,
     reset_failed: bool,
-    bad_accesses: u64,
+    problems: GuestLog,
 }
 
 impl MmioTransport {
@@ -216,7 +214,7 @@ impl MmioTransport {
             activation_pending: false,
             activate_evt: None,
             reset_failed: false,
-            bad_accesses: 0,
+            problems: GuestLog::default(),
         })
     }
 
@@ -287,14 +285,9 @@ impl MmioTransport {
 
     /// Log something the guest caused, rate-limited: it may do it in a loop.
     fn guest_problem(&mut self, what: fmt::Arguments<'_>) {
-        self.bad_accesses += 1;
-        let n = self.bad_accesses;
-        if n <= BAD_ACCESS_LOG_FIRST || n.is_power_of_two() {
-            log::warn!(
-                "virtio-mmio (device type {}): {what} (guest problem #{n})",
-                self.device.device_type()
-            );
-        }
+        let device_type = self.device.device_type();
+        self.problems
+            .warn(format_args!("virtio-mmio (device type {device_type})"), what);
     }
 
     fn selected_queue(&self) -> Option<&Queue> {
@@ -847,20 +840,21 @@ mod tests {
     }
 
     struct MockDevice {
+        common: super::super::VirtioCommon,
         state: Arc<Mutex<MockState>>,
-        sizes: Vec<u16>,
         config: Vec<u8>,
     }
 
+    fn mock_common(sizes: &[u16]) -> super::super::VirtioCommon {
+        super::super::VirtioCommon::new(2, "mock".into(), VIRTIO_F_VERSION_1 | FEATURE_A, sizes)
+    }
+
     impl VirtioDevice for MockDevice {
-        fn device_type(&self) -> u32 {
-            2
+        fn common(&self) -> &super::super::VirtioCommon {
+            &self.common
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &self.sizes
-        }
-        fn avail_features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | FEATURE_A
+        fn common_mut(&mut self) -> &mut super::super::VirtioCommon {
+            &mut self.common
         }
         fn set_acked_features(&mut self, features: u64) {
             self.state.lock().unwrap().acked = features;
@@ -937,8 +931,8 @@ mod tests {
             ..Default::default()
         }));
         let dev = MockDevice {
+            common: mock_common(&sizes),
             state: state.clone(),
-            sizes,
             config: vec![0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7],
         };
         (MmioTransport::new(mem(), Box::new(dev)).unwrap(), state)
@@ -1375,15 +1369,15 @@ mod tests {
         // The default ring addresses (0) are inside guest memory, so a driver
         // that skipped setup gets a valid queue at 0: harmless.
         assert_eq!(state.lock().unwrap().activations, 0);
-        assert!(t.bad_accesses > 0);
+        assert!(t.problems.count() > 0);
     }
 
     #[test]
     fn queue_sizes_are_checked_at_creation() {
         let state = Arc::new(Mutex::new(MockState::default()));
         let dev = MockDevice {
+            common: mock_common(&[16, 3]),
             state,
-            sizes: vec![16, 3],
             config: Vec::new(),
         };
         assert!(matches!(

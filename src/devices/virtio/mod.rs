@@ -9,16 +9,21 @@
 //!   net, the TAP fd) and runs the queue logic.
 
 pub mod block;
+pub mod common;
 pub mod console;
 pub mod epoll_helper;
+pub mod guest_log;
 pub mod mmio;
 pub mod net;
 pub mod queue_guard;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
+pub use common::VirtioCommon;
 pub use epoll_helper::{EpollHandler, QueuePosition, Served, WorkerHandle};
+pub use guest_log::GuestLog;
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -132,20 +137,31 @@ impl Interrupt {
     }
 }
 
-/// A virtio device behind the MMIO transport.
-pub trait VirtioDevice: Send {
-    /// Virtio device ID (2 = block, 1 = net).
-    fn device_type(&self) -> u32;
-    /// Maximum size of each queue; its length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// Features the device offers, `VIRTIO_F_VERSION_1` included.
-    fn avail_features(&self) -> u64;
-    /// Features the driver accepted (a subset of `avail_features`).
-    fn set_acked_features(&mut self, features: u64);
+/// Any `'static` value as [`Any`], so the device manager can reach a
+/// device's own methods (a drive's backing file) behind `dyn VirtioDevice`.
+pub trait AsAny: Any {
+    /// `self` as `&mut dyn Any`.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A virtio device behind the MMIO transport. A device embeds a
+/// [`VirtioCommon`] and the provided methods answer from it; it writes its
+/// config space and its activation (the worker it starts), and overrides a
+/// provided method only for work of its own (net programs its TAP's
+/// offloads when features are acked).
+pub trait VirtioDevice: Send + AsAny {
+    /// The state every device shares.
+    fn common(&self) -> &VirtioCommon;
+    /// The state every device shares.
+    fn common_mut(&mut self) -> &mut VirtioCommon;
     /// Read the device configuration space at `offset` (out-of-range bytes read as 0).
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Write the device configuration space (ignored by devices without writable fields).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Start serving `queues`; `queue_evts[i]` is signalled when the driver notifies queue `i`.
     fn activate(
         &mut self,
@@ -154,25 +170,51 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError>;
+
+    /// Virtio device ID (2 = block, 1 = net, 3 = console).
+    fn device_type(&self) -> u32 {
+        self.common().device_type()
+    }
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_sizes()
+    }
+    /// Features the device offers, `VIRTIO_F_VERSION_1` included.
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features()
+    }
+    /// Features the driver accepted (kept to a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64) {
+        self.common_mut().ack_features(features);
+    }
+    /// Write the device configuration space; devices without writable
+    /// fields ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "{}: ignoring a config write of {} bytes at {offset:#x}",
+            self.common().label(),
+            data.len()
+        );
+    }
     /// Stop serving queues (driver reset). Returns true when the device can be activated again.
-    fn reset(&mut self) -> bool;
+    fn reset(&mut self) -> bool {
+        self.common_mut().reset();
+        true
+    }
     /// Flush any buffered state to the host (called before the VMM exits).
     fn flush(&mut self) {}
     /// Stop serving queues until [`Self::resume`] (the VM is paused); true
     /// once the device's worker is parked.
     fn pause(&mut self) -> bool {
-        true
+        self.common().pause()
     }
     /// Serve queues again.
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        self.common().resume();
+    }
     /// Where the paused device's worker stands in each queue (for a
     /// snapshot); `None` when no worker runs.
     fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
-        None
-    }
-    /// Serve a new backing file from now on (block devices); the caller
-    /// then tells the driver that the configuration changed.
-    fn swap_backing_file(&mut self, _path: &std::path::Path) -> Result<(), block::DiskError> {
-        Err(block::DiskError::NoBackingFile)
+        self.common().queue_positions()
     }
 }

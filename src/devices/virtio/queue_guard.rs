@@ -146,6 +146,52 @@ pub fn enable_notification<M: GuestMemory>(queue: &mut Queue, mem: &M) -> Result
     Ok(pending(queue, mem)? > 0)
 }
 
+/// What one [`drain`] did.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Chains returned to the used ring.
+    pub used: u32,
+    /// Chains that could not be returned (a head index past the queue; the
+    /// used ring itself was checked at activation), and the last reason.
+    pub lost: u32,
+    /// Why the last lost chain could not be returned.
+    pub lost_because: Option<virtio_queue::Error>,
+}
+
+/// Serve every chain the driver makes available: `serve` does the work of
+/// one chain and returns its used length (bytes written into its buffers),
+/// and the chain goes back on the used ring. Notifications are off while
+/// draining and on again afterwards, then the ring is checked once more, so a
+/// chain made available between the last pop and the re-enable is never
+/// missed. The work is bounded by the guest: at most a queue of chains per
+/// pass, and a pass repeats only for chains added meanwhile. The error is
+/// that of a broken ring: the device then needs a reset.
+pub fn drain<'a, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'a M,
+    mut serve: impl FnMut(Chain<&'a M>) -> u32,
+) -> Result<Drained, QueueError> {
+    let mut done = Drained::default();
+    loop {
+        disable_notification(queue, mem)?;
+        while let Some(chain) = pop(queue, mem)? {
+            let head = chain.head_index();
+            let len = serve(chain);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => done.used = done.used.saturating_add(1),
+                Err(e) => {
+                    done.lost = done.lost.saturating_add(1);
+                    done.lost_because = Some(e);
+                }
+            }
+        }
+        // More may have arrived while notifications were off.
+        if !enable_notification(queue, mem)? {
+            return Ok(done);
+        }
+    }
+}
+
 /// Whether the driver wants an interrupt for the used entries just added:
 /// with `VIRTIO_RING_F_EVENT_IDX` as its used event index says; without it,
 /// unless it set `VRING_AVAIL_F_NO_INTERRUPT` (a hint we honour). An error

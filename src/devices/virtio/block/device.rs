@@ -1,11 +1,9 @@
-//! The virtio-blk device: features, configuration space, activation, and the
-//! worker thread that waits on the queue's ioeventfd.
+//! The virtio-blk device: features, configuration space, activation and
+//! the backing file.
 //!
-//! One queue of [`QUEUE_SIZE`] entries. On activation a thread named
-//! `virtio-blk-N` (the shared epoll helper) waits on the queue EventFd; each kick
-//! drains the queue ([`process_queue`]) and raises the interrupt. A broken
-//! ring makes the thread report DEVICE_NEEDS_RESET and stop watching the
-//! queue. Reset and drop stop the thread and join it.
+//! One queue of [`QUEUE_SIZE`] entries. On activation a worker thread named
+//! `virtio-blk-N` serves it ([`super::worker`]). Reset and drop stop the
+//! thread and join it (the embedded [`VirtioCommon`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,18 +13,16 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SIZE_MAX,
 };
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, DiskError};
-use super::queue::process_queue;
 use super::request::Limits;
-use super::{ErrorLog, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
+use super::worker::BlockWorker;
+use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, DriveConfig};
-use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
-    read_config_bytes, take_queues, ActivateError, EpollHandler, Interrupt, Served, VirtioDevice,
-    WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, take_queues, ActivateError, GuestLog, Interrupt, VirtioCommon,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -34,29 +30,24 @@ use crate::memory::GuestMemoryMmap;
 /// size_max, seg_max, geometry (unused, zero) and blk_size.
 const CONFIG_LEN: usize = 24;
 
-const TOKEN_QUEUE: u64 = 0;
-
 /// Names worker threads `virtio-blk-0`, `-1`, ... in creation order.
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
 
 /// The disk a device serves, shared with its worker; replaced whole when
 /// the backing file is swapped (the worker picks the new one up at its next
 /// batch, and the old file is closed when the last batch using it ends).
-type SharedDisk = Arc<Mutex<Arc<Disk>>>;
+pub(super) type SharedDisk = Arc<Mutex<Arc<Disk>>>;
 
-fn current(disk: &SharedDisk) -> Arc<Disk> {
+/// The disk `disk` holds now.
+pub(super) fn current(disk: &SharedDisk) -> Arc<Disk> {
     disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// A virtio block device.
 pub struct Block {
+    common: VirtioCommon,
     disk: SharedDisk,
-    index: usize,
-    avail_features: u64,
-    acked_features: u64,
     config: [u8; CONFIG_LEN],
-    queue_sizes: [u16; 1],
-    worker: Option<WorkerHandle>,
 }
 
 impl Block {
@@ -64,7 +55,8 @@ impl Block {
     pub fn new(cfg: &DriveConfig) -> Result<Self, DiskError> {
         let mut b = Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?);
         if cfg.cache == CacheType::Unsafe {
-            b.avail_features &= !(1 << VIRTIO_BLK_F_FLUSH);
+            let f = b.common.avail_features() & !(1 << VIRTIO_BLK_F_FLUSH);
+            b.common.set_avail_features(f);
         }
         Ok(b)
     }
@@ -85,14 +77,11 @@ impl Block {
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         // 16..20: geometry, not offered.
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        let label = format!("virtio-blk-{}", NEXT_INDEX.fetch_add(1, Ordering::Relaxed));
         Self {
+            common: VirtioCommon::new(VIRTIO_ID_BLOCK, label, avail_features, &[QUEUE_SIZE]),
             disk: Arc::new(Mutex::new(Arc::new(disk))),
-            index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
-            avail_features,
-            acked_features: 0,
             config,
-            queue_sizes: [QUEUE_SIZE],
-            worker: None,
         }
     }
 
@@ -103,30 +92,46 @@ impl Block {
 
     /// Features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.common.acked_features()
     }
 
     /// Whether a worker thread is serving the queue.
     pub fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.common.is_active()
     }
 
     /// Request limits: seg_max and size_max bind only a driver that accepted them.
     #[cfg(test)]
     fn limits(&self) -> Limits {
-        limits_for(&self.disk(), self.acked_features)
+        limits_for(&self.disk(), self.acked_features())
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
+    /// Serve a new backing file from now on; the caller then tells the
+    /// driver that the configuration (the capacity) changed. The new file
+    /// is opened and locked before the old one is let go, so a failure
+    /// leaves the device as it was.
+    pub fn swap_backing_file(&mut self, path: &std::path::Path) -> Result<(), DiskError> {
+        let old = self.disk();
+        let new = Disk::open(path, old.read_only())?;
+        // What the guest wrote to the old file is on it before we let go.
+        if let Err(e) = old.flush() {
+            log::warn!("{}: flushing the old backing file: {e}", self.common.label());
         }
+        self.config[0..8].copy_from_slice(&new.capacity_sectors().to_le_bytes());
+        log::info!(
+            "{}: backing file now {} ({} sectors)",
+            self.common.label(),
+            path.display(),
+            new.capacity_sectors()
+        );
+        *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        Ok(())
     }
 }
 
 /// Request limits of `disk`: seg_max and size_max bind only a driver that
 /// accepted them.
-fn limits_for(disk: &Disk, acked_features: u64) -> Limits {
+pub(super) fn limits_for(disk: &Disk, acked_features: u64) -> Limits {
     let mut limits = disk.limits();
     if acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
         limits.seg_max = u32::MAX;
@@ -138,33 +143,16 @@ fn limits_for(disk: &Disk, acked_features: u64) -> Limits {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE.
-        log::debug!(
-            "virtio-blk-{}: ignoring config write of {} bytes at {offset:#x}",
-            self.index,
-            data.len()
-        );
     }
 
     fn activate(
@@ -175,133 +163,28 @@ impl VirtioDevice for Block {
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         let ([queue], [queue_evt]) = take_queues::<1>(queues, queue_evts)?;
-        self.stop_worker();
-
-        let handler = BlockHandler {
+        let handler = BlockWorker {
             mem,
             queue,
             queue_evt,
             interrupt,
             disk: self.disk.clone(),
-            acked_features: self.acked_features,
-            errors: ErrorLog::default(),
+            acked_features: self.common.acked_features(),
+            errors: GuestLog::default(),
         };
-        let worker = WorkerHandle::spawn(format!("virtio-blk-{}", self.index), handler)
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
-    }
-
-    fn reset(&mut self) -> bool {
-        self.stop_worker();
-        self.acked_features = 0;
-        true
-    }
-
-    fn pause(&mut self) -> bool {
-        self.worker.as_ref().is_none_or(WorkerHandle::pause)
-    }
-
-    fn queue_positions(&self) -> Option<Vec<crate::devices::virtio::QueuePosition>> {
-        self.worker.as_ref().map(WorkerHandle::queue_positions)
-    }
-
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.common.start_worker(handler)
     }
 
     fn flush(&mut self) {
         let disk = self.disk();
         if let Err(e) = disk.flush() {
             log::error!(
-                "virtio-blk-{}: {}: {}",
-                self.index,
+                "{}: {}: {}",
+                self.common.label(),
                 disk.path().display(),
                 crate::error_chain(&e)
             );
         }
-    }
-
-    fn swap_backing_file(&mut self, path: &std::path::Path) -> Result<(), DiskError> {
-        let old = self.disk();
-        let new = Disk::open(path, old.read_only())?;
-        // What the guest wrote to the old file is on it before we let go.
-        if let Err(e) = old.flush() {
-            log::warn!(
-                "virtio-blk-{}: flushing the old backing file: {e}",
-                self.index
-            );
-        }
-        self.config[0..8].copy_from_slice(&new.capacity_sectors().to_le_bytes());
-        log::info!(
-            "virtio-blk-{}: backing file now {} ({} sectors)",
-            self.index,
-            path.display(),
-            new.capacity_sectors()
-        );
-        *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-        Ok(())
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.stop_worker();
-    }
-}
-
-/// What the worker thread owns: the queue and the disk it serves.
-struct BlockHandler {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    queue_evt: EventFd,
-    interrupt: Interrupt,
-    disk: SharedDisk,
-    acked_features: u64,
-    errors: ErrorLog,
-}
-
-impl BlockHandler {
-    /// The ring is broken: stop watching the queue (until the driver resets
-    /// the device, which stops this worker) and tell the driver.
-    fn stop_serving(&self, e: &QueueError) -> Served {
-        log::warn!("virtio-blk: {e}: device needs reset");
-        self.interrupt.needs_reset();
-        Served {
-            more: false,
-            stop_watching: vec![TOKEN_QUEUE],
-        }
-    }
-}
-
-impl EpollHandler for BlockHandler {
-    fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
-        Some(crate::seccomp::ThreadKind::BlockWorker)
-    }
-
-    fn watch(&self) -> Vec<(std::os::fd::RawFd, u64, EventSet)> {
-        use std::os::fd::AsRawFd;
-        vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)]
-    }
-
-    fn queue_positions(&self) -> Vec<crate::devices::virtio::QueuePosition> {
-        vec![crate::devices::virtio::QueuePosition::of(&self.queue)]
-    }
-
-    fn serve(&mut self, _ready: &[u64]) -> Served {
-        // The only fd is the queue's: whether kicked or at start, drain it.
-        // Non-blocking: EAGAIN just means another kick was merged.
-        let _ = self.queue_evt.read();
-        let disk = current(&self.disk);
-        let limits = limits_for(&disk, self.acked_features);
-        match process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
-            Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
-            Ok(false) => {}
-            Err(e) => return self.stop_serving(&e),
-        }
-        Served::default()
     }
 }
 
@@ -319,6 +202,7 @@ mod tests {
 
     use super::super::test_utils::TempImage;
     use super::*;
+    use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn block(contents: &[u8], read_only: bool) -> (TempImage, Block) {

@@ -6,12 +6,15 @@
 //!   memory, fdatasync, serial);
 //! - [`queue`]: the queue loop that ties both together, usable without KVM;
 //! - [`device`]: the [`crate::devices::virtio::VirtioDevice`] (features, config
-//!   space) and the worker thread that waits on the queue's ioeventfd.
+//!   space, activation, the backing file);
+//! - `worker`: what the worker thread owns and does on each kick of the
+//!   queue's ioeventfd.
 
 pub mod device;
 pub mod disk;
 pub mod queue;
 pub mod request;
+mod worker;
 
 pub use device::Block;
 pub use disk::{Disk, DiskError};
@@ -32,35 +35,6 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Bytes in a `VIRTIO_BLK_T_GET_ID` answer.
 pub const ID_BYTES: usize = 20;
-
-/// Guest-caused errors logged in full before the log is thinned out.
-const ERRORS_LOGGED_IN_FULL: u64 = 10;
-
-/// Counts errors caused by the guest and logs only the first few (then every
-/// power of two), so a hostile guest cannot flood the host log.
-#[derive(Debug, Default)]
-pub struct ErrorLog {
-    count: u64,
-}
-
-impl ErrorLog {
-    /// Record one error.
-    pub fn report(&mut self, what: &str, err: &dyn std::error::Error) {
-        self.count += 1;
-        let n = self.count;
-        if n <= ERRORS_LOGGED_IN_FULL || n.is_power_of_two() {
-            log::warn!(
-                "virtio-blk: {what}: {} (error #{n})",
-                crate::error_chain(err)
-            );
-        }
-    }
-
-    /// Errors so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-}
 
 /// Test helpers shared by the block tests and the device manager tests.
 #[cfg(test)]

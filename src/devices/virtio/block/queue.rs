@@ -5,56 +5,47 @@
 //! it is tested with virtio-queue's mock driver.
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::{Disk, DiskError};
 use super::request::{Limits, Request};
-use super::ErrorLog;
+use crate::devices::virtio::guest_log::GuestLog;
 use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 use crate::memory::GuestMemoryMmap;
+
+/// What block devices' guest problems are logged as.
+const LABEL: &str = "virtio-blk";
 
 /// Serve every request in `queue`. Returns true when the used ring changed
 /// and the driver has not asked us to hold back the interrupt, or the
 /// [`QueueError`] when the ring is broken: the device then needs a reset.
 ///
-/// Notifications are disabled while draining and re-enabled afterwards, then
-/// the ring is checked once more, so a request made between the last pop and
-/// the re-enable is never missed.
+/// The ring is drained as [`queue_guard::drain`] says.
 pub fn process_queue(
     mem: &GuestMemoryMmap,
     queue: &mut Queue,
     disk: &Disk,
     limits: &Limits,
-    errors: &mut ErrorLog,
+    errors: &mut GuestLog,
 ) -> Result<bool, QueueError> {
-    let mut used_any = false;
-    loop {
-        queue_guard::disable_notification(queue, mem)?;
-        while let Some(chain) = queue_guard::pop(queue, mem)? {
-            let head = chain.head_index();
-            let len = serve(mem, chain, disk, limits, errors);
-            // Fails only for a head index beyond the queue (the used ring
-            // itself was checked at activation); the chain is then skipped.
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used_any = true,
-                Err(e) => errors.report("cannot add to the used ring", &e),
-            }
-        }
-        // More may have arrived while notifications were off.
-        if !queue_guard::enable_notification(queue, mem)? {
-            break;
-        }
+    let done = queue_guard::drain(queue, mem, |chain| serve(mem, chain, disk, limits, errors))?;
+    if let Some(e) = &done.lost_because {
+        errors.report(
+            LABEL,
+            &format!("{} chains not returned to the used ring", done.lost),
+            e,
+        );
     }
-    Ok(finish(mem, queue, used_any, errors))
+    Ok(finish(mem, queue, done.used > 0, errors))
 }
 
-fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, used_any: bool, errors: &mut ErrorLog) -> bool {
+fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, used_any: bool, errors: &mut GuestLog) -> bool {
     if !used_any {
         return false;
     }
     queue_guard::wants_interrupt(queue, mem).unwrap_or_else(|e| {
-        errors.report("cannot read the used event index", &e);
+        errors.report(LABEL, "cannot read the used event index", &e);
         true
     })
 }
@@ -66,12 +57,12 @@ fn serve(
     chain: Chain<&GuestMemoryMmap>,
     disk: &Disk,
     limits: &Limits,
-    errors: &mut ErrorLog,
+    errors: &mut GuestLog,
 ) -> u32 {
     let request = match Request::parse(chain, limits) {
         Ok(r) => r,
         Err(rejected) => {
-            errors.report("bad request", &rejected.error);
+            errors.report(LABEL, "bad request", &rejected.error);
             return match rejected.status {
                 Some(status) => {
                     write_status(mem, status, VIRTIO_BLK_S_IOERR as u8, errors).map_or(0, |()| 1)
@@ -83,11 +74,11 @@ fn serve(
     let (status, written) = match disk.execute(mem, &request) {
         Ok(n) => (VIRTIO_BLK_S_OK, n),
         Err(e @ DiskError::Unsupported(_)) => {
-            errors.report("request", &e);
+            errors.report(LABEL, "request", &e);
             (VIRTIO_BLK_S_UNSUPP, 0)
         }
         Err(e) => {
-            errors.report(&format!("{:?} request", request.kind), &e);
+            errors.report(LABEL, &format!("{:?} request", request.kind), &e);
             (VIRTIO_BLK_S_IOERR, 0)
         }
     };
@@ -101,10 +92,10 @@ fn write_status(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
     status: u8,
-    errors: &mut ErrorLog,
+    errors: &mut GuestLog,
 ) -> Result<(), ()> {
     mem.write_obj(status, addr).map_err(|e| {
-        errors.report("cannot write the status byte", &e);
+        errors.report(LABEL, "cannot write the status byte", &e);
     })
 }
 
@@ -217,8 +208,8 @@ mod tests {
         (TempImage::new(&contents), contents)
     }
 
-    fn run(d: &mut Driver<'_>, disk: &Disk) -> (bool, ErrorLog) {
-        let mut errors = ErrorLog::default();
+    fn run(d: &mut Driver<'_>, disk: &Disk) -> (bool, GuestLog) {
+        let mut errors = GuestLog::default();
         let irq = process_queue(d.m, &mut d.queue, disk, &disk.limits(), &mut errors)
             .expect("the ring is sound");
         (irq, errors)
@@ -423,7 +414,7 @@ mod tests {
         // The driver claims more chains than the queue can hold.
         m.write_obj(QSIZE + 5, d.vq.avail_addr().unchecked_add(2))
             .unwrap();
-        let mut errors = ErrorLog::default();
+        let mut errors = GuestLog::default();
         let r = process_queue(d.m, &mut d.queue, &disk, &disk.limits(), &mut errors);
         assert_eq!(
             r,
@@ -449,7 +440,7 @@ mod tests {
     ) -> (
         std::time::Duration,
         Result<bool, QueueError>,
-        ErrorLog,
+        GuestLog,
         GuestMemoryMmap,
     ) {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
@@ -457,7 +448,7 @@ mod tests {
         let disk = Disk::open(img.path(), false).unwrap();
         let vq = MockSplitQueue::create(&m, GuestAddress(0), QUEUE_SIZE);
         let mut queue = full_queue_of_one_chain(&vq, &m, QUEUE_SIZE, descs, indirect_at, USED_RING);
-        let mut errors = ErrorLog::default();
+        let mut errors = GuestLog::default();
         let (cpu, r) =
             cpu_time_of(|| process_queue(&m, &mut queue, &disk, &disk.limits(), &mut errors));
         // Every chain is handed back.

@@ -1,6 +1,6 @@
 //! The virtio-console device (one port, no multiport, no size): features,
-//! configuration space, activation, host input, and the worker that waits
-//! on the queue ioeventfds and the input eventfd.
+//! configuration space, activation and host input; the worker that waits
+//! on the queue ioeventfds and the input eventfd is in [`super::worker`].
 //!
 //! Queue 0 (receiveq) carries host stdin to the guest, queue 1 (transmitq)
 //! guest output to the host. Linux's hvc driver waits (spinning) until each
@@ -10,19 +10,15 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{process_rx, process_tx, BadChains};
-use crate::devices::virtio::net::rxtx::LogLimiter;
-use crate::devices::virtio::queue_guard::{self, QueueError};
+use super::worker::{ConsoleWorker, Queues};
 use crate::devices::virtio::{
-    read_config_bytes, take_queues, ActivateError, EpollHandler, Interrupt, Served, VirtioDevice,
-    WorkerHandle, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, take_queues, ActivateError, Interrupt, QueuePosition, VirtioCommon,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -42,18 +38,12 @@ pub const INPUT_MAX: usize = 4096;
 /// read by a driver that accepted a feature we do not offer; one port.
 const CONFIG: [u8; 12] = [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
 
-const RX: usize = 0;
-const TX: usize = 1;
-const TOKEN_RX_QUEUE: u64 = 0;
-const TOKEN_TX_QUEUE: u64 = 1;
-const TOKEN_INPUT: u64 = 2;
-
 /// Host input waiting for the guest, shared by the stdin thread and the
 /// worker. [`ConsoleInput::enqueue`] wakes the worker.
 #[derive(Clone)]
 pub struct ConsoleInput {
-    bytes: Arc<Mutex<VecDeque<u8>>>,
-    evt: Arc<EventFd>,
+    pub(super) bytes: Arc<Mutex<VecDeque<u8>>>,
+    pub(super) evt: Arc<EventFd>,
 }
 
 impl ConsoleInput {
@@ -86,101 +76,39 @@ impl ConsoleInput {
 /// Where guest output goes.
 pub type ConsoleSink = Box<dyn Write + Send>;
 
-/// What the worker and a final flush share: the queues once activated.
-struct Queues {
-    mem: GuestMemoryMmap,
-    interrupt: Interrupt,
-    rx: Queue,
-    tx: Queue,
-    out: ConsoleSink,
-    bad: BadChains,
-    logged_bad: u64,
-    log: LogLimiter,
-    /// A ring is broken: serve nothing until the driver resets the device.
-    broken: bool,
-}
-
-impl Queues {
-    /// Guest output to the sink; host input into posted buffers.
-    fn serve(&mut self, input: &ConsoleInput) -> Result<(), QueueError> {
-        if self.broken {
-            return Ok(());
-        }
-        let res = self.serve_inner(input);
-        if self.bad.count != self.logged_bad {
-            self.logged_bad = self.bad.count;
-            let (n, why) = (self.bad.count, self.bad.last.unwrap_or("bad chain"));
-            self.log.warn(
-                "virtio-console",
-                format_args!("{why} ({n} bad chains so far)"),
-            );
-        }
-        if res.is_err() {
-            self.broken = true;
-        }
-        res
-    }
-
-    fn serve_inner(&mut self, input: &ConsoleInput) -> Result<(), QueueError> {
-        if process_tx(&mut self.tx, &self.mem, &mut self.out, &mut self.bad)? {
-            self.signal(TX);
-        }
-        let moved = {
-            let mut bytes = input.bytes.lock().unwrap_or_else(|e| e.into_inner());
-            process_rx(&mut self.rx, &self.mem, &mut bytes, &mut self.bad)?
-        };
-        if moved {
-            self.signal(RX);
-        }
-        Ok(())
-    }
-
-    fn signal(&mut self, which: usize) {
-        let q = if which == RX {
-            &mut self.rx
-        } else {
-            &mut self.tx
-        };
-        if queue_guard::wants_interrupt(q, &self.mem).unwrap_or(true) {
-            self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
-        }
-    }
-}
-
 /// A virtio console.
 pub struct Console {
-    acked_features: u64,
-    queue_sizes: [u16; 2],
+    common: VirtioCommon,
     input: ConsoleInput,
     /// The sink, until activation hands it to the queues (and a reset back).
     out: Arc<Mutex<Option<ConsoleSink>>>,
     queues: Option<Arc<Mutex<Queues>>>,
-    worker: Option<WorkerHandle>,
 }
 
 impl Console {
     /// A console writing guest output to `out` and feeding it `input`.
     pub fn new(out: ConsoleSink, input: ConsoleInput) -> Self {
         Self {
-            acked_features: 0,
-            queue_sizes: [RX_QUEUE_SIZE, TX_QUEUE_SIZE],
+            common: VirtioCommon::new(
+                VIRTIO_ID_CONSOLE,
+                "virtio-console".into(),
+                VIRTIO_F_VERSION_1,
+                &[RX_QUEUE_SIZE, TX_QUEUE_SIZE],
+            ),
             input,
             out: Arc::new(Mutex::new(Some(out))),
             queues: None,
-            worker: None,
         }
     }
 
     /// Whether a worker serves the queues.
     pub fn is_active(&self) -> bool {
-        self.worker.is_some()
+        self.common.is_active()
     }
 
     /// Stop the worker and take the sink back from the queues.
     fn stop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.common.stop_worker();
         if let Some(q) = self.queues.take() {
             // The worker is gone: the handler's clone went with it.
             let sink = match Arc::try_unwrap(q) {
@@ -198,32 +126,16 @@ impl Console {
 }
 
 impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&CONFIG, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // emerg_wr needs VIRTIO_CONSOLE_F_EMERG_WRITE, which we do not offer.
-        log::debug!(
-            "virtio-console: ignoring config write of {} bytes at {offset:#x}",
-            data.len()
-        );
     }
 
     fn activate(
@@ -241,39 +153,24 @@ impl VirtioDevice for Console {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or_else(|| Box::new(std::io::sink()));
-        let queues = Arc::new(Mutex::new(Queues {
-            mem,
-            interrupt,
-            rx,
-            tx,
-            out,
-            bad: BadChains::default(),
-            logged_bad: 0,
-            log: LogLimiter::default(),
-            broken: false,
-        }));
-        let handler = ConsoleHandler {
+        let queues = Arc::new(Mutex::new(Queues::new(mem, interrupt, rx, tx, out)));
+        let handler = ConsoleWorker {
             queues: queues.clone(),
             input: self.input.clone(),
             rx_evt,
             tx_evt,
         };
         self.queues = Some(queues);
-        match WorkerHandle::spawn("virtio-console".into(), handler) {
-            Ok(w) => {
-                self.worker = Some(w);
-                Ok(())
-            }
-            Err(e) => {
-                self.stop();
-                Err(ActivateError::Worker(e))
-            }
+        let started = self.common.start_worker(handler);
+        if started.is_err() {
+            self.stop();
         }
+        started
     }
 
     fn reset(&mut self) -> bool {
         self.stop();
-        self.acked_features = 0;
+        self.common.reset();
         true
     }
 
@@ -281,81 +178,26 @@ impl VirtioDevice for Console {
     /// out now (the VM has stopped).
     fn flush(&mut self) {
         if let Some(q) = &self.queues {
-            let mut q = q.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = q.serve(&self.input) {
-                log::debug!("virtio-console: final flush: {e}");
-            }
+            q.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .final_flush(&self.input);
         }
-    }
-
-    fn pause(&mut self) -> bool {
-        self.worker.as_ref().is_none_or(WorkerHandle::pause)
     }
 
     /// Read from the shared queues: every chain the worker takes it also
     /// returns in the same round, so a parked worker leaves them exact.
-    fn queue_positions(&self) -> Option<Vec<crate::devices::virtio::QueuePosition>> {
-        use crate::devices::virtio::QueuePosition;
+    fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
         self.queues.as_ref().map(|q| {
-            let q = q.lock().unwrap_or_else(|e| e.into_inner());
-            vec![QueuePosition::of(&q.rx), QueuePosition::of(&q.tx)]
+            q.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .positions()
         })
-    }
-
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
     }
 }
 
 impl Drop for Console {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// The worker's side: the shared queues and the fds it waits on.
-struct ConsoleHandler {
-    queues: Arc<Mutex<Queues>>,
-    input: ConsoleInput,
-    rx_evt: EventFd,
-    tx_evt: EventFd,
-}
-
-impl EpollHandler for ConsoleHandler {
-    fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
-        Some(crate::seccomp::ThreadKind::ConsoleWorker)
-    }
-
-    fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
-        vec![
-            (self.rx_evt.as_raw_fd(), TOKEN_RX_QUEUE, EventSet::IN),
-            (self.tx_evt.as_raw_fd(), TOKEN_TX_QUEUE, EventSet::IN),
-            (self.input.evt.as_raw_fd(), TOKEN_INPUT, EventSet::IN),
-        ]
-    }
-
-    fn serve(&mut self, _ready: &[u64]) -> Served {
-        // Whatever woke us (or nothing, at start), both directions are
-        // cheap to look at. EAGAIN: merged with an earlier kick.
-        let _ = self.rx_evt.read();
-        let _ = self.tx_evt.read();
-        let _ = self.input.evt.read();
-        let mut q = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        match q.serve(&self.input) {
-            Ok(()) => Served::default(),
-            // A ring is broken: stop watching (until the driver resets the
-            // device, which stops this worker) and tell the driver.
-            Err(e) => {
-                log::warn!("virtio-console: {e}: device needs reset");
-                q.interrupt.needs_reset();
-                Served {
-                    more: false,
-                    stop_watching: vec![TOKEN_RX_QUEUE, TOKEN_TX_QUEUE, TOKEN_INPUT],
-                }
-            }
-        }
     }
 }
 

@@ -1,11 +1,13 @@
 //! virtio-console: the guest's `hvc0`, one port.
 //!
 //! - [`queue`]: the transmit and receive queue logic, usable without KVM;
-//! - [`device`]: the [`crate::devices::virtio::VirtioDevice`], host input
-//!   ([`ConsoleInput`]) and the worker (the shared epoll helper) that waits
-//!   on the two queue ioeventfds and the input eventfd.
+//! - [`device`]: the [`crate::devices::virtio::VirtioDevice`] and host input
+//!   ([`ConsoleInput`]);
+//! - `worker`: the queues once activated, and what the worker thread does
+//!   when the two queue ioeventfds or the input eventfd fire.
 
 pub mod device;
 pub mod queue;
+mod worker;
 
 pub use device::{Console, ConsoleInput, ConsoleSink, VIRTIO_ID_CONSOLE};

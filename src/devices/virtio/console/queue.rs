@@ -48,29 +48,20 @@ pub fn process_tx<M: GuestMemory, W: Write + ?Sized>(
     out: &mut W,
     bad: &mut BadChains,
 ) -> Result<bool, QueueError> {
-    let mut used_any = false;
-    loop {
-        queue_guard::disable_notification(queue, mem)?;
-        while let Some(chain) = queue_guard::pop(queue, mem)? {
-            let head = chain.head_index();
-            if let Err(why) = transmit(mem, chain, out) {
-                bad.add(why);
-            }
-            // Fails only for a head index past the queue: then there is
-            // nothing to return.
-            match queue.add_used(mem, head, 0) {
-                Ok(()) => used_any = true,
-                Err(_) => bad.add("head index past the queue"),
-            }
+    let done = queue_guard::drain(queue, mem, |chain| {
+        if let Err(why) = transmit(mem, chain, out) {
+            bad.add(why);
         }
-        // More may have arrived while notifications were off.
-        if !queue_guard::enable_notification(queue, mem)? {
-            break;
-        }
+        0
+    })?;
+    // Only for a head index past the queue: then there is nothing to return.
+    if done.lost > 0 {
+        bad.count += u64::from(done.lost);
+        bad.last = Some("head index past the queue");
     }
     // The guest never waits for output that is still in our buffer.
     let _ = out.flush();
-    Ok(used_any)
+    Ok(done.used > 0)
 }
 
 fn transmit<M: GuestMemory, W: Write + ?Sized>(

@@ -31,7 +31,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
 use super::worker::Worker;
 use crate::devices::virtio::{
-    take_queues, ActivateError, Interrupt, VirtioDevice, WorkerHandle, VIRTIO_F_VERSION_1,
+    read_config_bytes, take_queues, ActivateError, Interrupt, VirtioCommon, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 use crate::net::{FrameBackend, MacAddr};
@@ -116,14 +117,11 @@ pub fn config_space(mac: MacAddr) -> [u8; CONFIG_SPACE_LEN] {
 
 /// A virtio-net device on a frame backend.
 pub struct Net {
+    common: VirtioCommon,
     index: usize,
-    label: String,
     backend: Arc<dyn FrameBackend>,
     mac: MacAddr,
-    avail_features: u64,
-    acked_features: u64,
     stats: Arc<NetStats>,
-    worker: Option<WorkerHandle>,
 }
 
 impl Net {
@@ -136,14 +134,11 @@ impl Net {
             backend.describe()
         );
         Self {
+            common: VirtioCommon::new(VIRTIO_ID_NET, label, avail_features, &QUEUE_SIZES),
             index,
-            label,
             backend,
             mac,
-            avail_features,
-            acked_features: 0,
             stats: Arc::new(NetStats::default()),
-            worker: None,
         }
     }
 
@@ -167,60 +162,40 @@ impl Net {
         Arc::clone(&self.stats)
     }
 
-    fn program_tap_offloads(&self) {
-        let flags = tap_offloads_for(self.acked_features);
-        if let Err(e) = self.backend.set_offloads(flags) {
-            // Fewer offloads is safe: the guest just gets plain frames.
-            warn!("{}: {e}", self.label);
-            if let Err(e) = self.backend.set_offloads(0) {
-                warn!("{}: {e}", self.label);
-            }
-        }
+    fn label(&self) -> &str {
+        self.common.label()
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
+    fn program_tap_offloads(&self) {
+        let flags = tap_offloads_for(self.common.acked_features());
+        if let Err(e) = self.backend.set_offloads(flags) {
+            // Fewer offloads is safe: the guest just gets plain frames.
+            warn!("{}: {e}", self.label());
+            if let Err(e) = self.backend.set_offloads(0) {
+                warn!("{}: {e}", self.label());
+            }
         }
     }
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+        self.common.ack_features(features);
         self.program_tap_offloads();
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = config_space(self.mac);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| cfg.get(o).copied())
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR (legacy only otherwise).
-        log::debug!(
-            "{}: ignored {}-byte config write at {offset:#x}",
-            self.label,
-            data.len()
-        );
+        // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR, so
+        // writes take the provided method's way: ignored.
+        read_config_bytes(&config_space(self.mac), offset, data);
     }
 
     fn activate(
@@ -231,14 +206,15 @@ impl VirtioDevice for Net {
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         let ([rx_queue, tx_queue], [rx_evt, tx_evt]) = take_queues::<2>(queues, queue_evts)?;
-        self.stop_worker();
+        self.common.stop_worker();
         self.program_tap_offloads();
 
-        let acked = self.acked_features;
-        let mrg_rxbuf = acked & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
-        let guest_csum = acked & bit(VIRTIO_NET_F_GUEST_CSUM) != 0;
+        let acked = self.common.acked_features();
+        let mrg_rxbuf = self.common.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let guest_csum = self.common.acked(VIRTIO_NET_F_GUEST_CSUM);
+        let label = self.label().to_string();
         let worker = Worker {
-            label: self.label.clone(),
+            label: label.clone(),
             mem,
             interrupt,
             rx_queue,
@@ -246,58 +222,34 @@ impl VirtioDevice for Net {
             rx_evt,
             tx_evt,
             backend: Arc::clone(&self.backend),
-            rx: RxPath::new(self.label.clone(), mrg_rxbuf, guest_csum),
-            tx: TxPath::new(self.label.clone()),
+            rx: RxPath::new(label.clone(), mrg_rxbuf, guest_csum),
+            tx: TxPath::new(label.clone()),
             stats: Arc::clone(&self.stats),
             rx_more: false,
             tx_more: false,
         };
-        let worker =
-            WorkerHandle::spawn(self.label.clone(), worker).map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        self.common.start_worker(worker)?;
         info!(
-            "{}: activated (features {acked:#x}, backend offloads {:#x})",
-            self.label,
+            "{label}: activated (features {acked:#x}, backend offloads {:#x})",
             tap_offloads_for(acked)
         );
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        self.stop_worker();
-        self.acked_features = 0;
+        self.common.reset();
         self.program_tap_offloads();
         true
-    }
-
-    fn pause(&mut self) -> bool {
-        self.worker.as_ref().is_none_or(WorkerHandle::pause)
-    }
-
-    fn queue_positions(&self) -> Option<Vec<crate::devices::virtio::QueuePosition>> {
-        self.worker.as_ref().map(WorkerHandle::queue_positions)
-    }
-
-    fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
     }
 
     fn flush(&mut self) {
         info!(
             "{} (eth{}, {}): {}",
-            self.label,
+            self.label(),
             self.index,
             self.backend.describe(),
             self.stats.snapshot()
         );
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 

@@ -15,11 +15,11 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::devices::virtio::guest_log::GuestLog;
 use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 pub use crate::net::tap::VNET_HDR_LEN;
 
@@ -128,44 +128,6 @@ impl fmt::Display for NetStatsSnapshot {
     }
 }
 
-/// Lets a warning through at most every few seconds so a misbehaving guest
-/// cannot flood the host log.
-#[derive(Debug, Default)]
-pub(crate) struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const INTERVAL: Duration = Duration::from_secs(5);
-
-    /// `Some(n)` when a message may be logged now, `n` being how many were
-    /// suppressed since the last one.
-    pub(crate) fn check(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < Self::INTERVAL => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-
-    pub(crate) fn warn(&mut self, label: &str, msg: fmt::Arguments<'_>) {
-        if let Some(suppressed) = self.check() {
-            if suppressed > 0 {
-                log::warn!("{label}: {msg} ({suppressed} similar messages suppressed)");
-            } else {
-                log::warn!("{label}: {msg}");
-            }
-        }
-    }
-}
-
 /// Why a descriptor chain was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BadChain {
@@ -256,7 +218,7 @@ pub struct TxBatch {
 pub struct TxPath {
     label: String,
     buf: Box<[u8]>,
-    log: LogLimiter,
+    log: GuestLog,
 }
 
 impl TxPath {
@@ -265,7 +227,7 @@ impl TxPath {
         Self {
             label: label.into(),
             buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
-            log: LogLimiter::default(),
+            log: GuestLog::default(),
         }
     }
 
@@ -442,7 +404,7 @@ pub struct RxPath {
     reserved: VecDeque<RxBuffer>,
     mrg_rxbuf: bool,
     guest_csum: bool,
-    log: LogLimiter,
+    log: GuestLog,
 }
 
 impl RxPath {
@@ -457,7 +419,7 @@ impl RxPath {
             reserved: VecDeque::new(),
             mrg_rxbuf,
             guest_csum,
-            log: LogLimiter::default(),
+            log: GuestLog::default(),
         }
     }
 
@@ -664,6 +626,7 @@ impl RxPath {
 pub(crate) mod tests {
     use super::*;
     use std::collections::VecDeque;
+    use std::time::Duration;
     use virtio_bindings::virtio_ring::{
         VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
@@ -1358,15 +1321,5 @@ pub(crate) mod tests {
             usize::from(u16::from_le_bytes([first[10], first[11]])),
             used.len()
         );
-    }
-
-    #[test]
-    fn log_limiter_suppresses_bursts() {
-        let mut l = LogLimiter::default();
-        assert_eq!(l.check(), Some(0));
-        assert_eq!(l.check(), None);
-        assert_eq!(l.check(), None);
-        l.last = Some(Instant::now() - Duration::from_secs(10));
-        assert_eq!(l.check(), Some(2));
     }
 }
