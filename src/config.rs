@@ -142,6 +142,14 @@ pub enum ConfigError {
         /// The id.
         id: String,
     },
+    /// No drive or NIC has this id.
+    #[error("no {what} with id '{id}'")]
+    NoSuchDevice {
+        /// "drive" or "network interface".
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
     /// A guest command without a root filesystem to run it.
     #[error("a guest command needs a root filesystem drive (--rootfs): its init runs the command")]
     CommandWithoutRoot,
@@ -241,6 +249,65 @@ impl VmConfig {
         Ok(())
     }
 
+    /// The configuration a build takes by reference: validated, with what
+    /// was left to microvm filled in (a random locally administered MAC for
+    /// a NIC without one, `driveN`/`ethN` for a device without an id). A
+    /// snapshot keeps the resolved configuration, so a restore builds the
+    /// same devices with the same addresses.
+    pub fn resolved(&self) -> Result<Self, ConfigError> {
+        let mut c = self.clone();
+        for (i, d) in c.drives.iter_mut().enumerate() {
+            if d.id.is_empty() {
+                d.id = format!("drive{i}");
+            }
+        }
+        for (i, n) in c.nets.iter_mut().enumerate() {
+            if n.id.is_empty() {
+                n.id = format!("eth{i}");
+            }
+            n.mac.get_or_insert_with(crate::net::MacAddr::random_local);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The VM's virtio devices, in the one order boot, snapshot and restore
+    /// all follow: drives first (the root drive is first among them, so it
+    /// is /dev/vda), then NICs (eth0, eth1, ...), then the virtio console
+    /// (last, so the windows and IRQs of drives and NICs do not move with
+    /// `--console`). Device `n` of this list gets the `n`-th MMIO window
+    /// and IRQ.
+    pub fn virtio_devices(&self) -> Vec<DeviceId> {
+        let drives = self.drives.iter().map(|d| DeviceId::new(DeviceKind::Block, &d.id));
+        let nets = self.nets.iter().map(|n| DeviceId::new(DeviceKind::Net, &n.id));
+        let console = (self.console == ConsoleMode::Virtio)
+            .then(|| DeviceId::new(DeviceKind::Console, CONSOLE_ID));
+        drives.chain(nets).chain(console).collect()
+    }
+
+    /// The drive with id `id`.
+    pub fn drive(&self, id: &str) -> Result<&DriveConfig, ConfigError> {
+        self.drives
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| ConfigError::NoSuchDevice {
+                what: "drive",
+                id: id.to_string(),
+            })
+    }
+
+    /// The NIC with id `id`, with its position (N of `ethN`).
+    pub fn net(&self, id: &str) -> Result<(usize, &NetConfig), ConfigError> {
+        self.nets
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.id == id)
+            .ok_or_else(|| ConfigError::NoSuchDevice {
+                what: "network interface",
+                id: id.to_string(),
+            })
+    }
+
     /// The drive with id `id`, to change it; the error names it.
     pub fn drive_mut(&mut self, id: &str) -> Result<&mut DriveConfig, String> {
         self.drives
@@ -252,6 +319,52 @@ impl VmConfig {
     /// The root drive, if any.
     pub fn root_drive(&self) -> Option<&DriveConfig> {
         self.drives.iter().find(|d| d.is_root)
+    }
+}
+
+/// What a virtio device is: each kind has its folder under
+/// `src/devices/virtio/` and is built from its part of the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum DeviceKind {
+    /// virtio-blk, from a [`DriveConfig`].
+    Block,
+    /// virtio-net, from a [`NetConfig`].
+    Net,
+    /// virtio-console, from [`ConsoleMode::Virtio`].
+    Console,
+}
+
+/// The id of the one virtio console.
+pub const CONSOLE_ID: &str = "console";
+
+/// One virtio device of a VM, by kind and id (a drive's or a NIC's id, or
+/// [`CONSOLE_ID`]): how snapshots name devices.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct DeviceId {
+    /// What the device is.
+    pub kind: DeviceKind,
+    /// Which one.
+    pub id: String,
+}
+
+impl DeviceId {
+    /// The device of `kind` named `id`.
+    pub fn new(kind: DeviceKind, id: &str) -> Self {
+        Self {
+            kind,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            DeviceKind::Block => "drive",
+            DeviceKind::Net => "network interface",
+            DeviceKind::Console => "virtio console",
+        };
+        write!(f, "{kind} '{}'", self.id)
     }
 }
 

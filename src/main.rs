@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     };
 
     let built = if let Some(dir) = &launch.restore {
-        let paths = microvm::vmm::SnapshotPaths::in_dir(dir);
+        let paths = microvm::snapshot::SnapshotPaths::in_dir(dir);
         Vmm::restore(
             &paths,
             true,
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             launch.id,
         )
     } else if launch.boot_now {
-        Vmm::build(launch.config, process_start, events, launch.id)
+        Vmm::build(&launch.config, process_start, events, launch.id)
     } else {
         let mut preboot = Preboot::new(launch.config, launch.id);
         match build_from_api(&mut preboot, &events, process_start) {
@@ -188,7 +188,7 @@ fn build_from_api(
                 }
                 PrebootStep::Restore((state, memory), resume) => (
                     Vmm::restore(
-                        &microvm::vmm::SnapshotPaths { state, memory },
+                        &microvm::snapshot::SnapshotPaths { state, memory },
                         resume,
                         preboot.config.timeout,
                         process_start,
@@ -199,7 +199,7 @@ fn build_from_api(
                 ),
                 PrebootStep::Start => (
                     Vmm::build(
-                        preboot.config.clone(),
+                        &preboot.config,
                         process_start,
                         events.clone(),
                         preboot.id.clone(),

@@ -25,19 +25,14 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
-};
-use kvm_ioctls::VmFd;
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
 };
 
-use crate::config::VmConfig;
-use crate::host::unix_now_ns;
+use crate::config::{DeviceId, VmConfig};
 use crate::devices::legacy::I8042Snapshot;
 use crate::devices::rtc::CmosSnapshot;
 use crate::devices::serial::SerialSnapshot;
@@ -48,7 +43,8 @@ use crate::vcpu::state::VcpuState;
 /// What the state file says it is.
 pub const FORMAT: &str = "microvm-snapshot";
 /// The state layout this build writes and reads.
-pub const VERSION: u32 = 1;
+/// Version 2 names each virtio device by kind and id.
+pub const VERSION: u32 = 2;
 /// Largest state file read (a 8-vCPU VM writes well under 1 MiB).
 pub const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Granule of the sparse memory file.
@@ -89,26 +85,9 @@ pub enum SnapshotError {
         /// What is wrong.
         reason: String,
     },
-    /// A VM-level KVM ioctl failed.
-    #[error("KVM: cannot {what}")]
-    Kvm {
-        /// What was being done.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
     /// The VM cannot be saved in the state it is in.
     #[error("cannot snapshot the VM: {0}")]
     NotSaveable(String),
-    /// The restored VM could not take on the saved state.
-    #[error("cannot restore {what}: {reason}")]
-    Restore {
-        /// The part that failed.
-        what: String,
-        /// Why.
-        reason: String,
-    },
 }
 
 impl SnapshotError {
@@ -129,7 +108,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     }
 }
 
-/// The interrupt controllers, PIT and clock KVM keeps for the VM.
+/// Where a snapshot goes, or comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotPaths {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub memory: PathBuf,
+}
+
+impl SnapshotPaths {
+    /// `DIR/state` and `DIR/memory`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            state: dir.join(STATE_FILE),
+            memory: dir.join(MEMORY_FILE),
+        }
+    }
+}
+
+/// The interrupt controllers, PIT and clock KVM keeps for the VM (read and
+/// written by the VMM, `src/vmm/vm_state.rs`).
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct VmState {
     /// Master 8259.
@@ -144,69 +143,6 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// Wall-clock time the clock was read (ns since the Unix epoch).
     pub read_at_unix_ns: u64,
-}
-
-impl VmState {
-    /// Read the state of the paused VM `vm`.
-    pub fn read(vm: &VmFd) -> Result<Self, SnapshotError> {
-        let chip = |id| -> Result<kvm_irqchip, SnapshotError> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            vm.get_irqchip(&mut c)
-                .map_err(|source| SnapshotError::Kvm {
-                    what: "read the interrupt controllers",
-                    source,
-                })?;
-            Ok(c)
-        };
-        let kvm = |what| move |source| SnapshotError::Kvm { what, source };
-        Ok(Self {
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: vm.get_pit2().map_err(kvm("read the PIT"))?,
-            clock: vm.get_clock().map_err(kvm("read the KVM clock"))?,
-            read_at_unix_ns: unix_now_ns(),
-        })
-    }
-
-    /// Write the interrupt controllers and the PIT into the new VM `vm`.
-    pub fn write_devices(&self, vm: &VmFd) -> Result<(), SnapshotError> {
-        let kvm = |what| move |source| SnapshotError::Kvm { what, source };
-        for (chip, id) in [
-            (&self.pic_master, KVM_IRQCHIP_PIC_MASTER),
-            (&self.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
-            (&self.ioapic, KVM_IRQCHIP_IOAPIC),
-        ] {
-            if chip.chip_id != id {
-                return Err(SnapshotError::Restore {
-                    what: "the interrupt controllers".into(),
-                    reason: format!("chip {} where chip {id} belongs", chip.chip_id),
-                });
-            }
-            vm.set_irqchip(chip)
-                .map_err(kvm("set the interrupt controllers"))?;
-        }
-        vm.set_pit2(&self.pit).map_err(kvm("set the PIT"))
-    }
-
-    /// Set the KVM clock as far past the saved one as the wall clock moved
-    /// since it was read: the guest's clocks go on as if it had been paused
-    /// all along.
-    pub fn write_clock(&self, vm: &VmFd) -> Result<u64, SnapshotError> {
-        let elapsed_ns = unix_now_ns().saturating_sub(self.read_at_unix_ns);
-        let clock = kvm_clock_data {
-            clock: self.clock.clock.wrapping_add(elapsed_ns),
-            ..Default::default()
-        };
-        vm.set_clock(&clock).map_err(|source| SnapshotError::Kvm {
-            what: "set the KVM clock",
-            source,
-        })?;
-        Ok(elapsed_ns)
-    }
 }
 
 /// The platform devices' registers.
@@ -267,8 +203,19 @@ pub struct Snapshot {
     pub vcpus: Vec<VcpuState>,
     /// The platform devices.
     pub platform: PlatformState,
-    /// Every virtio-mmio transport, in attach order (drives, NICs, console).
-    pub virtio: Vec<TransportSnapshot>,
+    /// Every virtio device with its transport, in the order of
+    /// [`VmConfig::virtio_devices`].
+    pub virtio: Vec<SavedDevice>,
+}
+
+/// One virtio device as saved: which it is, and its transport's registers
+/// and queues.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedDevice {
+    /// Kind and id.
+    pub device: DeviceId,
+    /// The virtio-mmio transport.
+    pub transport: TransportSnapshot,
 }
 
 /// The first two fields, read before the rest so that a file of another
@@ -313,13 +260,16 @@ impl Snapshot {
             }
             offset += r.size;
         }
-        let consoles = usize::from(c.console == crate::config::ConsoleMode::Virtio);
-        if self.virtio.len() != c.drives.len() + c.nets.len() + consoles {
+        let want = c.virtio_devices();
+        let saved = self.virtio.iter().map(|d| &d.device);
+        if !saved.clone().eq(want.iter()) {
+            let names = |l: Vec<&DeviceId>| {
+                l.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            };
             return Err(format!(
-                "{} virtio devices for {} drives, {} NICs and {consoles} virtio consoles",
-                self.virtio.len(),
-                c.drives.len(),
-                c.nets.len()
+                "the saved devices ({}) are not the configuration's ({})",
+                names(saved.collect()),
+                names(want.iter().collect())
             ));
         }
         if self.disks.len() != c.drives.len()

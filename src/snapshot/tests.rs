@@ -7,6 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::config::VmConfig;
+use crate::host::unix_now_ns;
 
 /// A directory for one test, removed when dropped.
 struct TempDir(PathBuf);
@@ -104,7 +105,7 @@ fn bad_state_files_are_refused_with_a_reason() {
     v["version"] = 99.into();
     let e = read_err(&dir, v.to_string().as_bytes());
     assert!(
-        e.contains("format version 99, this microvm reads version 1"),
+        e.contains(&format!("format version 99, this microvm reads version {VERSION}")),
         "{e}"
     );
 
@@ -129,9 +130,28 @@ fn bad_state_files_are_refused_with_a_reason() {
     s.config.memory_mib = 1 << 30;
     assert!(!read_err(&dir, &serde_json::to_vec(&s).unwrap()).is_empty());
 
+    // Devices are named by kind and id: an extra one, a missing one, or
+    // one the configuration has under another id are all refused.
+    use crate::config::{DeviceId, DeviceKind};
+    let saved = |kind, id: &str| SavedDevice {
+        device: DeviceId::new(kind, id),
+        transport: Default::default(),
+    };
     let mut s = minimal();
-    s.virtio.push(Default::default());
-    assert!(read_err(&dir, &serde_json::to_vec(&s).unwrap()).contains("1 virtio devices"));
+    s.virtio.push(saved(DeviceKind::Block, "rootfs"));
+    let e = read_err(&dir, &serde_json::to_vec(&s).unwrap());
+    assert!(
+        e.contains("the saved devices (drive 'rootfs') are not the configuration's ()"),
+        "{e}"
+    );
+    let mut s = minimal();
+    s.config.console = crate::config::ConsoleMode::Virtio;
+    let e = read_err(&dir, &serde_json::to_vec(&s).unwrap());
+    assert!(e.contains("are not the configuration's (virtio console 'console')"), "{e}");
+    s.virtio.push(saved(DeviceKind::Net, "console"));
+    assert!(read_err(&dir, &serde_json::to_vec(&s).unwrap()).contains("saved devices"));
+    s.virtio[0] = saved(DeviceKind::Console, "console");
+    assert!(Snapshot::parse(&serde_json::to_vec(&s).unwrap()).is_ok());
 
     let mut s = minimal();
     s.vcpus[0].msrs = vec![Default::default(); crate::vcpu::state::MAX_MSRS + 1];
@@ -213,4 +233,14 @@ fn memory_file_of_the_wrong_size_is_refused() {
     let e = map_memory(&path, &regions).map(|_| ()).unwrap_err();
     assert!(e.is_usage_error());
     assert!(crate::error_chain(&e).contains("4096 bytes"), "{e}");
+}
+
+/// The fuzz target's seed is a real state file in the current format: a
+/// format change that leaves it behind would starve the fuzzer of it.
+#[test]
+fn the_fuzz_seed_is_a_current_state_file() {
+    let seed = include_bytes!("../../fuzz/corpus/snapshot_state/seed-initramfs-vm");
+    if let Err(e) = Snapshot::parse(seed) {
+        panic!("fuzz/corpus/snapshot_state/seed-initramfs-vm: {e}");
+    }
 }

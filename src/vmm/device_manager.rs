@@ -6,8 +6,8 @@
 //! `VIRTIO_MMIO_START + n * VIRTIO_MMIO_SIZE` and the IRQ `IRQ_VIRTIO_START + n`,
 //! and announces itself to the guest kernel with
 //! `virtio_mmio.device=4K@0x<base>:<irq>`. The guest probes devices in command
-//! line order, so block devices attached first in `VmConfig::drives` order
-//! become /dev/vda, /dev/vdb, ...
+//! line order; the builder attaches them in `VmConfig::virtio_devices`
+//! order, drives first, so they become /dev/vda, /dev/vdb, ...
 //!
 //! The in-kernel irqchip must exist before the first attach (irqfds route to it).
 
@@ -18,7 +18,7 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::DriveConfig;
+use crate::config::{DeviceId, DeviceKind, DriveConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::virtio::block::{Block, DiskError};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, REG_QUEUE_NOTIFY};
@@ -131,6 +131,8 @@ impl MmioSlot {
 
 /// One attached device.
 pub struct AttachedDevice {
+    /// Which device of the VM's list it is.
+    pub id: DeviceId,
     /// Where it lives.
     pub slot: MmioSlot,
     /// Its transport, shared with the MMIO bus.
@@ -150,8 +152,6 @@ pub enum BusKind {
 #[derive(Default)]
 pub struct DeviceManager {
     devices: Vec<AttachedDevice>,
-    /// Block devices by drive id, as indexes into `devices`.
-    drives: Vec<(String, usize)>,
     pio_bus: Bus,
     mmio_bus: Bus,
     activate_evt: Option<EventFd>,
@@ -239,10 +239,9 @@ impl DeviceManager {
 
     /// The transport of the drive with id `id`.
     pub fn drive(&self, id: &str) -> Result<&Arc<Mutex<MmioTransport>>, DeviceManagerError> {
-        self.drives
+        self.devices
             .iter()
-            .find(|(d, _)| d == id)
-            .and_then(|(_, i)| self.devices.get(*i))
+            .find(|d| d.id.kind == DeviceKind::Block && d.id.id == id)
             .map(|d| &d.transport)
             .ok_or_else(|| DeviceManagerError::UnknownDrive(id.to_string()))
     }
@@ -258,6 +257,7 @@ impl DeviceManager {
         &mut self,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
+        id: DeviceId,
         device: Box<dyn VirtioDevice>,
         cmdline: &mut Cmdline,
     ) -> Result<MmioSlot, DeviceManagerError> {
@@ -295,34 +295,13 @@ impl DeviceManager {
             .add_virtio_mmio_device(slot.len, GuestAddress(slot.base), slot.irq, None)
             .map_err(DeviceManagerError::Cmdline)?;
 
-        log::debug!(
-            "virtio-mmio device type {} at {:#x}, IRQ {}",
-            transport
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .device()
-                .device_type(),
-            slot.base,
-            slot.irq
-        );
-        self.devices.push(AttachedDevice { slot, transport });
+        log::debug!("{id}: virtio-mmio at {:#x}, IRQ {}", slot.base, slot.irq);
+        self.devices.push(AttachedDevice {
+            id,
+            slot,
+            transport,
+        });
         Ok(slot)
-    }
-
-    /// Attach one block device per drive, in order (the first becomes /dev/vda).
-    /// Call before attaching any other virtio device.
-    pub fn attach_drives(
-        &mut self,
-        vm: &VmFd,
-        mem: &GuestMemoryMmap,
-        drives: &[DriveConfig],
-        cmdline: &mut Cmdline,
-    ) -> Result<(), DeviceManagerError> {
-        for drive in drives {
-            self.drives.push((drive.id.clone(), self.devices.len()));
-            self.attach_virtio(vm, mem, block_device(drive)?, cmdline)?;
-        }
-        Ok(())
     }
 
     /// Serve the drive `id` from the file at `path` from now on, and tell
@@ -459,7 +438,11 @@ mod tests {
         let mut cmdline = Cmdline::new(2048).unwrap();
         cmdline.insert_str("console=ttyS0").unwrap();
         let mut dm = DeviceManager::new();
-        dm.attach_drives(&vm, &mem, &drives, &mut cmdline).unwrap();
+        for d in &drives {
+            let id = DeviceId::new(DeviceKind::Block, &d.id);
+            dm.attach_virtio(&vm, &mem, id, block_device(d).unwrap(), &mut cmdline)
+                .unwrap();
+        }
         let bus = dm.mmio_bus();
         assert!(dm.drive("b").is_ok() && dm.drive("c").is_err());
 

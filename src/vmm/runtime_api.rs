@@ -46,12 +46,13 @@ impl Vmm {
                 .snapshot(
                     vcpus,
                     *state,
-                    &super::snapshot::SnapshotPaths {
+                    &crate::snapshot::SnapshotPaths {
                         state: state_file,
                         memory: memory_file,
                     },
                 )
-                .map(|_| ()),
+                .map(|_| ())
+                .map_err(|e| crate::error_chain(&e)),
             ApiRequest::PutMachineConfig(_)
             | ApiRequest::PutBootSource(_)
             | ApiRequest::PutDrive(_)

@@ -15,7 +15,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::disk::{Disk, DiskError};
+use super::disk::{current, Disk, DiskError, SharedDisk};
+#[cfg(test)]
 use super::request::Limits;
 use super::worker::BlockWorker;
 use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
@@ -32,16 +33,6 @@ const CONFIG_LEN: usize = 24;
 
 /// Names worker threads `virtio-blk-0`, `-1`, ... in creation order.
 static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
-
-/// The disk a device serves, shared with its worker; replaced whole when
-/// the backing file is swapped (the worker picks the new one up at its next
-/// batch, and the old file is closed when the last batch using it ends).
-pub(super) type SharedDisk = Arc<Mutex<Arc<Disk>>>;
-
-/// The disk `disk` holds now.
-pub(super) fn current(disk: &SharedDisk) -> Arc<Disk> {
-    disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
 
 /// A virtio block device.
 pub struct Block {
@@ -103,7 +94,7 @@ impl Block {
     /// Request limits: seg_max and size_max bind only a driver that accepted them.
     #[cfg(test)]
     fn limits(&self) -> Limits {
-        limits_for(&self.disk(), self.acked_features())
+        self.disk().negotiated_limits(self.acked_features())
     }
 
     /// Serve a new backing file from now on; the caller then tells the
@@ -127,19 +118,6 @@ impl Block {
         *self.disk.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         Ok(())
     }
-}
-
-/// Request limits of `disk`: seg_max and size_max bind only a driver that
-/// accepted them.
-pub(super) fn limits_for(disk: &Disk, acked_features: u64) -> Limits {
-    let mut limits = disk.limits();
-    if acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
-        limits.seg_max = u32::MAX;
-    }
-    if acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
-        limits.size_max = u32::MAX;
-    }
-    limits
 }
 
 impl VirtioDevice for Block {

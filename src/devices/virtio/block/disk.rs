@@ -12,6 +12,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
@@ -151,6 +152,20 @@ impl Disk {
     /// The serial returned by `VIRTIO_BLK_T_GET_ID` (NUL-padded).
     pub fn id(&self) -> &[u8; ID_BYTES] {
         &self.id
+    }
+
+    /// The limits for a driver that acked `acked_features`: seg_max and
+    /// size_max bind only a driver that accepted them.
+    pub fn negotiated_limits(&self, acked_features: u64) -> Limits {
+        use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX};
+        let mut limits = self.limits();
+        if acked_features & (1 << VIRTIO_BLK_F_SEG_MAX) == 0 {
+            limits.seg_max = u32::MAX;
+        }
+        if acked_features & (1 << VIRTIO_BLK_F_SIZE_MAX) == 0 {
+            limits.size_max = u32::MAX;
+        }
+        limits
     }
 
     /// What requests are checked against when the driver accepted
@@ -364,6 +379,16 @@ impl WriteVolatile for FileAt<'_> {
         self.offset += n as u64;
         Ok(n)
     }
+}
+
+/// The disk a device serves, shared with its worker; replaced whole when
+/// the backing file is swapped (the worker picks the new one up at its next
+/// batch, and the old file is closed when the last batch using it ends).
+pub type SharedDisk = Arc<Mutex<Arc<Disk>>>;
+
+/// The disk `disk` holds now.
+pub fn current(disk: &SharedDisk) -> Arc<Disk> {
+    disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{current, limits_for, SharedDisk};
+use super::disk::{current, SharedDisk};
 use super::queue::process_queue;
 use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
@@ -61,7 +61,7 @@ impl EpollHandler for BlockWorker {
         // Non-blocking: EAGAIN just means another kick was merged.
         let _ = self.queue_evt.read();
         let disk = current(&self.disk);
-        let limits = limits_for(&disk, self.acked_features);
+        let limits = disk.negotiated_limits(self.acked_features);
         match process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
             Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}

@@ -8,13 +8,12 @@
 //! on: command-mode output is complete before the guest reports its exit
 //! status on port 0xf4.
 
-use std::collections::VecDeque;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::input::{ConsoleInput, ConsoleSink};
 use super::worker::{ConsoleWorker, Queues};
 use crate::devices::virtio::{
     read_config_bytes, take_queues, ActivateError, Interrupt, QueuePosition, VirtioCommon,
@@ -31,50 +30,9 @@ pub const VIRTIO_ID_CONSOLE: u32 = 3;
 pub const RX_QUEUE_SIZE: u16 = 16;
 /// Size of the transmit queue (hvc keeps one buffer in flight at a time).
 pub const TX_QUEUE_SIZE: u16 = 64;
-/// Host input held for a guest that has not posted buffers yet; stdin waits
-/// beyond this.
-pub const INPUT_MAX: usize = 4096;
 /// `struct virtio_console_config`: cols, rows, max_nr_ports, emerg_wr. Only
 /// read by a driver that accepted a feature we do not offer; one port.
 const CONFIG: [u8; 12] = [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-
-/// Host input waiting for the guest, shared by the stdin thread and the
-/// worker. [`ConsoleInput::enqueue`] wakes the worker.
-#[derive(Clone)]
-pub struct ConsoleInput {
-    pub(super) bytes: Arc<Mutex<VecDeque<u8>>>,
-    pub(super) evt: Arc<EventFd>,
-}
-
-impl ConsoleInput {
-    /// An empty input buffer.
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            bytes: Arc::new(Mutex::new(VecDeque::with_capacity(INPUT_MAX))),
-            evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
-        })
-    }
-
-    /// Queue bytes for the guest; returns how many fit (0 when
-    /// [`INPUT_MAX`] are waiting already: try again later).
-    pub fn enqueue(&self, bytes: &[u8]) -> usize {
-        let n = {
-            let mut q = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
-            let n = bytes.len().min(INPUT_MAX.saturating_sub(q.len()));
-            q.extend(&bytes[..n]);
-            n
-        };
-        if n > 0 {
-            if let Err(e) = self.evt.write(1) {
-                log::warn!("virtio-console: cannot wake the worker: {e}");
-            }
-        }
-        n
-    }
-}
-
-/// Where guest output goes.
-pub type ConsoleSink = Box<dyn Write + Send>;
 
 /// A virtio console.
 pub struct Console {
@@ -203,13 +161,16 @@ impl Drop for Console {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
     use std::sync::atomic::AtomicU32;
     use std::time::{Duration, Instant};
 
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use super::super::input::INPUT_MAX;
     use crate::devices::virtio::net::rxtx::tests::{Driver, BUF_BASE};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     /// A sink the test can read while the worker writes.
     #[derive(Clone, Default)]

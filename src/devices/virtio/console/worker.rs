@@ -9,7 +9,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{ConsoleInput, ConsoleSink};
+use super::input::{ConsoleInput, ConsoleSink};
 use super::queue::{process_rx, process_tx, BadChains};
 use crate::devices::virtio::queue_guard::{self, QueueError};
 use crate::devices::virtio::{
