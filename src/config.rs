@@ -278,11 +278,50 @@ impl VmConfig {
     /// `--console`). Device `n` of this list gets the `n`-th MMIO window
     /// and IRQ.
     pub fn virtio_devices(&self) -> Vec<DeviceId> {
-        let drives = self.drives.iter().map(|d| DeviceId::new(DeviceKind::Block, &d.id));
-        let nets = self.nets.iter().map(|n| DeviceId::new(DeviceKind::Net, &n.id));
+        let drives = self
+            .drives
+            .iter()
+            .map(|d| DeviceId::new(DeviceKind::Block, &d.id));
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| DeviceId::new(DeviceKind::Net, &n.id));
         let console = (self.console == ConsoleMode::Virtio)
             .then(|| DeviceId::new(DeviceKind::Console, CONSOLE_ID));
         drives.chain(nets).chain(console).collect()
+    }
+
+    /// Add `drive`, or replace the one with its id, keeping the root drive
+    /// first (/dev/vda) and the others in the order they were first put.
+    pub fn put_drive(&mut self, drive: DriveConfig) {
+        match self.drives.iter_mut().find(|o| o.id == drive.id) {
+            Some(old) => *old = drive,
+            None => self.drives.push(drive),
+        }
+        // Stable: non-root drives keep their order.
+        self.drives.sort_by_key(|d| !d.is_root);
+    }
+
+    /// Add `net`, or replace the one with its id.
+    pub fn put_net(&mut self, net: NetConfig) {
+        match self.nets.iter_mut().find(|o| o.id == net.id) {
+            Some(old) => *old = net,
+            None => self.nets.push(net),
+        }
+    }
+
+    /// Boot `kernel` (with `initrd`), on `boot_args` in place of microvm's
+    /// command line if given; drops any extra command line set before.
+    pub fn set_boot_source(
+        &mut self,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        boot_args: Option<String>,
+    ) {
+        self.kernel = kernel;
+        self.initrd = initrd;
+        self.boot_args = boot_args;
+        self.cmdline_extra = None;
     }
 
     /// The drive with id `id`.

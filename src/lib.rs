@@ -13,6 +13,7 @@ pub mod layout;
 pub mod memory;
 pub mod net;
 pub mod pause;
+pub mod rpc;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;

@@ -1,18 +1,21 @@
 //! `microvm`: parse the command line, build the VM, run it, map the outcome
-//! to an exit code.
+//! to an exit code. Every failure is a [`Fatal`], printed and mapped to its
+//! exit code in one place ([`Fatal::exit_code`]).
 
 mod cli;
 
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 
 use microvm::api::server::{ApiServer, ServerError};
-use microvm::api::{fault, ApiResponse, Preboot, PrebootStep};
-use microvm::vmm::event_loop::{EventLoop, Ready, VmEvent};
-use microvm::vmm::{terminal, Outcome, Vmm};
+use microvm::rpc::ActionError;
+use microvm::snapshot::SnapshotPaths;
+use microvm::vmm::event_loop::{EventLoop, EventLoopError, Ready, VmEvent};
+use microvm::vmm::{terminal, Outcome, Preboot, PrebootStep, Vmm, VmmError};
 
 /// Bad usage: invalid option or unusable input file.
 const EXIT_USAGE: u8 = 2;
@@ -21,22 +24,66 @@ const EXIT_TIMEOUT: u8 = 124;
 /// microvm itself failed, or the guest crashed.
 const EXIT_VMM_FAILURE: u8 = 125;
 
+/// Why microvm stops before or instead of running a VM to its end.
+#[derive(Debug, thiserror::Error)]
+enum Fatal {
+    /// The command line or the config file.
+    #[error(transparent)]
+    Cli(#[from] cli::CliError),
+    /// SIGINT/SIGTERM could not be blocked.
+    #[error("cannot block signals")]
+    Signals(#[source] std::io::Error),
+    /// The SIGSYS reporter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] microvm::seccomp::SeccompError),
+    /// The event loop could not be set up or failed.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// The API socket.
+    #[error(transparent)]
+    Api(#[from] ServerError),
+    /// Building or running the VM.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// A stop signal before the VM was built.
+    #[error("stopped by signal {0}")]
+    Signal(i32),
+}
+
+impl Fatal {
+    /// The exit code: 2 for the user's input, 128+N for a signal, 125 for
+    /// anything else.
+    fn exit_code(&self) -> u8 {
+        match self {
+            Fatal::Cli(_) => EXIT_USAGE,
+            Fatal::Api(ServerError::Exists(_) | ServerError::InUse(_)) => EXIT_USAGE,
+            Fatal::Vmm(e) if e.is_usage_error() => EXIT_USAGE,
+            Fatal::Signal(sig) => signal_exit(*sig),
+            Fatal::Signals(_)
+            | Fatal::Seccomp(_)
+            | Fatal::EventLoop(_)
+            | Fatal::Api(ServerError::Create { .. })
+            | Fatal::Vmm(_) => EXIT_VMM_FAILURE,
+        }
+    }
+}
+
+fn signal_exit(sig: i32) -> u8 {
+    u8::try_from(sig).map_or(u8::MAX, |s| 128u8.saturating_add(s))
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
     // Block SIGINT/SIGTERM before anything else: one that arrives while the VM
     // is being built stays pending until the signal thread in `Vmm::run` takes
     // it, so an early SIGTERM still ends with 143 instead of killing us.
-    if let Err(e) = microvm::host::block_stop_signals() {
-        eprintln!("microvm: error: cannot block signals: {e}");
-        return ExitCode::from(EXIT_VMM_FAILURE);
-    }
+    let blocked = microvm::host::block_stop_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_target(false)
         .init();
     if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
         return microvm::image::command::main(std::env::args_os().skip(1));
     }
-
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -45,52 +92,44 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    let launch = match cli.into_launch() {
-        Ok(l) => l,
+    let code = match blocked
+        .map_err(Fatal::Signals)
+        .and_then(|_| run(cli, process_start))
+    {
+        Ok(code) => code,
+        Err(Fatal::Signal(sig)) => {
+            eprintln!("microvm: stopped by signal {sig}");
+            signal_exit(sig)
+        }
         Err(e) => {
             eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            return ExitCode::from(EXIT_USAGE);
+            e.exit_code()
         }
     };
+    ExitCode::from(code)
+}
 
+/// Build the VM the command line asks for, run it, and say how it ended.
+fn run(cli: cli::Cli, process_start: Instant) -> Result<u8, Fatal> {
+    let launch = cli.into_launch()?;
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         terminal::restore();
         default_hook(info);
     }));
-
     microvm::seccomp::set_enabled(launch.seccomp);
     microvm::seccomp::limit_malloc_arenas();
     if launch.seccomp {
-        if let Err(e) = microvm::seccomp::install_sigsys_handler() {
-            eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            return ExitCode::from(EXIT_VMM_FAILURE);
-        }
+        microvm::seccomp::install_sigsys_handler()?;
     }
-    let events = match EventLoop::new() {
-        Ok(e) => Rc::new(e),
-        Err(e) => {
-            eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            return ExitCode::from(EXIT_VMM_FAILURE);
-        }
-    };
-    // Dropped at the end of main: the socket file goes with it.
+    let events = Rc::new(EventLoop::new()?);
+    // Dropped at the end: the socket file goes with it.
     let _api = match &launch.api_sock {
         None => None,
-        Some(path) => match ApiServer::start(path, events.sender()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("microvm: error: {}", microvm::error_chain(&e));
-                return ExitCode::from(match e {
-                    ServerError::Exists(_) | ServerError::InUse(_) => EXIT_USAGE,
-                    ServerError::Create { .. } => EXIT_VMM_FAILURE,
-                });
-            }
-        },
+        Some(path) => Some(ApiServer::start(path, Arc::new(events.sender()))?),
     };
-
-    let built = if let Some(dir) = &launch.restore {
-        let paths = microvm::snapshot::SnapshotPaths::in_dir(dir);
+    let vmm = if let Some(dir) = &launch.restore {
+        let paths = SnapshotPaths::in_dir(dir);
         Vmm::restore(
             &paths,
             true,
@@ -98,123 +137,102 @@ fn main() -> ExitCode {
             process_start,
             events,
             launch.id,
-        )
+        )?
     } else if launch.boot_now {
-        Vmm::build(&launch.config, process_start, events, launch.id)
+        Vmm::build(&launch.config, process_start, events, launch.id)?
     } else {
-        let mut preboot = Preboot::new(launch.config, launch.id);
-        match build_from_api(&mut preboot, &events, process_start) {
-            Ok(v) => Ok(v),
-            Err(code) => return ExitCode::from(code),
-        }
-    };
-    let vmm = match built {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            return ExitCode::from(if e.is_usage_error() {
-                EXIT_USAGE
-            } else {
-                EXIT_VMM_FAILURE
-            });
-        }
+        build_from_api(
+            Preboot::new(launch.config, launch.id),
+            &events,
+            process_start,
+        )?
     };
     terminal::enter_raw_mode();
     let outcome = vmm.run();
     terminal::restore();
+    Ok(outcome_exit_code(outcome?))
+}
 
-    let code = match outcome {
-        Ok(Outcome::GuestExit(status)) => status,
-        Ok(Outcome::NoExitStatus) => {
+/// How a VM that ran ended, as an exit code (said on stderr unless the
+/// guest reported its own status).
+fn outcome_exit_code(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::GuestExit(status) => status,
+        Outcome::NoExitStatus => {
             eprintln!(
                 "microvm: error: the guest stopped without reporting the command's exit status"
             );
             EXIT_VMM_FAILURE
         }
-        Ok(Outcome::BackendExited(why)) => {
+        Outcome::BackendExited(why) => {
             eprintln!("microvm: error: {why}; VM stopped");
             EXIT_VMM_FAILURE
         }
-        Ok(Outcome::GuestCrash(why)) => {
+        Outcome::GuestCrash(why) => {
             eprintln!("microvm: error: {why}");
             EXIT_VMM_FAILURE
         }
-        Ok(Outcome::Timeout(t)) => {
+        Outcome::Timeout(t) => {
             eprintln!(
                 "microvm: error: timed out after {:.1} s; VM stopped",
                 t.as_secs_f64()
             );
             EXIT_TIMEOUT
         }
-        Ok(Outcome::Signal(sig)) => {
+        Outcome::Signal(sig) => {
             eprintln!("microvm: stopped by signal {sig}");
-            128u8.saturating_add(sig as u8)
+            signal_exit(sig)
         }
-        Err(e) => {
-            eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            EXIT_VMM_FAILURE
-        }
-    };
-    ExitCode::from(code)
+    }
 }
 
-/// Serve the API until an InstanceStart builds the VM; on a signal, the
-/// exit code. A start that fails is answered with the reason, and the
-/// client may fix the configuration and try again.
+/// Serve the API until an InstanceStart (or a snapshot load) builds the
+/// VM. A build that fails is answered with the reason, and the client may
+/// fix the configuration and try again.
 fn build_from_api(
-    preboot: &mut Preboot,
+    mut preboot: Preboot,
     events: &Rc<EventLoop>,
     process_start: Instant,
-) -> Result<Vmm, u8> {
+) -> Result<Vmm, Fatal> {
     loop {
-        let ready = events.wait(None).map_err(|e| {
-            eprintln!("microvm: error: {}", microvm::error_chain(&e));
-            EXIT_VMM_FAILURE
-        })?;
-        for r in ready {
-            let (req, reply) = match r {
-                Ready::Signal(sig) => {
-                    eprintln!("microvm: stopped by signal {sig}");
-                    return Err(128u8.saturating_add(sig as u8));
-                }
-                Ready::Event(VmEvent::Api(req, reply)) => (req, reply),
+        for r in events.wait(None)? {
+            let (action, reply) = match r {
+                Ready::Signal(sig) => return Err(Fatal::Signal(sig)),
+                Ready::Event(VmEvent::Api(action, reply)) => (action, reply),
                 // Nothing else exists before the VM does.
                 Ready::Event(_) | Ready::Activate | Ready::Timeout => continue,
             };
-            let (built, failed) = match preboot.handle(req) {
-                PrebootStep::Answer(resp) => {
-                    let _ = reply.send(resp);
+            let built = match preboot.handle(action) {
+                PrebootStep::Answer(result) => {
+                    let _ = reply.send(result);
                     continue;
                 }
-                PrebootStep::Restore((state, memory), resume) => (
-                    Vmm::restore(
-                        &microvm::snapshot::SnapshotPaths { state, memory },
-                        resume,
-                        preboot.config.timeout,
-                        process_start,
-                        events.clone(),
-                        preboot.id.clone(),
-                    ),
-                    "cannot load the snapshot",
-                ),
-                PrebootStep::Start => (
-                    Vmm::build(
-                        &preboot.config,
-                        process_start,
-                        events.clone(),
-                        preboot.id.clone(),
-                    ),
-                    "cannot start the microVM",
-                ),
+                PrebootStep::Restore(paths, resume) => Vmm::restore(
+                    &paths,
+                    resume,
+                    preboot.config.timeout,
+                    process_start,
+                    events.clone(),
+                    preboot.id.clone(),
+                )
+                .map_err(|e| ActionError::Load(microvm::error_chain(&e))),
+                PrebootStep::Start => Vmm::build(
+                    &preboot.config,
+                    process_start,
+                    events.clone(),
+                    preboot.id.clone(),
+                )
+                .map_err(|e| ActionError::Start(microvm::error_chain(&e))),
             };
-            let resp = match built {
+            match built {
                 Ok(vmm) => {
-                    let _ = reply.send(ApiResponse::no_content());
+                    let _ = reply.send(Ok(microvm::rpc::VmmData::Empty));
                     return Ok(vmm);
                 }
-                Err(e) => fault(&format!("{failed}: {}", microvm::error_chain(&e))),
-            };
-            let _ = reply.send(resp);
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
         }
     }
 }

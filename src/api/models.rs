@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::config::{CacheType, DriveConfig, VmConfig};
 use crate::net::{MacAddr, NetConfig};
+use crate::snapshot::SnapshotPaths;
 
 /// `PUT /machine-config`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -163,20 +164,17 @@ pub struct SnapshotCreate {
     pub version: Option<String>,
 }
 
-/// Where a snapshot's two files are (state, memory).
-pub type SnapshotFiles = (PathBuf, PathBuf);
-
 fn snapshot_files(
     dir: &Option<PathBuf>,
     state: &Option<PathBuf>,
     memory: Option<PathBuf>,
-) -> Result<SnapshotFiles, String> {
+) -> Result<SnapshotPaths, String> {
     match (dir, state, memory) {
-        (Some(d), None, None) => Ok((
-            d.join(crate::snapshot::STATE_FILE),
-            d.join(crate::snapshot::MEMORY_FILE),
-        )),
-        (None, Some(s), Some(m)) => Ok((s.clone(), m)),
+        (Some(d), None, None) => Ok(SnapshotPaths::in_dir(d)),
+        (None, Some(s), Some(m)) => Ok(SnapshotPaths {
+            state: s.clone(),
+            memory: m,
+        }),
         (Some(_), _, _) => Err("give either snapshot_dir or the two file paths, not both".into()),
         (None, None, _) => Err("snapshot_path is missing".into()),
         (None, Some(_), None) => Err("the memory file path is missing".into()),
@@ -185,7 +183,7 @@ fn snapshot_files(
 
 impl SnapshotCreate {
     /// The state and memory file paths, after checking the type.
-    pub fn files(&self) -> Result<SnapshotFiles, String> {
+    pub fn files(&self) -> Result<SnapshotPaths, String> {
         match self.snapshot_type.as_deref() {
             None | Some("Full") => {}
             Some(t) => return Err(format!("snapshot_type '{t}' is not supported; only Full")),
@@ -237,7 +235,7 @@ pub struct SnapshotLoad {
 
 impl SnapshotLoad {
     /// The state and memory file paths.
-    pub fn files(&self) -> Result<SnapshotFiles, String> {
+    pub fn files(&self) -> Result<SnapshotPaths, String> {
         if self.enable_diff_snapshots || self.track_dirty_pages {
             return Err("diff snapshots and dirty page tracking are not supported".into());
         }
@@ -305,8 +303,8 @@ fn no_rate_limiter(v: &Option<Value>) -> Result<(), String> {
 }
 
 impl MachineConfig {
-    /// Apply to `cfg` after checking the values (same rules as the CLI).
-    pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), String> {
+    /// vCPUs and MiB, checked by the same rules as the CLI.
+    pub fn settings(&self) -> Result<(u8, u64), String> {
         if self.smt {
             return Err(unsupported("smt: true"));
         }
@@ -318,9 +316,8 @@ impl MachineConfig {
         VmConfig::validate_machine(self.vcpu_count, self.mem_size_mib)
             .map_err(|e| e.to_string())?;
         // In range: validate_machine checked it against MAX_CPUS.
-        cfg.cpus = u8::try_from(self.vcpu_count).map_err(|e| e.to_string())?;
-        cfg.memory_mib = self.mem_size_mib;
-        Ok(())
+        let cpus = u8::try_from(self.vcpu_count).map_err(|e| e.to_string())?;
+        Ok((cpus, self.mem_size_mib))
     }
 
     /// What `GET /machine-config` shows.
@@ -336,12 +333,14 @@ impl MachineConfig {
 }
 
 impl BootSource {
-    /// Apply to `cfg`. The files are checked when the VM starts.
-    pub fn apply(&self, cfg: &mut VmConfig) {
-        cfg.kernel = PathBuf::from(&self.kernel_image_path);
-        cfg.initrd = self.initrd_path.as_ref().map(PathBuf::from);
-        cfg.boot_args = self.boot_args.clone();
-        cfg.cmdline_extra = None;
+    /// The boot source as the VMM takes it. The files are checked when
+    /// the VM starts.
+    pub fn to_boot_source(&self) -> crate::rpc::BootSource {
+        crate::rpc::BootSource {
+            kernel: PathBuf::from(&self.kernel_image_path),
+            initrd: self.initrd_path.as_ref().map(PathBuf::from),
+            boot_args: self.boot_args.clone(),
+        }
     }
 
     fn json(cfg: &VmConfig) -> Value {
@@ -374,19 +373,6 @@ impl Drive {
                 Some(CacheTypeJson::Writeback) => CacheType::Writeback,
             },
         })
-    }
-
-    /// Insert or replace in `cfg`, keeping the root drive first (/dev/vda)
-    /// and the others in the order they were first put.
-    pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), String> {
-        let d = self.to_config()?;
-        match cfg.drives.iter_mut().find(|o| o.id == d.id) {
-            Some(old) => *old = d,
-            None => cfg.drives.push(d),
-        }
-        // Stable: non-root drives keep their order.
-        cfg.drives.sort_by_key(|d| !d.is_root);
-        Ok(())
     }
 
     fn json(d: &DriveConfig) -> Value {
@@ -429,16 +415,6 @@ impl NetworkInterface {
         Ok(n)
     }
 
-    /// Insert or replace in `cfg`.
-    pub fn apply(&self, cfg: &mut VmConfig) -> Result<(), String> {
-        let n = self.to_config()?;
-        match cfg.nets.iter_mut().find(|o| o.id == n.id) {
-            Some(old) => *old = n,
-            None => cfg.nets.push(n),
-        }
-        Ok(())
-    }
-
     fn json(n: &NetConfig) -> Value {
         let host_dev_name = match &n.backend {
             crate::net::NetBackend::Tap { name } => Some(name.clone()),
@@ -459,15 +435,16 @@ impl ConfigFile {
     /// The VM the file describes (validated when it boots).
     pub fn to_config(&self) -> Result<VmConfig, String> {
         let mut cfg = VmConfig::new("");
-        self.boot_source.apply(&mut cfg);
+        let b = self.boot_source.to_boot_source();
+        cfg.set_boot_source(b.kernel, b.initrd, b.boot_args);
         if let Some(m) = &self.machine_config {
-            m.apply(&mut cfg)?;
+            (cfg.cpus, cfg.memory_mib) = m.settings()?;
         }
         for d in &self.drives {
-            d.apply(&mut cfg)?;
+            cfg.put_drive(d.to_config()?);
         }
         for n in &self.network_interfaces {
-            n.apply(&mut cfg)?;
+            cfg.put_net(n.to_config()?);
         }
         Ok(cfg)
     }
@@ -520,14 +497,13 @@ mod tests {
 
     #[test]
     fn unsupported_values_are_refused_with_a_reason() {
-        let mut cfg = VmConfig::new("");
         let m = |j: &str| serde_json::from_str::<MachineConfig>(j).unwrap();
         let e = m(r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#)
-            .apply(&mut cfg)
+            .settings()
             .unwrap_err();
         assert_eq!(e, "smt: true is not supported by microvm");
         let e = m(r#"{"vcpu_count": 0, "mem_size_mib": 128}"#)
-            .apply(&mut cfg)
+            .settings()
             .unwrap_err();
         assert_eq!(e, "vCPU count must be between 1 and 8, got 0");
         assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 1}"#).is_err());

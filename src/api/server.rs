@@ -1,8 +1,9 @@
 //! The API socket: created mode 0600, removed on drop; an `api` thread
 //! accepts connections, and one `api-conn` thread per connection (at most
-//! [`MAX_CONNECTIONS`]) reads requests, hands each to the main thread's event
-//! loop and writes back its answer. Requests are answered in the order the
-//! main thread takes them, one at a time.
+//! [`MAX_CONNECTIONS`]) reads requests, parses each into a typed action,
+//! hands it to the [`ActionSink`] (the main thread's event loop) and writes
+//! back the rendered answer. Requests are answered in the order the main
+//! thread takes them, one at a time.
 
 use std::io::{BufReader, BufWriter};
 use std::os::fd::AsRawFd;
@@ -17,8 +18,11 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::http::{self, HttpError, Response};
-use super::parse_request;
-use crate::vmm::event_loop::{EventSender, VmEvent};
+use super::{parse_request, render};
+use crate::rpc::ActionSink;
+
+/// Where the server hands actions, shared by its threads.
+pub type Sink = Arc<dyn ActionSink>;
 
 /// Connections served at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 8;
@@ -94,8 +98,8 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 impl ApiServer {
-    /// Create the socket at `path` and start serving; requests go to `events`.
-    pub fn start(path: &Path, events: EventSender) -> Result<Self, ServerError> {
+    /// Create the socket at `path` and start serving; actions go to `sink`.
+    pub fn start(path: &Path, sink: Sink) -> Result<Self, ServerError> {
         let create = |source| ServerError::Create {
             path: path.display().to_string(),
             source,
@@ -109,7 +113,7 @@ impl ApiServer {
         let conns_copy = conns.clone();
         let accept = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, stop_copy, events, conns_copy))
+            .spawn(move || accept_loop(listener, stop_copy, sink, conns_copy))
             .map_err(create)?;
         log::info!("API listening on {}", path.display());
         Ok(Self {
@@ -143,7 +147,7 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, stop: EventFd, events: EventSender, conns: Connections) {
+fn accept_loop(listener: UnixListener, stop: EventFd, sink: Sink, conns: Connections) {
     // The connection threads this one starts inherit its filter.
     if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
         log::error!("API: {}", crate::error_chain(&e));
@@ -199,11 +203,11 @@ fn accept_loop(listener: UnixListener, stop: EventFd, events: EventSender, conns
             continue;
         };
         active.fetch_add(1, Ordering::SeqCst);
-        let (ev, act) = (events.clone(), active.clone());
+        let (sink, act) = (sink.clone(), active.clone());
         match std::thread::Builder::new()
             .name("api-conn".into())
             .spawn(move || {
-                serve_connection(&stream, &ev);
+                serve_connection(&stream, sink.as_ref());
                 // The accept loop keeps a copy of the descriptor (to end us on
                 // drop): shut the socket itself down so the client sees EOF.
                 let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -220,7 +224,7 @@ fn accept_loop(listener: UnixListener, stop: EventFd, events: EventSender, conns
 
 /// Serve requests on one connection until the client closes it, asks to,
 /// sends something unreadable, or stays idle past [`IDLE_TIMEOUT`].
-fn serve_connection(stream: &UnixStream, events: &EventSender) {
+fn serve_connection(stream: &UnixStream, sink: &dyn ActionSink) {
     if stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err() {
         return;
     }
@@ -249,13 +253,16 @@ fn serve_connection(stream: &UnixStream, events: &EventSender) {
         };
         let resp = match parse_request(&head.method, &head.path, &body) {
             Err(msg) => Response::fault(400, &msg),
-            Ok(req) => {
+            Ok(action) => {
                 log::debug!("API: {} {}", head.method, head.path);
                 let (tx, rx) = mpsc::channel();
-                events.send(VmEvent::Api(req, tx));
-                rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or_else(|_| {
-                    Response::fault(503, "the microVM did not answer (is it shutting down?)")
-                })
+                sink.submit(action.clone(), tx);
+                match rx.recv_timeout(ANSWER_TIMEOUT) {
+                    Ok(result) => render(&action, &result),
+                    Err(_) => {
+                        Response::fault(503, "the microVM did not answer (is it shutting down?)")
+                    }
+                }
             }
         };
         if http::write_response(&mut writer, &resp, head.keep_alive).is_err() || !head.keep_alive {
@@ -267,8 +274,17 @@ fn serve_connection(stream: &UnixStream, events: &EventSender) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::event_loop::{EventLoop, Ready};
+    use crate::rpc::{ActionResult, VmmAction, VmmData};
     use std::io::{Read, Write};
+
+    /// Hands each action to the test, as the event loop hands it to main.
+    struct Queue(Mutex<mpsc::Sender<(VmmAction, mpsc::Sender<ActionResult>)>>);
+
+    impl ActionSink for Queue {
+        fn submit(&self, action: VmmAction, reply: mpsc::Sender<ActionResult>) {
+            let _ = self.0.lock().unwrap().send((action, reply));
+        }
+    }
 
     fn sock_path(tag: &str) -> PathBuf {
         std::env::temp_dir().join(format!(
@@ -283,13 +299,14 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         // A stale socket (bound, listener gone) is replaced.
         drop(UnixListener::bind(&path).unwrap());
-        let lp = EventLoop::new().unwrap();
-        let server = ApiServer::start(&path, lp.sender()).unwrap();
+        let (tx, actions) = mpsc::channel();
+        let sink: Sink = Arc::new(Queue(Mutex::new(tx)));
+        let server = ApiServer::start(&path, sink.clone()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A live one is not.
         assert!(matches!(
-            ApiServer::start(&path, lp.sender()),
+            ApiServer::start(&path, sink.clone()),
             Err(ServerError::InUse(_))
         ));
 
@@ -305,12 +322,9 @@ mod tests {
                 out
             }
         });
-        let ready = lp.wait(None).unwrap();
-        let Some(Ready::Event(VmEvent::Api(req, reply))) = ready.into_iter().next() else {
-            panic!("no API event");
-        };
-        assert_eq!(req, super::super::ApiRequest::GetVersion);
-        reply.send(super::super::version()).unwrap();
+        let (action, reply) = actions.recv().unwrap();
+        assert_eq!(action, VmmAction::GetVersion);
+        reply.send(Ok(VmmData::Version)).unwrap();
         let out = client.join().unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert!(out.contains("firecracker_version"));
@@ -329,7 +343,7 @@ mod tests {
         // A regular file in the way is an error.
         std::fs::write(&path, b"x").unwrap();
         assert!(matches!(
-            ApiServer::start(&path, lp.sender()),
+            ApiServer::start(&path, sink),
             Err(ServerError::Exists(_))
         ));
         std::fs::remove_file(&path).unwrap();

@@ -264,7 +264,10 @@ impl Snapshot {
         let saved = self.virtio.iter().map(|d| &d.device);
         if !saved.clone().eq(want.iter()) {
             let names = |l: Vec<&DeviceId>| {
-                l.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                l.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             return Err(format!(
                 "the saved devices ({}) are not the configuration's ({})",

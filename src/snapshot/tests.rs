@@ -105,7 +105,9 @@ fn bad_state_files_are_refused_with_a_reason() {
     v["version"] = 99.into();
     let e = read_err(&dir, v.to_string().as_bytes());
     assert!(
-        e.contains(&format!("format version 99, this microvm reads version {VERSION}")),
+        e.contains(&format!(
+            "format version 99, this microvm reads version {VERSION}"
+        )),
         "{e}"
     );
 
@@ -147,7 +149,10 @@ fn bad_state_files_are_refused_with_a_reason() {
     let mut s = minimal();
     s.config.console = crate::config::ConsoleMode::Virtio;
     let e = read_err(&dir, &serde_json::to_vec(&s).unwrap());
-    assert!(e.contains("are not the configuration's (virtio console 'console')"), "{e}");
+    assert!(
+        e.contains("are not the configuration's (virtio console 'console')"),
+        "{e}"
+    );
     s.virtio.push(saved(DeviceKind::Net, "console"));
     assert!(read_err(&dir, &serde_json::to_vec(&s).unwrap()).contains("saved devices"));
     s.virtio[0] = saved(DeviceKind::Console, "console");

@@ -197,7 +197,12 @@ impl Vmm {
     /// Build the VM `config` describes, for a boot. `process_start` anchors
     /// the boot timer.
     pub fn new(config: &VmConfig, process_start: Instant) -> Result<Self, VmmError> {
-        Self::build(config, process_start, Rc::new(EventLoop::new()?), String::new())
+        Self::build(
+            config,
+            process_start,
+            Rc::new(EventLoop::new()?),
+            String::new(),
+        )
     }
 
     /// Build the VM `config` describes for a boot, serving `events` (which
@@ -412,7 +417,8 @@ fn attach_platform_devices(
     let cmos = match saved {
         None => Cmos::new(),
         Some(s) => {
-            kbd.restore(&s.i8042).map_err(restore_part(RestoredPart::I8042))?;
+            kbd.restore(&s.i8042)
+                .map_err(restore_part(RestoredPart::I8042))?;
             Cmos::from_snapshot(&s.cmos).map_err(restore_part(RestoredPart::Cmos))?
         }
     };
@@ -607,4 +613,3 @@ fn state_saving(kvm: &Kvm) -> crate::vcpu::StateSaving {
         xcrs: kvm.check_extension(kvm_ioctls::Cap::Xcrs),
     }
 }
-

@@ -306,7 +306,11 @@ impl DeviceManager {
 
     /// Serve the drive `id` from the file at `path` from now on, and tell
     /// the driver its configuration (the capacity) changed.
-    pub fn swap_drive_file(&self, id: &str, path: &std::path::Path) -> Result<(), DeviceManagerError> {
+    pub fn swap_drive_file(
+        &self,
+        id: &str,
+        path: &std::path::Path,
+    ) -> Result<(), DeviceManagerError> {
         let mut t = self.drive(id)?.lock().unwrap_or_else(|e| e.into_inner());
         let block = t
             .device_mut()

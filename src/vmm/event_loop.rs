@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::host;
-use crate::api::{ApiRequest, ApiResponse};
+use crate::rpc::{ActionResult, ActionSink, VmmAction};
 use crate::vcpu::VcpuStop;
 
 /// Something the main thread must act on.
@@ -25,8 +25,8 @@ pub enum VmEvent {
     Reset,
     /// A vCPU stopped on its own.
     VcpuStopped(u8, VcpuStop),
-    /// An API request and where its answer goes.
-    Api(ApiRequest, Sender<ApiResponse>),
+    /// An API action and where its answer goes.
+    Api(VmmAction, Sender<ActionResult>),
     /// A NIC's backend process (passt) exited; carries the message.
     BackendExited(String),
 }
@@ -76,6 +76,13 @@ impl EventSender {
                 log::error!("cannot wake the event loop: {e}");
             }
         }
+    }
+}
+
+/// The API's actions reach the main thread as events.
+impl ActionSink for EventSender {
+    fn submit(&self, action: VmmAction, reply: Sender<ActionResult>) {
+        self.send(VmEvent::Api(action, reply));
     }
 }
 

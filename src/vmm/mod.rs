@@ -6,13 +6,14 @@
 //! timeout, API requests) until the VM ends, returned as an [`Outcome`].
 
 mod builder;
+mod controller;
 pub mod device_manager;
 pub mod event_loop;
-mod runtime_api;
 mod snapshot;
 pub mod terminal;
 mod vm_state;
 
+pub use controller::{Preboot, PrebootStep};
 pub use snapshot::{RestoreError, RestoredPart, SnapshotStats};
 
 use std::rc::Rc;
@@ -29,6 +30,7 @@ use crate::devices::rtc::Cmos;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::console::ConsoleInput;
 use crate::memory::{GuestMemoryMmap, MemoryError};
+use crate::rpc::RunState;
 use crate::snapshot::SnapshotError;
 use crate::vcpu::regs::RegsError;
 use crate::vcpu::thread::{VcpuControl, VcpuHandle, Wanted};
@@ -137,15 +139,6 @@ pub enum Outcome {
     Signal(i32),
     /// A NIC's backend process (passt) exited while the VM ran.
     BackendExited(String),
-}
-
-/// Whether the guest runs (for the API's instance info).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    /// vCPUs run.
-    Running,
-    /// vCPUs are parked.
-    Paused,
 }
 
 /// What the platform devices share with the VMM.
@@ -290,33 +283,13 @@ impl Vmm {
                     VmEvent::VcpuStopped(_, VcpuStop::Requested) => {}
                     VmEvent::VcpuStopped(i, stop) => return Ok(self.crash_outcome(i, &stop)),
                     VmEvent::BackendExited(msg) => return Ok(Outcome::BackendExited(msg)),
-                    VmEvent::Api(req, reply) => {
-                        let resp = self.handle_api(req, vcpus, &mut state);
+                    VmEvent::Api(action, reply) => {
+                        let resp = self.handle_action(&action, vcpus, &mut state);
                         // The client may have gone; nothing to do then.
                         let _ = reply.send(resp);
                     }
                 }
             }
-        }
-    }
-
-    /// Park every vCPU (and wait until each is parked).
-    fn pause_vcpus(vcpus: &[VcpuHandle]) -> Result<(), String> {
-        for h in vcpus {
-            h.request(Wanted::Pause);
-        }
-        for h in vcpus {
-            if !h.wait_parked() {
-                return Err(format!("vcpu{} did not stop in time", h.index()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Let every vCPU run again.
-    fn resume_vcpus(vcpus: &[VcpuHandle]) {
-        for h in vcpus {
-            h.request(Wanted::Run);
         }
     }
 

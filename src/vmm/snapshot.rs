@@ -4,12 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{vm_state, RunState, Vmm, VmmError};
+use super::{vm_state, Vmm, VmmError};
 use crate::config::DeviceId;
 use crate::host::unix_now_ns;
+use crate::rpc::RunState;
 use crate::snapshot::{
-    self, DiskIdentity, PlatformState, SavedDevice, Snapshot, SnapshotError, SnapshotPaths,
-    FORMAT, VERSION,
+    self, DiskIdentity, PlatformState, SavedDevice, Snapshot, SnapshotError, SnapshotPaths, FORMAT,
+    VERSION,
 };
 use crate::vcpu::state::VcpuStateError;
 use crate::vcpu::thread::VcpuHandle;

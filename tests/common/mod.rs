@@ -291,7 +291,7 @@ pub fn run_env(
 /// Deadline for one boot: generous on hosts whose KVM interprets guest kernel code.
 pub fn boot_deadline(normal: Duration, emulated: Duration) -> Duration {
     // The same detection microvm itself uses.
-    let emulated_host = microvm::vmm::host::kvm_is_emulated();
+    let emulated_host = microvm::host::kvm_is_emulated();
     if emulated_host {
         emulated
     } else {

@@ -286,8 +286,10 @@ impl MmioTransport {
     /// Log something the guest caused, rate-limited: it may do it in a loop.
     fn guest_problem(&mut self, what: fmt::Arguments<'_>) {
         let device_type = self.device.device_type();
-        self.problems
-            .warn(format_args!("virtio-mmio (device type {device_type})"), what);
+        self.problems.warn(
+            format_args!("virtio-mmio (device type {device_type})"),
+            what,
+        );
     }
 
     fn selected_queue(&self) -> Option<&Queue> {

@@ -22,8 +22,8 @@ use super::worker::BlockWorker;
 use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, DriveConfig};
 use crate::devices::virtio::{
-    read_config_bytes, take_queues, ActivateError, GuestLog, Interrupt, VirtioCommon,
-    VirtioDevice, VIRTIO_F_VERSION_1,
+    read_config_bytes, take_queues, ActivateError, GuestLog, Interrupt, VirtioCommon, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -106,7 +106,10 @@ impl Block {
         let new = Disk::open(path, old.read_only())?;
         // What the guest wrote to the old file is on it before we let go.
         if let Err(e) = old.flush() {
-            log::warn!("{}: flushing the old backing file: {e}", self.common.label());
+            log::warn!(
+                "{}: flushing the old backing file: {e}",
+                self.common.label()
+            );
         }
         self.config[0..8].copy_from_slice(&new.capacity_sectors().to_le_bytes());
         log::info!(

@@ -145,11 +145,9 @@ impl VirtioDevice for Console {
     /// Read from the shared queues: every chain the worker takes it also
     /// returns in the same round, so a parked worker leaves them exact.
     fn queue_positions(&self) -> Option<Vec<QueuePosition>> {
-        self.queues.as_ref().map(|q| {
-            q.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .positions()
-        })
+        self.queues
+            .as_ref()
+            .map(|q| q.lock().unwrap_or_else(|e| e.into_inner()).positions())
     }
 }
 
@@ -167,8 +165,8 @@ mod tests {
 
     use vm_memory::{Bytes, GuestAddress};
 
-    use super::*;
     use super::super::input::INPUT_MAX;
+    use super::*;
     use crate::devices::virtio::net::rxtx::tests::{Driver, BUF_BASE};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 

@@ -49,4 +49,3 @@ impl ConsoleInput {
 
 /// Where guest output goes.
 pub type ConsoleSink = Box<dyn Write + Send>;
-
