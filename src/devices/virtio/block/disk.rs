@@ -317,7 +317,7 @@ impl<'a> FileAt<'a> {
 impl ReadVolatile for FileAt<'_> {
     fn read_volatile<B: BitmapSlice>(
         &mut self,
-        buf: &mut VolatileSlice<B>,
+        buf: &mut VolatileSlice<'_, B>,
     ) -> Result<usize, VolatileMemoryError> {
         let offset = self.file_offset()?;
         let guard = buf.ptr_guard_mut();
@@ -344,7 +344,7 @@ impl ReadVolatile for FileAt<'_> {
 impl WriteVolatile for FileAt<'_> {
     fn write_volatile<B: BitmapSlice>(
         &mut self,
-        buf: &VolatileSlice<B>,
+        buf: &VolatileSlice<'_, B>,
     ) -> Result<usize, VolatileMemoryError> {
         let offset = self.file_offset()?;
         let guard = buf.ptr_guard();
