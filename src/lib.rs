@@ -10,6 +10,7 @@ pub mod devices;
 pub mod image;
 pub mod layout;
 pub mod memory;
+pub mod narrow;
 pub mod net;
 pub mod pause;
 pub mod seccomp;
