@@ -1,6 +1,16 @@
 //! Loading the guest kernel and initrd, and filling the Linux boot protocol
 //! structures: `boot_params` ("zero page"), the e820 map and the command line.
 
+// Guest-facing code: every narrowing or sign-changing `as` is a finding.
+// Values from the guest go through `TryFrom` with an error path, widening
+// through `From`; see src/narrow.rs for constants.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 pub mod cmdline;
 pub mod mptable;
 
@@ -15,6 +25,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Re
 
 use crate::layout::{CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START};
 use crate::memory::{low_ram_end, GuestMemoryMmap};
+use crate::narrow;
 
 /// Errors while loading the kernel and writing boot structures.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +69,14 @@ pub enum BootError {
     GuestWrite {
         /// What was being written.
         what: &'static str,
+    },
+    /// More memory regions than the zero page's e820 table holds.
+    #[error("guest memory map has {entries} entries; the boot protocol holds at most {max}")]
+    E820Table {
+        /// Entries in the map.
+        entries: usize,
+        /// Room in `boot_params.e820_table`.
+        max: usize,
     },
     /// Command line could not be written.
     #[error("kernel command line")]
@@ -142,7 +161,10 @@ pub fn load_initrd(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedInitrd, B
     let addr =
         initrd_address(low_ram_end(mem), 32 << 20, size).ok_or(BootError::InitrdTooBig { size })?;
     let mut slice = mem
-        .get_slice(GuestAddress(addr), size as usize)
+        .get_slice(
+            GuestAddress(addr),
+            usize::try_from(size).map_err(|_| BootError::InitrdTooBig { size })?,
+        )
         .map_err(|_| BootError::InitrdTooBig { size })?;
     file.read_exact_volatile(&mut slice)
         .map_err(|_| BootError::GuestWrite { what: "initrd" })?;
@@ -204,22 +226,32 @@ pub fn configure_system(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.cmd_line_ptr = const { narrow::u32_of(CMDLINE_START) };
+    params.hdr.cmdline_size = u32::try_from(cmdline_len)
+        .map_err(|_| BootError::Cmdline(linux_loader::loader::Error::CommandLineOverflow))?;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
     if let Some(initrd) = initrd {
-        params.hdr.ramdisk_image = initrd.addr.raw_value() as u32;
-        params.hdr.ramdisk_size = initrd.size as u32;
+        // The boot protocol's fields are 32-bit: the initrd lives below 4 GiB.
+        let too_big = |_| BootError::InitrdTooBig { size: initrd.size };
+        params.hdr.ramdisk_image = u32::try_from(initrd.addr.raw_value()).map_err(too_big)?;
+        params.hdr.ramdisk_size = u32::try_from(initrd.size).map_err(too_big)?;
     }
     let map = e820_map(mem);
+    let max = params.e820_table.len();
+    params.e820_entries = u8::try_from(map.len())
+        .ok()
+        .filter(|&n| usize::from(n) <= max)
+        .ok_or(BootError::E820Table {
+            entries: map.len(),
+            max,
+        })?;
     for (i, (addr, size, kind)) in map.iter().enumerate() {
         params.e820_table[i].addr = *addr;
         params.e820_table[i].size = *size;
         params.e820_table[i].r#type = *kind;
     }
-    params.e820_entries = map.len() as u8;
 
     let bp = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)
@@ -290,7 +322,7 @@ mod tests {
         configure_system(&mem, &k, &cl, None).unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!(u64::from(p.hdr.cmd_line_ptr), CMDLINE_START);
         assert_eq!({ p.hdr.cmdline_size }, 13);
         assert_eq!(p.e820_entries, 3);
         let mut buf = [0u8; 14];

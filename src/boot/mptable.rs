@@ -5,6 +5,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{APIC_START, IOAPIC_START, IRQ_MAX, MPTABLE_START};
 use crate::memory::GuestMemoryMmap;
+use crate::narrow;
 
 /// Errors while writing the MP table.
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +83,12 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     ioapic[1] = ioapic_id;
     ioapic[2] = IOAPIC_VERSION;
     ioapic[3] = 1; // enabled
-    ioapic[4..8].copy_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic[4..8].copy_from_slice(&const { narrow::u32_of(IOAPIC_START) }.to_le_bytes());
     entries.extend_from_slice(&ioapic);
     count += 1;
 
     // ISA IRQ n is wired to IOAPIC pin n, for every pin.
-    for irq in 0..=IRQ_MAX as u8 {
+    for irq in 0..=const { narrow::u8_of(IRQ_MAX) } {
         let mut e = [0u8; MPC_INTSRC_SIZE];
         e[0] = MP_INTSRC;
         e[1] = MP_IRQ_SRC_INT;
@@ -116,19 +117,27 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MpTableError> {
     let table_len = MPC_HEADER_SIZE + entries.len();
     let mut table = vec![0u8; MPC_HEADER_SIZE];
     table[0..4].copy_from_slice(b"PCMP");
-    table[4..6].copy_from_slice(&(table_len as u16).to_le_bytes());
+    // At most 254 CPUs, so a few KiB: refused like a CPU count it cannot hold.
+    let table_len = u16::try_from(table_len).map_err(|_| MpTableError::CpuCount(num_cpus))?;
+    table[4..6].copy_from_slice(&table_len.to_le_bytes());
     table[6] = 4; // spec revision 1.4
     table[8..16].copy_from_slice(b"MICROVM ");
     table[16..28].copy_from_slice(b"000000000000");
     table[34..36].copy_from_slice(&count.to_le_bytes());
-    table[36..40].copy_from_slice(&(APIC_START as u32).to_le_bytes());
+    table[36..40].copy_from_slice(&const { narrow::u32_of(APIC_START) }.to_le_bytes());
     table.extend_from_slice(&entries);
     table[7] = checksum(&table);
 
     let mut mpf = [0u8; MPF_SIZE];
     mpf[0..4].copy_from_slice(b"_MP_");
     let table_addr = base + MPF_SIZE as u64;
-    mpf[4..8].copy_from_slice(&(table_addr as u32).to_le_bytes());
+    // The floating pointer holds a 32-bit physical address.
+    let table_addr32 = u32::try_from(table_addr).map_err(|_| {
+        MpTableError::Write(vm_memory::GuestMemoryError::InvalidGuestAddress(
+            GuestAddress(table_addr),
+        ))
+    })?;
+    mpf[4..8].copy_from_slice(&table_addr32.to_le_bytes());
     mpf[8] = 1; // length in 16-byte units
     mpf[9] = 4; // spec revision 1.4
     mpf[10] = checksum(&mpf);
@@ -171,7 +180,7 @@ mod tests {
             assert!(procs.iter().all(|p| p[0] == MP_PROCESSOR));
             assert_eq!(procs[0][3], CPU_ENABLED | CPU_BOOTPROCESSOR);
             assert!(procs[1..].iter().all(|p| p[3] == CPU_ENABLED));
-            let pointer = u32::from_le_bytes([t[4], t[5], t[6], t[7]]) as u64;
+            let pointer = u64::from(u32::from_le_bytes([t[4], t[5], t[6], t[7]]));
             assert_eq!(pointer, MPTABLE_START + 16);
         }
     }

@@ -210,7 +210,8 @@ impl ExitDevice {
 impl BusDevice for ExitDevice {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         let v = self.status.load(Ordering::SeqCst);
-        data.fill(if v < 0 { 0xff } else { v as u8 });
+        // The status is one byte; a restored snapshot may hold any i32: its low byte.
+        data.fill(if v < 0 { 0xff } else { v.to_le_bytes()[0] });
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {

@@ -48,6 +48,12 @@ pub struct DateTime {
 }
 
 /// UTC date and time of `secs` seconds after the Unix epoch.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "each field cast is a Euclidean remainder (0..86_400) or Hinnant's \
+              day (1..=31) or month (1..=12), all derived from rem_euclid: small and never negative"
+)]
 pub fn from_unix(secs: i64) -> DateTime {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -75,6 +81,7 @@ pub fn from_unix(secs: i64) -> DateTime {
 
 /// The last two decimal digits of `v` as packed BCD (0x00..=0x99).
 fn bcd(v: i64) -> u8 {
+    #[expect(clippy::cast_possible_truncation, reason = "rem_euclid(100) is 0..=99")]
     let v = v.rem_euclid(100) as u8;
     (v / 10) << 4 | (v % 10)
 }
@@ -160,7 +167,8 @@ impl BusDevice for Cmos {
             1 => {
                 let secs = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
+                    .ok()
+                    .and_then(|d| i64::try_from(d.as_secs()).ok())
                     .unwrap_or(0);
                 self.register(self.index, &from_unix(secs))
             }

@@ -162,20 +162,27 @@ impl<W: Write + Send> SerialDevice<W> {
     }
 }
 
+/// The UART register (0..=7) a one-byte access at `offset` reaches, if any.
+fn register(offset: u64, len: usize) -> Option<u8> {
+    u8::try_from(offset)
+        .ok()
+        .filter(|&reg| reg <= 7 && len == 1)
+}
+
 impl<W: Write + Send> BusDevice for SerialDevice<W> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 1 || offset > 7 {
+        let Some(reg) = register(offset, data.len()) else {
             data.fill(0xff);
             return;
-        }
-        data[0] = self.uart.read(offset as u8);
+        };
+        data[0] = self.uart.read(reg);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 1 || offset > 7 {
+        let Some(reg) = register(offset, data.len()) else {
             return;
-        }
-        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+        };
+        if let Err(e) = self.uart.write(reg, data[0]) {
             log::debug!("serial write failed: {e:?}");
         }
     }

@@ -208,7 +208,7 @@ impl Applier {
     fn entry<R: Read>(
         &mut self,
         layer: usize,
-        e: &mut tar::Entry<R>,
+        e: &mut tar::Entry<'_, R>,
         created: &mut HashSet<PathBuf>,
     ) -> Result<(), ImageError> {
         let kind = e.header().entry_type();
@@ -315,7 +315,7 @@ impl Applier {
     fn mknod<R: Read>(
         &mut self,
         layer: usize,
-        e: &tar::Entry<R>,
+        e: &tar::Entry<'_, R>,
         dst: &Path,
         shown: &str,
     ) -> Result<(), ImageError> {

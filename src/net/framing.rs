@@ -8,6 +8,16 @@
 //! closed. Both directions use one fixed buffer each: nothing grows with what
 //! the peer sends.
 
+// Guest-facing code: every narrowing or sign-changing `as` is a finding.
+// Values from the guest go through `TryFrom` with an error path, widening
+// through `From`; see src/narrow.rs for constants.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 use std::io::{self, IoSlice, Read, Write};
 
 /// Bytes of the length prefix.
@@ -253,11 +263,13 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn frame(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| u8::try_from(i % 256).unwrap().wrapping_add(seed))
+            .collect()
     }
 
     fn prefixed(f: &[u8]) -> Vec<u8> {
-        let mut v = (f.len() as u32).to_be_bytes().to_vec();
+        let mut v = u32::try_from(f.len()).unwrap().to_be_bytes().to_vec();
         v.extend_from_slice(f);
         v
     }
@@ -310,7 +322,9 @@ mod tests {
     fn many_frames_through_a_small_buffer() {
         // More bytes than the reader's buffer holds, frames straddling refills.
         let (mut peer, mut ours) = pair();
-        let frames: Vec<Vec<u8>> = (0..50).map(|i| frame(40 + i * 7, i as u8)).collect();
+        let frames: Vec<Vec<u8>> = (0..50)
+            .map(|i| frame(40 + i * 7, u8::try_from(i).unwrap()))
+            .collect();
         let mut r = FrameReader::new(400);
         let mut out = vec![0u8; 400];
         let mut got = Vec::new();
@@ -424,7 +438,7 @@ mod tests {
         let mut sent = Vec::new();
         let mut busy = false;
         for i in 0..1000u32 {
-            let f = frame(max, i as u8);
+            let f = frame(max, u8::try_from(i).unwrap());
             match w.write_frame(&mut ours, &f) {
                 Ok(()) => sent.push(f),
                 Err(e) => {

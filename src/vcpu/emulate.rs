@@ -7,6 +7,16 @@
 //! event, `fwait` by skipping it, `clac`/`stac` by editing RFLAGS.AC.
 //! Nothing here runs on normal KVM.
 
+// Guest-facing code: every narrowing or sign-changing `as` is a finding.
+// Values from the guest go through `TryFrom` with an error path, widening
+// through `From`; see src/narrow.rs for constants.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::kvm_sregs;
@@ -131,7 +141,7 @@ pub fn fetch(mem: &GuestMemoryMmap, sregs: &kvm_sregs, rip: u64, buf: &mut [u8])
         let Some(pa) = translate(mem, sregs, va) else {
             break;
         };
-        let in_page = (0x1000 - (va & 0xfff)) as usize;
+        let in_page = 0x1000 - (va & 0xfff) as usize;
         let want = in_page.min(buf.len() - n);
         if mem
             .read_slice(&mut buf[n..n + want], GuestAddress(pa))

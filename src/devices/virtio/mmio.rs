@@ -327,7 +327,7 @@ impl MmioTransport {
             REG_DEVICE_FEATURES => {
                 let features = self.device.avail_features();
                 match self.device_features_select {
-                    0 => features as u32,
+                    0 => (features & 0xffff_ffff) as u32,
                     1 => (features >> 32) as u32,
                     _ => 0,
                 }
@@ -955,7 +955,7 @@ mod tests {
         w32(t, REG_STATUS, STATUS_ACKNOWLEDGE);
         w32(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w32(t, REG_DRIVER_FEATURES_SEL, 0);
-        w32(t, REG_DRIVER_FEATURES, features as u32);
+        w32(t, REG_DRIVER_FEATURES, (features & 0xffff_ffff) as u32);
         w32(t, REG_DRIVER_FEATURES_SEL, 1);
         w32(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
         w32(
@@ -970,11 +970,11 @@ mod tests {
         w32(t, REG_QUEUE_SEL, index);
         assert_eq!(r32(t, REG_QUEUE_READY), 0);
         w32(t, REG_QUEUE_NUM, num);
-        w32(t, REG_QUEUE_DESC_LOW, desc as u32);
+        w32(t, REG_QUEUE_DESC_LOW, (desc & 0xffff_ffff) as u32);
         w32(t, REG_QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        w32(t, REG_QUEUE_AVAIL_LOW, avail as u32);
+        w32(t, REG_QUEUE_AVAIL_LOW, (avail & 0xffff_ffff) as u32);
         w32(t, REG_QUEUE_AVAIL_HIGH, (avail >> 32) as u32);
-        w32(t, REG_QUEUE_USED_LOW, used as u32);
+        w32(t, REG_QUEUE_USED_LOW, (used & 0xffff_ffff) as u32);
         w32(t, REG_QUEUE_USED_HIGH, (used >> 32) as u32);
         w32(t, REG_QUEUE_READY, 1);
         assert_eq!(r32(t, REG_QUEUE_READY), 1);
@@ -991,7 +991,10 @@ mod tests {
         assert_eq!(r32(&mut t, REG_DEVICE_ID), 2);
         assert_eq!(r32(&mut t, REG_VENDOR_ID), MMIO_VENDOR_ID);
         w32(&mut t, REG_DEVICE_FEATURES_SEL, 0);
-        assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), FEATURE_A as u32);
+        assert_eq!(
+            r32(&mut t, REG_DEVICE_FEATURES),
+            crate::narrow::u32_of(FEATURE_A)
+        );
         w32(&mut t, REG_DEVICE_FEATURES_SEL, 1);
         assert_eq!(r32(&mut t, REG_DEVICE_FEATURES), 1);
         w32(&mut t, REG_DEVICE_FEATURES_SEL, 2);
@@ -1207,7 +1210,11 @@ mod tests {
         // Feature writes are ignored once FEATURES_OK is set.
         assert!(negotiate(&mut t, VIRTIO_F_VERSION_1));
         w32(&mut t, REG_DRIVER_FEATURES_SEL, 0);
-        w32(&mut t, REG_DRIVER_FEATURES, FEATURE_A as u32);
+        w32(
+            &mut t,
+            REG_DRIVER_FEATURES,
+            crate::narrow::u32_of(FEATURE_A),
+        );
         assert_eq!(t.acked_features, VIRTIO_F_VERSION_1);
     }
 

@@ -27,6 +27,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
+use crate::narrow;
+
 /// What is wrong with a queue (the ring variants) or one chain (the chain
 /// variants, see [`QueueError::is_chain_error`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -208,7 +210,7 @@ pub fn wants_interrupt<M: GuestMemory>(
     let flags = mem
         .load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
         .map_err(virtio_queue::Error::GuestMemory)?;
-    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+    Ok(u16::from_le(flags) & const { narrow::u16_of(VRING_AVAIL_F_NO_INTERRUPT) } == 0)
 }
 
 /// A descriptor chain that yields at most `limit` descriptors (the queue
@@ -294,7 +296,7 @@ mod tests {
     use crate::devices::virtio::test_utils::write_linked_table;
 
     type Mem = GuestMemoryMmap<()>;
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const NEXT: u16 = narrow::u16_of(VRING_DESC_F_NEXT);
 
     fn mem() -> Mem {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
@@ -349,7 +351,7 @@ mod tests {
         // Descriptor 1: two direct descriptors, then a 7-entry indirect table.
         vq.desc_table().store(1, raw(0x8000, 1, NEXT, 2)).unwrap();
         vq.desc_table().store(2, raw(0x8000, 1, NEXT, 3)).unwrap();
-        let indirect = VRING_DESC_F_INDIRECT as u16;
+        let indirect = const { narrow::u16_of(VRING_DESC_F_INDIRECT) };
         vq.desc_table()
             .store(3, raw(0x9000, 7 * 16, indirect, 0))
             .unwrap();

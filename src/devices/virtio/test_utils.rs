@@ -11,7 +11,10 @@ pub fn thread_cpu_time() -> Duration {
     // SAFETY: clock_gettime writes one timespec into `ts`, which lives for the call.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    Duration::new(
+        u64::try_from(ts.tv_sec).expect("CPU time is not negative"),
+        u32::try_from(ts.tv_nsec).expect("nanoseconds below one second"),
+    )
 }
 
 /// CPU time the calling thread spends in `f`, and what `f` returned.
@@ -64,12 +67,16 @@ pub fn write_linked_table<M: vm_memory::GuestMemory>(
     descs: &[(u64, u32, u16)],
 ) {
     use vm_memory::{Address, Bytes};
-    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    let next = const { crate::narrow::u16_of(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT) };
     let mut raw = Vec::with_capacity(descs.len() * 16);
     for (i, &(addr, len, flags)) in descs.iter().enumerate() {
         let last = i + 1 == descs.len();
         let flags = if last { flags } else { flags | next };
-        let next_index = if last { 0 } else { i as u16 + 1 };
+        let next_index = if last {
+            0
+        } else {
+            u16::try_from(i).unwrap() + 1
+        };
         raw.extend_from_slice(&addr.to_le_bytes());
         raw.extend_from_slice(&len.to_le_bytes());
         raw.extend_from_slice(&flags.to_le_bytes());
@@ -120,7 +127,8 @@ fn fill_avail_ring<M: vm_memory::GuestMemory>(
 
 /// An indirect descriptor: `count` descriptors at `table`.
 fn indirect_desc(table: u64, count: u32) -> virtio_queue::desc::RawDescriptor {
-    let flags = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    let flags =
+        const { crate::narrow::u16_of(virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT) };
     virtio_queue::desc::split::Descriptor::new(table, count * 16, flags, 0).into()
 }
 

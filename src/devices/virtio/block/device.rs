@@ -26,6 +26,7 @@ use crate::devices::virtio::{
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::narrow;
 
 /// Size of the part of `struct virtio_blk_config` we fill: capacity,
 /// size_max, seg_max, geometry (unused, zero) and blk_size.
@@ -67,7 +68,7 @@ impl Block {
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         // 16..20: geometry, not offered.
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        config[20..24].copy_from_slice(&narrow::u32_of(SECTOR_SIZE).to_le_bytes());
         let label = format!("virtio-blk-{}", NEXT_INDEX.fetch_add(1, Ordering::Relaxed));
         Self {
             common: VirtioCommon::new(VIRTIO_ID_BLOCK, label, avail_features, &[QUEUE_SIZE]),
@@ -282,7 +283,9 @@ mod tests {
     /// worker thread to complete the request and raise the interrupt.
     #[test]
     fn worker_serves_kicks_and_stops_on_reset() {
-        let contents: Vec<u8> = (0..4 * 512).map(|i| (i % 253) as u8).collect();
+        let contents: Vec<u8> = (0..4 * 512u32)
+            .map(|i| u8::try_from(i % 253).unwrap())
+            .collect();
         let (_img, mut b) = block(&contents, false);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4_0000)]).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
@@ -305,7 +308,10 @@ mod tests {
             .unwrap();
         mem.write_obj(1u64.to_le(), GuestAddress(hdr + 8)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
-        let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let (n, w) = (
+            narrow::u16_of(VRING_DESC_F_NEXT),
+            narrow::u16_of(VRING_DESC_F_WRITE),
+        );
         vq.add_desc_chains(
             &[
                 RawDescriptor::from(Descriptor::new(hdr, 16, n, 1)),
@@ -327,7 +333,7 @@ mod tests {
         assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 1025);
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(st)).unwrap(),
-            VIRTIO_BLK_S_OK as u8
+            narrow::u8_of(VIRTIO_BLK_S_OK)
         );
         let mut got = vec![0u8; 1024];
         mem.read_slice(&mut got, GuestAddress(data)).unwrap();

@@ -216,11 +216,14 @@ impl Disk {
                 let mut id: &[u8] = &self.id;
                 let mut written = 0u32;
                 for d in &req.data {
-                    let n = id.len().min(d.len as usize);
-                    mem.write_slice(&id[..n], d.addr)
+                    // Counted in u32, as the used length is: the id is 20
+                    // bytes, so the conversion never saturates.
+                    let n = d.len.min(u32::try_from(id.len()).unwrap_or(u32::MAX));
+                    let (head, rest) = id.split_at(n as usize);
+                    mem.write_slice(head, d.addr)
                         .map_err(DiskError::GuestMemory)?;
-                    id = &id[n..];
-                    written += n as u32;
+                    id = rest;
+                    written += n;
                 }
                 Ok(written)
             }
@@ -332,7 +335,7 @@ impl<'a> FileAt<'a> {
 impl ReadVolatile for FileAt<'_> {
     fn read_volatile<B: BitmapSlice>(
         &mut self,
-        buf: &mut VolatileSlice<B>,
+        buf: &mut VolatileSlice<'_, B>,
     ) -> Result<usize, VolatileMemoryError> {
         let offset = self.file_offset()?;
         let guard = buf.ptr_guard_mut();
@@ -359,7 +362,7 @@ impl ReadVolatile for FileAt<'_> {
 impl WriteVolatile for FileAt<'_> {
     fn write_volatile<B: BitmapSlice>(
         &mut self,
-        buf: &VolatileSlice<B>,
+        buf: &VolatileSlice<'_, B>,
     ) -> Result<usize, VolatileMemoryError> {
         let offset = self.file_offset()?;
         let guard = buf.ptr_guard();
@@ -409,7 +412,9 @@ mod tests {
     }
 
     fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 7 + 3) as u8).collect()
+        (0..len)
+            .map(|i| u8::try_from((i * 7 + 3) % 256).unwrap())
+            .collect()
     }
 
     fn req(kind: RequestKind, sector: u64, data: &[(u64, u32)]) -> Request {
@@ -492,7 +497,7 @@ mod tests {
         let n = disk
             .execute(&m, &req(RequestKind::GetId, 0, &[(0x200, 8), (0x300, 40)]))
             .unwrap();
-        assert_eq!(n, ID_BYTES as u32);
+        assert_eq!(n as usize, ID_BYTES);
         let mut a = [0u8; 8];
         let mut b = [0u8; 12];
         m.read_slice(&mut a, GuestAddress(0x200)).unwrap();

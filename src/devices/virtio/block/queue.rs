@@ -13,6 +13,12 @@ use super::request::{Limits, Request};
 use crate::devices::virtio::guest_log::GuestLog;
 use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 use crate::memory::GuestMemoryMmap;
+use crate::narrow;
+
+/// The status byte the device writes last in each chain (virtio 1.x 5.2.6).
+const STATUS_OK: u8 = narrow::u8_of(VIRTIO_BLK_S_OK);
+const STATUS_IOERR: u8 = narrow::u8_of(VIRTIO_BLK_S_IOERR);
+const STATUS_UNSUPP: u8 = narrow::u8_of(VIRTIO_BLK_S_UNSUPP);
 
 /// What block devices' guest problems are logged as.
 const LABEL: &str = "virtio-blk";
@@ -64,25 +70,23 @@ fn serve(
         Err(rejected) => {
             errors.report(LABEL, "bad request", &rejected.error);
             return match rejected.status {
-                Some(status) => {
-                    write_status(mem, status, VIRTIO_BLK_S_IOERR as u8, errors).map_or(0, |()| 1)
-                }
+                Some(status) => write_status(mem, status, STATUS_IOERR, errors).map_or(0, |()| 1),
                 None => 0,
             };
         }
     };
     let (status, written) = match disk.execute(mem, &request) {
-        Ok(n) => (VIRTIO_BLK_S_OK, n),
+        Ok(n) => (STATUS_OK, n),
         Err(e @ DiskError::Unsupported(_)) => {
             errors.report(LABEL, "request", &e);
-            (VIRTIO_BLK_S_UNSUPP, 0)
+            (STATUS_UNSUPP, 0)
         }
         Err(e) => {
             errors.report(LABEL, &format!("{:?} request", request.kind), &e);
-            (VIRTIO_BLK_S_IOERR, 0)
+            (STATUS_IOERR, 0)
         }
     };
-    match write_status(mem, request.status, status as u8, errors) {
+    match write_status(mem, request.status, status, errors) {
         Ok(()) => written.saturating_add(1),
         Err(()) => 0,
     }
@@ -117,7 +121,7 @@ mod tests {
         cpu_time_of, full_queue_of_one_chain, used_idx, KICK_CPU_BUDGET,
     };
 
-    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const W: u16 = narrow::u16_of(VRING_DESC_F_WRITE);
     const HDR: u64 = 0x1_0000;
     const DATA: u64 = 0x2_0000;
     const STATUS: u64 = 0x3_0000;
@@ -160,14 +164,14 @@ mod tests {
 
         /// Put one chain in the available ring (descriptors linked in order).
         fn submit(&mut self, descs: &[RawDescriptor]) {
-            let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+            let next = const { narrow::u16_of(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT) };
             let first = self.next_desc;
             let linked: Vec<RawDescriptor> = descs
                 .iter()
                 .enumerate()
                 .map(|(i, d)| {
                     let d = Descriptor::from(*d);
-                    let idx = first + i as u16;
+                    let idx = first + u16::try_from(i).unwrap();
                     if i + 1 < descs.len() {
                         RawDescriptor::from(Descriptor::new(
                             d.addr().0,
@@ -186,7 +190,7 @@ mod tests {
                 })
                 .collect();
             self.vq.add_desc_chains(&linked, first).unwrap();
-            self.next_desc += descs.len() as u16;
+            self.next_desc += u16::try_from(descs.len()).unwrap();
         }
 
         fn used(&self, i: u16) -> (u32, u32) {
@@ -204,7 +208,9 @@ mod tests {
     }
 
     fn image(sectors: usize) -> (TempImage, Vec<u8>) {
-        let contents: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
+        let contents: Vec<u8> = (0..sectors * 512)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
         (TempImage::new(&contents), contents)
     }
 
@@ -261,7 +267,7 @@ mod tests {
         assert_eq!(d.used(2), (7, 1));
         assert_eq!(d.used(3), (9, 21));
         for i in 0..4 {
-            assert_eq!(d.status(STATUS + i), VIRTIO_BLK_S_OK as u8);
+            assert_eq!(d.status(STATUS + i), STATUS_OK);
         }
 
         let mut got = vec![0u8; 512];
@@ -288,7 +294,7 @@ mod tests {
         let (img, _) = image(4);
         let disk = Disk::open(img.path(), false).unwrap();
         let mut d = Driver::new(&m);
-        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let ioerr = STATUS_IOERR;
         m.write_slice(&[0xff; 8], GuestAddress(STATUS)).unwrap();
 
         // 0: out of range (the disk has 4 sectors).
@@ -324,7 +330,7 @@ mod tests {
         for i in 0..4 {
             assert_eq!(d.status(STATUS + i), ioerr, "request {i}");
         }
-        assert_eq!(d.status(STATUS + 4), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(d.status(STATUS + 4), STATUS_UNSUPP);
     }
 
     #[test]
@@ -340,7 +346,7 @@ mod tests {
         assert!(irq);
         assert_eq!(errors.count(), 1);
         assert_eq!(d.used(0), (0, 1));
-        assert_eq!(d.status(STATUS), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(d.status(STATUS), STATUS_IOERR);
         assert_eq!(std::fs::read(img.path()).unwrap(), contents);
     }
 
@@ -398,8 +404,11 @@ mod tests {
         let mut d = Driver::new(&m);
         header(&m, HDR, VIRTIO_BLK_T_FLUSH, 0);
         d.submit(&[desc(HDR, 16, 0), desc(STATUS, 1, W)]);
-        m.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, d.vq.avail_addr())
-            .unwrap();
+        m.write_obj(
+            narrow::u16_of(VRING_AVAIL_F_NO_INTERRUPT),
+            d.vq.avail_addr(),
+        )
+        .unwrap();
         let (irq, _) = run(&mut d, &disk);
         assert!(!irq);
         assert_eq!(d.used_idx(), 1);
@@ -488,10 +497,7 @@ mod tests {
         );
         assert_eq!(r, Ok(true));
         assert_eq!(errors.count(), 0);
-        assert_eq!(
-            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
-            VIRTIO_BLK_S_OK as u8
-        );
+        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), STATUS_OK);
         assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
     }
 

@@ -311,7 +311,7 @@ mod tests {
     use super::*;
     use crate::memory::GuestMemoryMmap;
 
-    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const W: u16 = crate::narrow::u16_of(VRING_DESC_F_WRITE);
     const HDR: u64 = 0x1_0000;
     const DATA: u64 = 0x2_0000;
     const STATUS: u64 = 0x3_0000;
@@ -565,7 +565,8 @@ mod tests {
         let m = mem();
         header(&m, VIRTIO_BLK_T_FLUSH, 0);
         let q = MockSplitQueue::new(&m, 4);
-        let flags = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let flags =
+            const { crate::narrow::u16_of(virtio_bindings::virtio_ring::VRING_DESC_F_NEXT) };
         q.desc_table()
             .store(0, RawDescriptor::from(Descriptor::new(HDR, 16, flags, 1)))
             .unwrap();

@@ -35,6 +35,7 @@ use crate::devices::virtio::{
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::narrow;
 use crate::net::{FrameBackend, MacAddr};
 
 /// virtio device ID of a network card.
@@ -111,7 +112,7 @@ pub fn tap_offloads_for(acked: u64) -> u32 {
 pub fn config_space(mac: MacAddr) -> [u8; CONFIG_SPACE_LEN] {
     let mut cfg = [0u8; CONFIG_SPACE_LEN];
     cfg[..6].copy_from_slice(&mac.bytes());
-    cfg[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    cfg[6..].copy_from_slice(&narrow::u16_of(VIRTIO_NET_S_LINK_UP).to_le_bytes());
     cfg
 }
 
@@ -394,7 +395,7 @@ mod tests {
             let request = arp_request([2, 0, 0, 0, 0, 2], [10, 0, 2, 2], [10, 0, 2, 1]);
             let tx_addr = BUF_BASE + 0x10_0000;
             mem.write_slice(&request, GuestAddress(tx_addr)).unwrap();
-            let tx_head = tx.add_chain(&[(tx_addr, request.len() as u32, false)]);
+            let tx_head = tx.add_chain(&[(tx_addr, u32::try_from(request.len()).unwrap(), false)]);
 
             let status_reg = Arc::new(AtomicU32::new(0));
             let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -436,7 +437,7 @@ mod tests {
                 tx_used.extend(tx.take_used());
                 for (head, len) in rx.take_used() {
                     let addr = rx_bufs.iter().find(|b| b.0 == head).unwrap().1;
-                    let mut frame = vec![0u8; len as usize];
+                    let mut frame = vec![0u8; usize::try_from(len).unwrap()];
                     mem.read_slice(&mut frame, GuestAddress(addr)).unwrap();
                     let eth = &frame[VNET_HDR_LEN..];
                     // ARP reply (opcode 2) from 10.0.2.1 to our MAC.

@@ -27,6 +27,14 @@ pub use crate::net::MAX_FRAME_LEN;
 /// Largest vnet header + frame.
 pub const MAX_BUFFER_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 
+/// A length within one frame buffer as the `u32` the used ring holds. Every
+/// such length is at most [`MAX_BUFFER_LEN`], which fits (checked at build
+/// time), so the saturation never happens.
+fn used_len(n: usize) -> u32 {
+    const { assert!(MAX_BUFFER_LEN <= u32::MAX as usize) };
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// Offset of `flags` in `virtio_net_hdr_v1`.
 const HDR_FLAGS_OFFSET: usize = 0;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
@@ -181,11 +189,14 @@ pub(crate) fn publish_used<M: GuestMemory>(
         return Err(virtio_queue::Error::InvalidSize);
     }
     let start = queue.next_used();
-    for (i, &(head, len)) in rest.iter().enumerate() {
+    // The used index is a free-running u16 (virtio 1.x 2.7.8): it wraps.
+    let mut next = start;
+    for &(head, len) in rest {
         if head >= size {
             return Err(virtio_queue::Error::InvalidDescriptorIndex);
         }
-        let slot = start.wrapping_add(i as u16) % size;
+        let slot = next % size;
+        next = next.wrapping_add(1);
         // used ring: flags (2), idx (2), then 8-byte {id: le32, len: le32} elements.
         let addr = GuestAddress(queue.used_ring())
             .checked_add(4 + 8 * u64::from(slot))
@@ -196,7 +207,7 @@ pub(crate) fn publish_used<M: GuestMemory>(
         mem.write_slice(&elem, addr)
             .map_err(virtio_queue::Error::GuestMemory)?;
     }
-    queue.set_next_used(start.wrapping_add(rest.len() as u16));
+    queue.set_next_used(next);
     let res = queue.add_used(mem, last_head, last_len);
     if res.is_err() {
         queue.set_next_used(start);
@@ -562,13 +573,17 @@ impl RxPath {
             room += buf.capacity;
             count += 1;
         }
+        // num_buffers is a le16: at most max_chains, itself a queue size.
+        let Ok(num_buffers) = u16::try_from(count) else {
+            return Deliver::TooBig;
+        };
         if room < len {
             // Keep the chains for a smaller frame.
             return Deliver::TooBig;
         }
         let frame = &mut self.frame[..len];
         frame[HDR_NUM_BUFFERS_OFFSET..HDR_NUM_BUFFERS_OFFSET + 2]
-            .copy_from_slice(&(count as u16).to_le_bytes());
+            .copy_from_slice(&num_buffers.to_le_bytes());
         if !self.guest_csum {
             // The driver cannot take NEEDS_CSUM / DATA_VALID (virtio 1.x 5.1.6.4).
             frame[HDR_FLAGS_OFFSET] = 0;
@@ -591,7 +606,7 @@ impl RxPath {
                 offset += n;
                 written += n;
             }
-            entries.push((buf.head, written as u32));
+            entries.push((buf.head, used_len(written)));
         }
         if let Some(e) = &failed {
             // Cannot happen for RAM checked in parse_rx_chain; be safe anyway.
@@ -605,7 +620,8 @@ impl RxPath {
             );
         }
         match publish_used(queue, mem, &entries) {
-            Ok(()) => *used += entries.len() as u32,
+            // One entry per drained chain: `count` of them.
+            Ok(()) => *used += u32::from(num_buffers),
             Err(e) => {
                 self.log.warn(
                     &self.label,
@@ -641,6 +657,15 @@ pub(crate) mod tests {
     pub(crate) type Mem = GuestMemoryMmap<()>;
 
     pub(crate) const MEM_SIZE: usize = 16 << 20;
+    const F_WRITE: u16 = crate::narrow::u16_of(VRING_DESC_F_WRITE);
+    const F_NEXT: u16 = crate::narrow::u16_of(VRING_DESC_F_NEXT);
+    const F_INDIRECT: u16 = crate::narrow::u16_of(VRING_DESC_F_INDIRECT);
+    const HDR_LEN32: u32 = crate::narrow::u32_of_usize(VNET_HDR_LEN);
+
+    /// A test buffer's length as a descriptor or used-ring length.
+    fn len32(n: usize) -> u32 {
+        u32::try_from(n).unwrap()
+    }
     /// Where test buffers start (queues live below).
     pub(crate) const BUF_BASE: u64 = 0x10_0000;
 
@@ -679,20 +704,16 @@ pub(crate) mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, &(addr, len, writable))| {
-                    let mut flags = if writable {
-                        VRING_DESC_F_WRITE as u16
-                    } else {
-                        0
-                    };
-                    let next = first + i as u16 + 1;
+                    let mut flags = if writable { F_WRITE } else { 0 };
+                    let next = first + u16::try_from(i).unwrap() + 1;
                     if i + 1 < descs.len() {
-                        flags |= VRING_DESC_F_NEXT as u16;
+                        flags |= F_NEXT;
                     }
                     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
                 })
                 .collect();
             self.vq.add_desc_chains(&raw, first).unwrap();
-            self.next_desc += descs.len() as u16;
+            self.next_desc += u16::try_from(descs.len()).unwrap();
             first
         }
 
@@ -700,26 +721,27 @@ pub(crate) mod tests {
         /// holding `descs` (addr, len, device_writable); returns its head.
         pub(crate) fn add_indirect(&mut self, table: u64, descs: &[(u64, u32, bool)]) -> u16 {
             for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-                let mut flags = if writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
+                let mut flags = if writable { F_WRITE } else { 0 };
                 if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
+                    flags |= F_NEXT;
                 }
-                let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i as u16 + 1));
+                let d = RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    flags,
+                    u16::try_from(i).unwrap() + 1,
+                ));
                 self.mem
                     .write_obj(d, GuestAddress(table + 16 * i as u64))
                     .unwrap();
             }
-            self.add_indirect_head(table, 16 * descs.len() as u32)
+            self.add_indirect_head(table, 16 * len32(descs.len()))
         }
 
         /// Post one indirect descriptor `table`/`len` without writing a table.
         pub(crate) fn add_indirect_head(&mut self, table: u64, len: u32) -> u16 {
             let head = self.next_desc;
-            let d = SplitDescriptor::new(table, len, VRING_DESC_F_INDIRECT as u16, 0);
+            let d = SplitDescriptor::new(table, len, F_INDIRECT, 0);
             self.vq
                 .add_desc_chains(&[RawDescriptor::from(d)], head)
                 .unwrap();
@@ -754,7 +776,7 @@ pub(crate) mod tests {
                     .ref_at(usize::from(self.used_seen) % self.size)
                     .unwrap()
                     .load();
-                out.push((e.id() as u16, e.len()));
+                out.push((u16::try_from(e.id()).unwrap(), e.len()));
                 self.used_seen = self.used_seen.wrapping_add(1);
             }
             out
@@ -769,7 +791,12 @@ pub(crate) mod tests {
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .map(|i| {
+                u8::try_from(i % 256)
+                    .unwrap()
+                    .wrapping_mul(31)
+                    .wrapping_add(seed)
+            })
             .collect()
     }
 
@@ -815,7 +842,7 @@ pub(crate) mod tests {
         let mut q = drv.queue();
         let frame = hdr_and(&pattern(60, 1));
         mem.write_slice(&frame, GuestAddress(BUF_BASE)).unwrap();
-        let head = drv.add_chain(&[(BUF_BASE, frame.len() as u32, false)]);
+        let head = drv.add_chain(&[(BUF_BASE, len32(frame.len()), false)]);
 
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
@@ -849,7 +876,7 @@ pub(crate) mod tests {
         mem.write_slice(&payload[1000..], GuestAddress(BUF_BASE + 0x3000))
             .unwrap();
         let h1 = drv.add_chain(&[
-            (BUF_BASE, VNET_HDR_LEN as u32, false),
+            (BUF_BASE, HDR_LEN32, false),
             (BUF_BASE + 0x1000, 1000, false),
             (BUF_BASE + 0x3000, 2000, false),
         ]);
@@ -857,7 +884,7 @@ pub(crate) mod tests {
         let second = hdr_and(&pattern(100, 9));
         mem.write_slice(&second, GuestAddress(BUF_BASE + 0x8000))
             .unwrap();
-        let h2 = drv.add_chain(&[(BUF_BASE + 0x8000, second.len() as u32, false)]);
+        let h2 = drv.add_chain(&[(BUF_BASE + 0x8000, len32(second.len()), false)]);
 
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
@@ -890,7 +917,7 @@ pub(crate) mod tests {
         let good = hdr_and(&pattern(64, 3));
         mem.write_slice(&good, GuestAddress(BUF_BASE + 0x10000))
             .unwrap();
-        let good_head = drv.add_chain(&[(BUF_BASE + 0x10000, good.len() as u32, false)]);
+        let good_head = drv.add_chain(&[(BUF_BASE + 0x10000, len32(good.len()), false)]);
 
         let stats = NetStats::default();
         let mut sink = VecSink(Vec::new());
@@ -934,7 +961,7 @@ pub(crate) mod tests {
         let head = tx.add_indirect(
             BUF_BASE + 0x8000,
             &[
-                (BUF_BASE, VNET_HDR_LEN as u32, false),
+                (BUF_BASE, HDR_LEN32, false),
                 (BUF_BASE + 0x1000, 2000, false),
             ],
         );
@@ -961,7 +988,7 @@ pub(crate) mod tests {
         let head = rx.add_indirect(
             BUF_BASE + 0x9000,
             &[
-                (BUF_BASE + 0x10000, VNET_HDR_LEN as u32, true),
+                (BUF_BASE + 0x10000, HDR_LEN32, true),
                 (BUF_BASE + 0x11000, 4096, true),
             ],
         );
@@ -1005,7 +1032,7 @@ pub(crate) mod tests {
     /// one descriptor pointing at a 65,535-entry indirect table.
     #[test]
     fn tx_kick_does_not_walk_a_huge_indirect_table() {
-        let mut descs = vec![(BUF_BASE, VNET_HDR_LEN as u32, 0)];
+        let mut descs = vec![(BUF_BASE, HDR_LEN32, 0)];
         descs.extend((1..u16::MAX).map(|_| (BUF_BASE, 0, 0)));
         let (cpu, stats, sent) = tx_kick_full_queue(&descs);
         eprintln!("virtio-net TX: one kick, 256 pointers to a 65,535-entry table: {cpu:?} CPU");
@@ -1017,7 +1044,7 @@ pub(crate) mod tests {
     /// chains (one indirect table of queue-size descriptors each).
     #[test]
     fn tx_cpu_per_kick_for_a_full_queue_of_maximal_chains() {
-        let mut descs = vec![(BUF_BASE, VNET_HDR_LEN as u32, 0)];
+        let mut descs = vec![(BUF_BASE, HDR_LEN32, 0)];
         descs.extend((1..256).map(|i| (BUF_BASE + 0x1000 + 64 * i, 60, 0)));
         let (cpu, stats, sent) = tx_kick_full_queue(&descs);
         eprintln!("virtio-net TX: one kick, 256 chains of 256 descriptors: {cpu:?} CPU");
@@ -1065,7 +1092,7 @@ pub(crate) mod tests {
                 stop: RxStop::SourceEmpty
             }
         );
-        assert_eq!(drv.take_used(), vec![(head, frame.len() as u32)]);
+        assert_eq!(drv.take_used(), vec![(head, len32(frame.len()))]);
         let got = read(&mem, BUF_BASE, frame.len());
         assert_eq!(&got[VNET_HDR_LEN..], &frame[VNET_HDR_LEN..]);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
@@ -1080,7 +1107,7 @@ pub(crate) mod tests {
         let mut q = drv.queue();
         // Linux "big packets" layout without MRG_RXBUF: header, then pages.
         let head = drv.add_chain(&[
-            (BUF_BASE, VNET_HDR_LEN as u32, true),
+            (BUF_BASE, HDR_LEN32, true),
             (BUF_BASE + 0x1000, 4096, true),
             (BUF_BASE + 0x3000, 4096, true),
         ]);
@@ -1123,7 +1150,7 @@ pub(crate) mod tests {
                 (heads[0], 1500),
                 (heads[1], 1500),
                 (heads[2], 1012),
-                (heads[3], small.len() as u32)
+                (heads[3], len32(small.len()))
             ]
         );
         let first = read(&mem, BUF_BASE, 1500);
@@ -1183,7 +1210,7 @@ pub(crate) mod tests {
         assert_eq!(batch.frames, 2);
         assert_eq!(
             drv.take_used(),
-            vec![(h1, 300), (h2, 212), (h3, next.len() as u32)]
+            vec![(h1, 300), (h2, 212), (h3, len32(next.len()))]
         );
         assert!(!rx.has_pending());
         let s = stats.snapshot();
@@ -1204,7 +1231,7 @@ pub(crate) mod tests {
             .process(&mut q, &mem, &mut src, &stats, 64)
             .unwrap();
         assert_eq!(batch.frames, 1);
-        assert_eq!(drv.take_used(), vec![(head, small.len() as u32)]);
+        assert_eq!(drv.take_used(), vec![(head, len32(small.len()))]);
         assert_eq!(read(&mem, BUF_BASE + 12, 100), small[12..].to_vec());
         let s = stats.snapshot();
         assert_eq!((s.rx_frames, s.rx_dropped_too_big), (1, 1));
@@ -1226,7 +1253,7 @@ pub(crate) mod tests {
             .process(&mut q, &mem, &mut src, &stats, 64)
             .unwrap();
         assert_eq!(batch.frames, 1);
-        assert_eq!(drv.take_used(), vec![(heads[0], small.len() as u32)]);
+        assert_eq!(drv.take_used(), vec![(heads[0], len32(small.len()))]);
         assert_eq!(stats.snapshot().rx_dropped_too_big, 1);
     }
 
@@ -1252,9 +1279,9 @@ pub(crate) mod tests {
             .process(&mut q, &mem, &mut src, &stats, 64)
             .unwrap();
         assert_eq!(batch.frames, 1);
-        assert_eq!(batch.used, bad.len() as u32 + 1);
+        assert_eq!(batch.used, len32(bad.len()) + 1);
         let mut expect: Vec<(u16, u32)> = bad.iter().map(|h| (*h, 0)).collect();
-        expect.push((good, frame.len() as u32));
+        expect.push((good, len32(frame.len())));
         assert_eq!(drv.take_used(), expect);
         let s = stats.snapshot();
         assert_eq!((s.rx_frames, s.rx_bad_chains), (1, bad.len() as u64));
@@ -1275,7 +1302,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(batch.frames, 1);
         // The bogus head cannot go on the used ring (out of range); the good one does.
-        assert_eq!(drv.take_used(), vec![(head, frame.len() as u32)]);
+        assert_eq!(drv.take_used(), vec![(head, len32(frame.len()))]);
         let s = stats.snapshot();
         assert_eq!((s.rx_dropped_malformed, s.rx_bad_chains), (2, 1));
     }
