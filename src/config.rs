@@ -291,6 +291,16 @@ impl VmConfig {
         drives.chain(nets).chain(console).collect()
     }
 
+    /// Set the vCPU count and guest RAM, checked as [`Self::validate_machine`]
+    /// says (it reads the host's memory size: not for a seccomp-filtered
+    /// thread).
+    pub fn set_machine(&mut self, cpus: u64, memory_mib: u64) -> Result<(), ConfigError> {
+        Self::validate_machine(cpus, memory_mib)?;
+        self.cpus = u8::try_from(cpus).map_err(|_| ConfigError::Cpus(cpus))?;
+        self.memory_mib = memory_mib;
+        Ok(())
+    }
+
     /// Add `drive`, or replace the one with its id, keeping the root drive
     /// first (/dev/vda) and the others in the order they were first put.
     pub fn put_drive(&mut self, drive: DriveConfig) {

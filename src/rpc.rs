@@ -14,8 +14,11 @@ use std::sync::mpsc::Sender;
 use crate::config::{DriveConfig, NetConfig, VmConfig};
 use crate::snapshot::SnapshotPaths;
 
-/// What the API asks of the VMM, checked for shape and values (by the
-/// same rules as the command line) but not yet for the VM's state.
+/// What the API asks of the VMM, checked for shape (and for what microvm
+/// does not do at all) but not yet against the VM's state or the host. The
+/// API's threads run under a seccomp filter that allows no file access:
+/// checks that read the host (its memory size, a kernel file) are the
+/// VMM's.
 #[derive(Clone, Debug, PartialEq)]
 pub enum VmmAction {
     /// `GET /`.
@@ -26,10 +29,10 @@ pub enum VmmAction {
     GetMachineConfig,
     /// `GET /vm/config`.
     GetVmConfig,
-    /// `PUT /machine-config`: vCPUs and MiB, in range.
+    /// `PUT /machine-config`: vCPUs and MiB, their range not yet checked.
     PutMachineConfig {
         /// vCPUs.
-        cpus: u8,
+        cpus: u64,
         /// Guest RAM in MiB.
         memory_mib: u64,
     },

@@ -303,8 +303,10 @@ fn no_rate_limiter(v: &Option<Value>) -> Result<(), String> {
 }
 
 impl MachineConfig {
-    /// vCPUs and MiB, checked by the same rules as the CLI.
-    pub fn settings(&self) -> Result<(u8, u64), String> {
+    /// vCPUs and MiB, after refusing what microvm does not do. Their range
+    /// is the VMM's to check ([`VmConfig::set_machine`]): it reads the
+    /// host's memory size, which the API's threads may not.
+    pub fn settings(&self) -> Result<(u64, u64), String> {
         if self.smt {
             return Err(unsupported("smt: true"));
         }
@@ -313,11 +315,7 @@ impl MachineConfig {
         }
         none_or(&self.cpu_template, "None", "cpu_template")?;
         none_or(&self.huge_pages, "None", "huge_pages")?;
-        VmConfig::validate_machine(self.vcpu_count, self.mem_size_mib)
-            .map_err(|e| e.to_string())?;
-        // In range: validate_machine checked it against MAX_CPUS.
-        let cpus = u8::try_from(self.vcpu_count).map_err(|e| e.to_string())?;
-        Ok((cpus, self.mem_size_mib))
+        Ok((self.vcpu_count, self.mem_size_mib))
     }
 
     /// What `GET /machine-config` shows.
@@ -438,7 +436,9 @@ impl ConfigFile {
         let b = self.boot_source.to_boot_source();
         cfg.set_boot_source(b.kernel, b.initrd, b.boot_args);
         if let Some(m) = &self.machine_config {
-            (cfg.cpus, cfg.memory_mib) = m.settings()?;
+            let (cpus, memory_mib) = m.settings()?;
+            cfg.set_machine(cpus, memory_mib)
+                .map_err(|e| e.to_string())?;
         }
         for d in &self.drives {
             cfg.put_drive(d.to_config()?);
@@ -502,9 +502,13 @@ mod tests {
             .settings()
             .unwrap_err();
         assert_eq!(e, "smt: true is not supported by microvm");
-        let e = m(r#"{"vcpu_count": 0, "mem_size_mib": 128}"#)
+        let (cpus, mem) = m(r#"{"vcpu_count": 0, "mem_size_mib": 128}"#)
             .settings()
-            .unwrap_err();
+            .unwrap();
+        let e = VmConfig::new("")
+            .set_machine(cpus, mem)
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "vCPU count must be between 1 and 8, got 0");
         assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 1}"#).is_err());
         let d: Drive = serde_json::from_str(

@@ -60,8 +60,7 @@ impl Preboot {
         let c = &mut self.config;
         let result = match action {
             VmmAction::PutMachineConfig { cpus, memory_mib } => {
-                (c.cpus, c.memory_mib) = (cpus, memory_mib);
-                Ok(())
+                c.set_machine(cpus, memory_mib).map_err(|e| e.to_string())
             }
             VmmAction::PutBootSource(b) => {
                 c.set_boot_source(b.kernel, b.initrd, b.boot_args);
