@@ -46,7 +46,7 @@ use crate::memory::{self, GuestMemoryMmap};
 use crate::snapshot::{self, PlatformState, Snapshot, SnapshotPaths};
 use crate::vcpu::{cpuid, regs, ExitCounters, Vcpu};
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+pub(super) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 

@@ -8,14 +8,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
+use super::builder::kvm_err;
 use super::snapshot::{RestoreError, RestoredPart};
 use super::VmmError;
 use crate::host::unix_now_ns;
 use crate::snapshot::VmState;
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { what, source }
-}
 
 /// Read the state of the paused VM `vm`.
 pub fn read(vm: &VmFd) -> Result<VmState, VmmError> {
