@@ -116,7 +116,11 @@ fn flask_image_answers_and_sees_its_config() {
     let (layout, bundle) = (dir.path("layout"), dir.path("bundle"));
     let image = umoci_new(&layout, &bundle);
     let rootfs = bundle.join("rootfs");
+    // Each step below takes minutes in the nested lane's emulated L1 and
+    // prints nothing of its own: say what runs, so that a slow, busy machine
+    // does not look like a stalled one (tests/nested/run.sh --stall).
     // Layer 1: the distribution; layer 2: the app, as a Dockerfile would.
+    let step = Step::start("image: copy the bookworm tree into the bundle");
     sh(&[
         "cp",
         "-a",
@@ -124,10 +128,14 @@ fn flask_image_answers_and_sees_its_config() {
         &format!("{}/.", p(&tree)),
         p(&rootfs),
     ]);
+    drop(step);
+    let step = Step::start("image: umoci repack (layer 1, the distribution)");
     sh(&["umoci", "repack", "--image", &image, p(&bundle)]);
+    drop(step);
     let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("rootfs/app/app.py");
     std::fs::create_dir_all(rootfs.join("app")).unwrap();
     std::fs::copy(&app, rootfs.join("app/app.py")).unwrap();
+    let step = Step::start("image: umoci repack (layer 2, the app) and config");
     sh(&["umoci", "repack", "--image", &image, p(&bundle)]);
     sh(&[
         "umoci",
@@ -148,11 +156,14 @@ fn flask_image_answers_and_sees_its_config() {
         "/app",
     ]);
     sh(&["umoci", "gc", "--layout", p(&layout)]);
+    drop(step);
     // As an OCI archive: the layout directory in a tar.
+    let step = Step::start("image: tar the layout, microvm image build");
     let archive = dir.path("flask-oci.tar");
     sh(&["tar", "-C", p(&layout), "-cf", p(&archive), "."]);
     let disk = dir.path("flask.ext4");
     image_build(&archive, &disk, &init);
+    drop(step);
 
     let Some(ns) = Netns::create() else { return };
     let mut vm = NetVm::boot(&ns, &kernel, &disk, HOST_IP, GUEST_IP);

@@ -59,19 +59,51 @@ fn comm(pid: u32) -> String {
         .to_string()
 }
 
-/// The passt child of microvm `pid`, waiting up to 10 s for it.
-fn passt_of(pid: u32) -> Option<u32> {
+/// passt's PID from microvm's log line "user-mode networking through passt
+/// (pid N)" (RUST_LOG=info).
+fn logged_passt_pid(stderr: &str) -> Option<u32> {
+    let rest = stderr.split("through passt (pid ").nth(1)?;
+    rest.split(')').next()?.parse().ok()
+}
+
+/// The passt that microvm `vm` started: wait for the event itself (microvm
+/// logs passt's PID once it has spawned it) up to a generous deadline, and
+/// check that PID is microvm's child running passt. `Err` says what did not
+/// happen, or that microvm exited first (with its status): a busy machine
+/// makes this slow, not wrong.
+fn wait_for_passt(
+    vm: &mut Vm,
+    stderr: &std::sync::Mutex<String>,
+    deadline: Duration,
+) -> Result<u32, String> {
+    let pid = vm.0.id();
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        if let Some(c) = children(pid)
-            .into_iter()
-            .find(|c| comm(*c).starts_with("passt"))
-        {
-            return Some(c);
+    loop {
+        if let Some(passt) = logged_passt_pid(&stderr.lock().unwrap()) {
+            // It is reaped only after it exits, and microvm lives: it is ours.
+            if !children(pid).contains(&passt) {
+                return Err(format!(
+                    "passt pid {passt} (from the log) is not a child of microvm {pid}"
+                ));
+            }
+            let name = comm(passt);
+            if !name.starts_with("passt") {
+                return Err(format!("microvm's child {passt} runs {name:?}, not passt"));
+            }
+            return Ok(passt);
+        }
+        if let Ok(Some(st)) = vm.0.try_wait() {
+            return Err(format!(
+                "microvm exited ({st}) before it logged starting passt"
+            ));
+        }
+        if t.elapsed() > deadline {
+            return Err(format!(
+                "microvm did not log \"user-mode networking through passt (pid N)\" within {deadline:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    None
 }
 
 /// Effective capabilities of `pid` (the CapEff mask).
@@ -167,8 +199,13 @@ fn flask_over_user_networking_without_net_admin() {
     };
 
     // setpriv has exec'd microvm by the time passt exists.
-    let Some(passt) = passt_of(pid) else {
-        report("microvm started no passt")
+    let passt = match wait_for_passt(
+        &mut vm,
+        &stderr,
+        boot_deadline(Duration::from_secs(60), Duration::from_secs(300)),
+    ) {
+        Ok(p) => p,
+        Err(e) => report(&e),
     };
     let caps = cap_eff(pid);
     if caps & (1 << CAP_NET_ADMIN) != 0 {
@@ -316,6 +353,11 @@ fn flask_over_user_networking_without_net_admin() {
 }
 
 /// A passt that dies ends the VM with a message naming it (exit 125).
+///
+/// The guest runs until stopped (`microvm.test=wait`: a tick a second), so
+/// the VM can end only because passt died. (With the test initramfs's default
+/// the guest rebooted by itself seconds after boot, and the test raced it: on
+/// a busy machine it could find no passt left, with nothing on stderr.)
 #[test]
 fn passt_that_dies_ends_the_vm() {
     let Some(kernel) = boot_prereqs() else { return };
@@ -331,36 +373,55 @@ fn passt_that_dies_ends_the_vm() {
             initrd.to_str().unwrap(),
             "--net",
             "user",
+            "--cmdline",
+            "microvm.test=wait",
             "--timeout",
-            "600",
+            "1800",
         ]),
-        &[],
+        &[("RUST_LOG", "info")],
     );
-    let stderr_text = {
-        let mut vm = Vm(child);
-        let pid = vm.0.id();
-        let err = pump(vm.0.stderr.take().unwrap());
-        let _out = pump(vm.0.stdout.take().unwrap());
-        let Some(passt) = passt_of(pid) else {
-            panic!("no passt child; stderr:\n{}", err.lock().unwrap())
-        };
-        Command::new("kill")
-            .args(["-KILL", &passt.to_string()])
-            .status()
-            .unwrap();
-        let st = wait_with_deadline(&mut vm.0, Duration::from_secs(60));
-        // Let the pump threads see the pipe close.
-        std::thread::sleep(Duration::from_millis(300));
-        let text = err.lock().unwrap().clone();
-        assert_eq!(
-            st.and_then(|s| s.code()),
-            Some(125),
-            "exit status; stderr:\n{text}"
-        );
-        text
+    let mut vm = Vm(child);
+    let err = pump(vm.0.stderr.take().unwrap());
+    let out = pump(vm.0.stdout.take().unwrap());
+    let report = |what: &str| -> ! {
+        panic!(
+            "{what}\n--- console:\n{}\n--- stderr:\n{}",
+            out.lock().unwrap(),
+            err.lock().unwrap()
+        )
     };
-    assert!(
-        stderr_text.contains("passt") && stderr_text.contains("lost its network"),
-        "{stderr_text}"
-    );
+    let deadline = boot_deadline(Duration::from_secs(60), Duration::from_secs(1200));
+    let passt = match wait_for_passt(&mut vm, &err, deadline) {
+        Ok(p) => p,
+        Err(e) => report(&e),
+    };
+    // Kill it while the guest runs: wait for the guest's first tick.
+    let t = Instant::now();
+    while !out.lock().unwrap().contains("tick ") {
+        if let Ok(Some(st)) = vm.0.try_wait() {
+            report(&format!("microvm exited ({st}) before the guest ticked"));
+        }
+        if t.elapsed() > deadline {
+            report(&format!(
+                "no guest tick (microvm.test=wait) on the console within {deadline:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Command::new("kill")
+        .args(["-KILL", &passt.to_string()])
+        .status()
+        .unwrap();
+    let st = wait_with_deadline(&mut vm.0, Duration::from_secs(120));
+    // Let the pump threads see the pipes close.
+    std::thread::sleep(Duration::from_millis(300));
+    if st.and_then(|s| s.code()) != Some(125) {
+        report(&format!(
+            "a killed passt must end the VM with exit 125, got {st:?} (None: still running after 120 s)"
+        ));
+    }
+    let text = err.lock().unwrap().clone();
+    if !(text.contains("passt") && text.contains("lost its network")) {
+        report("the message must name passt and say the guest lost its network");
+    }
 }

@@ -23,19 +23,18 @@ for line in sys.stdin:
 ' "$@" | sort)
 ((${#bins[@]})) || { echo "tests/nested/e2e.sh: no end-to-end test executables found" >&2; exit 1; }
 
-# The L1 reads the jobs from this host's filesystem, where /tmp is hidden by
-# its own tmpfs: keep the scripts in the cache.
-mkdir -p "${MICROVM_CACHE:-/var/cache/microvm}/nested"
-dir=$(mktemp -d "${MICROVM_CACHE:-/var/cache/microvm}/nested/.job.XXXXXX")
+# Where the test executables are (run.sh shares it into the L1 if the L1
+# would not see it otherwise, e.g. a checkout or CARGO_TARGET_DIR under /tmp).
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+# Each suite's output, on this host only (for the summary below).
+dir=$(mktemp -d "${TMPDIR:-/tmp}/microvm-e2e.XXXXXX")
 trap 'rm -rf "$dir"' EXIT
-chmod 0755 "$dir"
 passed=0 failed=0 rc=0
 for b in "${bins[@]}"; do
     name=${b%% *} exe=${b#* }
     # One L1 per suite, one test at a time (the L1 has a single vCPU): an L1
     # that stalls (seen under heavy host load: its vCPU idles for good) costs
     # one suite, which is run once more; a test that fails is not.
-    printf '%q --test-threads=1\n' "$exe" >"$dir/$name.sh"
     # Bounds per suite (L1 time: image ~520 s, the others under 90 s); a run
     # over its bound counts as an L1 stall and is run once more.
     case $name in
@@ -47,7 +46,7 @@ for b in "${bins[@]}"; do
         [[ $attempt == 2 ]] && label+=" (again, after an L1 stall)"
         echo "=== nested normal KVM: $label"
         set +e
-        tests/nested/run.sh --timeout "$limit" -- bash "$dir/$name.sh" |
+        tests/nested/run.sh --timeout "$limit" --share "$target_dir" -- "$exe" --test-threads=1 |
             tee "$dir/$name.out"
         st=${PIPESTATUS[0]}
         set -e

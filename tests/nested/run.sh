@@ -2,11 +2,18 @@
 # Run a command on normal KVM: inside an L1 guest of QEMU's TCG (which emulates
 # AMD SVM), where kvm-amd gives a hardware-style /dev/kvm. The L1 sees this
 # host's root filesystem read-only at the same paths (virtio-9p), with its own
-# tmpfs /tmp, /run and /var/tmp, so binaries, test executables, the guest
-# artifacts in the cache and the repo are where they are here.
+# tmpfs /tmp, /run, /var/tmp and /dev/shm, so binaries, test executables, the
+# guest artifacts in the cache and the repo are where they are here.
+# Directories under those four that the job needs are shared into the L1 as
+# extra read-only 9p mounts at the same paths: this checkout, the current
+# directory, $CARGO_TARGET_DIR, $MICROVM_CACHE, the directories of
+# $MICROVM_KERNEL, $MICROVM_INIT, $MICROVM_TEST_INITRD, $MICROVM_ROOTFS and
+# $MICROVM_ROOTFS_TREE, and each --share DIR. (A checkout under /tmp was
+# invisible in the L1 before: every suite ended with `cd: No such file or
+# directory`.)
 #
 #   tests/nested/run.sh [--timeout S] [--stall S] [--mem MiB] [--cpu MODEL]
-#                       [--out DIR] -- COMMAND [ARGS...]
+#                       [--out DIR] [--share DIR]... -- COMMAND [ARGS...]
 #
 # COMMAND runs as root in the current directory under bash, with CI, HOME=/tmp
 # and every MICROVM_*, BENCH_*, FIRECRACKER, RUST_LOG and RUST_BACKTRACE
@@ -32,6 +39,7 @@ STALL=600
 MEM=3072
 CPU=max,-xsave
 OUT=
+SHARE=()
 while (($#)); do
     case $1 in
         --timeout) TIMEOUT=$2; shift 2 ;;
@@ -39,11 +47,13 @@ while (($#)); do
         --mem) MEM=$2; shift 2 ;;
         --cpu) CPU=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
+        --share) [[ -d $2 ]] || { echo "$0: --share $2: not a directory" >&2; exit 2; }
+            SHARE+=("$2"); shift 2 ;;
         --) shift; break ;;
-        *) echo "usage: $0 [--timeout S] [--stall S] [--mem MiB] [--cpu MODEL] [--out DIR] -- COMMAND [ARGS...]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--timeout S] [--stall S] [--mem MiB] [--cpu MODEL] [--out DIR] [--share DIR]... -- COMMAND [ARGS...]" >&2; exit 2 ;;
     esac
 done
-(($#)) || { echo "usage: $0 [--timeout S] [--stall S] [--mem MiB] [--cpu MODEL] [--out DIR] -- COMMAND [ARGS...]" >&2; exit 2; }
+(($#)) || { echo "usage: $0 [--timeout S] [--stall S] [--mem MiB] [--cpu MODEL] [--out DIR] [--share DIR]... -- COMMAND [ARGS...]" >&2; exit 2; }
 
 log() { printf '[nested] %s\n' "$*" >&2; }
 unavailable() {
@@ -58,6 +68,40 @@ unavailable() {
 command -v qemu-system-x86_64 >/dev/null || unavailable "qemu-system-x86_64 not installed (scripts/deps.sh installs qemu-system-x86)"
 L1=$("$HERE/build-l1.sh" | tail -n1)
 [[ -f $L1/vmlinuz && -f $L1/l1.cpio ]] || unavailable "L1 kernel/initramfs not built"
+
+# ---- what the L1 must see beyond its host root -----------------------------------
+# The L1 mounts its own tmpfs on these (scratch space for the job); anything
+# the job reads from under them on this host is shared explicitly.
+HIDDEN=(/tmp /run /var/tmp /dev/shm)
+under_hidden() {
+    local h
+    for h in "${HIDDEN[@]}"; do
+        [[ $1 == "$h" || $1 == "$h"/* ]] && return 0
+    done
+    return 1
+}
+want=("$HERE/../.." "$PWD" "${SHARE[@]}")
+for v in CARGO_TARGET_DIR MICROVM_CACHE; do
+    [[ -n ${!v:-} ]] && want+=("${!v}")
+done
+for v in MICROVM_KERNEL MICROVM_INIT MICROVM_TEST_INITRD MICROVM_ROOTFS MICROVM_ROOTFS_TREE; do
+    [[ -n ${!v:-} && -e ${!v} ]] || continue
+    if [[ -d ${!v} ]]; then want+=("${!v}"); else want+=("$(dirname -- "${!v}")"); fi
+done
+shares=() # absolute paths as the job sees them, outermost only
+for d in "${want[@]}"; do
+    [[ -d $d ]] || continue
+    d=$(cd -- "$d" && pwd -P)
+    under_hidden "$d" || continue
+    for h in "${HIDDEN[@]}"; do
+        [[ $d == "$h" ]] && { log "error: cannot share $d itself into the L1 (it needs its own scratch $d); move the checkout or the target dir below it"; exit 2; }
+    done
+    shares+=("$d")
+done
+if ((${#shares[@]})); then
+    mapfile -t shares < <(printf '%s\n' "${shares[@]}" | LC_ALL=C sort -u |
+        awk '{ for (i = 1; i <= n; i++) if (index($0, keep[i] "/") == 1) next; keep[++n] = $0; print }')
+fi
 
 JOB=$(mktemp -d /tmp/microvm-l1.XXXXXX)
 QPID=
@@ -89,6 +133,17 @@ trap 'exit 130' INT TERM HUP
 } >"$JOB/job.sh"
 : >"$JOB/output"
 mkdir "$JOB/out"
+# Extra read-only 9p mounts, one "TAG PATH" line each, for l1-init.
+share_args=()
+: >"$JOB/shares"
+for i in "${!shares[@]}"; do
+    d=${shares[$i]}
+    [[ $d == *$'\n'* ]] && { log "error: cannot share a path with a newline: $d"; exit 2; }
+    share_args+=(-fsdev "local,id=share$i,path=${d//,/,,},security_model=none,readonly=on,multidevs=remap"
+        -device "virtio-9p-pci,fsdev=share$i,mount_tag=share$i")
+    printf 'share%s %s\n' "$i" "$d" >>"$JOB/shares"
+done
+((${#shares[@]} == 0)) || log "sharing into the L1 (read-only, same paths): ${shares[*]}"
 
 log "L1: $(cat "$L1/kernel-package" 2>/dev/null), TCG -cpu $CPU, 1 vCPU, $MEM MiB; running: $*"
 t0=$SECONDS
@@ -101,6 +156,7 @@ qemu-system-x86_64 -accel tcg -cpu "$CPU" -smp 1 -m "$MEM" \
     -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
     -fsdev "local,id=job,path=$JOB,security_model=none" \
     -device virtio-9p-pci,fsdev=job,mount_tag=job \
+    "${share_args[@]}" \
     </dev/null >"$JOB/qemu.out" 2>&1 &
 QPID=$!
 
