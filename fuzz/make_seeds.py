@@ -160,7 +160,18 @@ def console_seeds():
     write("console_queues", "rx", header(flags=(9 << 1) | 1) + g.image())
 
 
+def rng_seeds():
+    g = Guest()
+    g.chain(0, [(0x400, 16, WRITE), (0x500, 64, WRITE)])
+    g.chain(2, [(0x600, 32, 0)])  # wrong direction
+    g.indirect(3, 0x1000, [(0x700, 8, WRITE)] * 3)
+    write("rng_queue", "requests", header() + g.image())
+    write("rng_queue", "failing-source", header(flags=1) + g.image())
+    write("rng_queue", "avail-index", header() + Guest().image(avail_idx=300))
+
+
 block_seeds()
 net_seeds()
 mmio_seeds()
 console_seeds()
+rng_seeds()

@@ -125,7 +125,7 @@ pub struct Cli {
     /// come from the snapshot, the drives' files must be unchanged in size.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "memory", "cpus", "rootfs", "rootfs_ro", "drive", "net",
-        "publish", "config_file", "command", "console"
+        "publish", "config_file", "command", "console", "entropy"
     ])]
     pub restore: Option<PathBuf>,
 
@@ -138,6 +138,11 @@ pub struct Cli {
     /// earlycon).
     #[arg(long, value_name = "virtio|serial|none", default_value = "virtio")]
     pub console: microvm::config::ConsoleMode,
+
+    /// Give the guest a virtio-rng entropy device (/dev/hwrng), fed from
+    /// the host's getrandom (Firecracker's `entropy`).
+    #[arg(long)]
+    pub entropy: bool,
 
     /// Name of this VM, shown by the API's `GET /`.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_ID)]
@@ -212,6 +217,7 @@ impl Cli {
         }
         config.command = self.command;
         config.console = self.console;
+        config.entropy |= self.entropy;
         // Without a kernel the API supplies the rest; InstanceStart validates.
         if boot_now {
             config.validate()?;

@@ -45,6 +45,9 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Which device is the guest's console.
     pub console: ConsoleMode,
+    /// A virtio-rng entropy device (`--entropy`, `PUT /entropy`).
+    #[serde(default)]
+    pub entropy: bool,
 }
 
 /// Which device is the guest's console (`--console`). The 16550 is on the
@@ -90,6 +93,7 @@ impl VmConfig {
             command: Vec::new(),
             timeout: None,
             console: ConsoleMode::default(),
+            entropy: false,
         }
     }
 }
@@ -381,10 +385,14 @@ pub enum DeviceKind {
     Net,
     /// virtio-console, from [`ConsoleMode::Virtio`].
     Console,
+    /// virtio-rng, from [`VmConfig::entropy`].
+    Rng,
 }
 
 /// The id of the one virtio console.
 pub const CONSOLE_ID: &str = "console";
+/// The id of the one entropy device.
+pub const ENTROPY_ID: &str = "entropy";
 
 /// One virtio device of a VM, by kind and id (a drive's or a NIC's id, or
 /// [`CONSOLE_ID`]): how snapshots name devices.
@@ -412,6 +420,7 @@ impl std::fmt::Display for DeviceId {
             DeviceKind::Block => "drive",
             DeviceKind::Net => "network interface",
             DeviceKind::Console => "virtio console",
+            DeviceKind::Rng => "entropy device",
         };
         write!(f, "{kind} '{}'", self.id)
     }

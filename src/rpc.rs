@@ -49,6 +49,8 @@ pub enum VmmAction {
     },
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface(NetConfig),
+    /// `PUT /entropy`: give the VM an entropy device.
+    PutEntropy,
     /// `PUT /actions` InstanceStart.
     InstanceStart,
     /// `PUT /actions` SendCtrlAltDel.
@@ -187,6 +189,7 @@ impl RunState {
                 | A::PutDrive(_)
                 | A::PatchDrive { .. }
                 | A::PutNetworkInterface(_)
+                | A::PutEntropy
                 | A::InstanceStart
                 | A::LoadSnapshot { .. },
             ) => Ok(()),
@@ -199,6 +202,7 @@ impl RunState {
                 | A::PutBootSource(_)
                 | A::PutDrive(_)
                 | A::PutNetworkInterface(_)
+                | A::PutEntropy
                 | A::LoadSnapshot { .. },
             ) => Err(ActionError::NotAfterStart),
             (Running | Paused, A::InstanceStart) => Err(ActionError::AlreadyRunning),

@@ -42,6 +42,8 @@ pub enum ThreadKind {
     NetWorker,
     /// A virtio-console worker: guest output to stdout, host input to the guest.
     ConsoleWorker,
+    /// A virtio-rng worker: random bytes (`getrandom`) into the guest's buffers.
+    RngWorker,
     /// Copies host stdin into the console (the UART or virtio-console).
     Stdin,
     /// Watches a passt child: forwards its stderr to the log, waits for its exit.
@@ -64,6 +66,7 @@ impl ThreadKind {
             ThreadKind::BlockWorker => "virtio-blk",
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::ConsoleWorker => "virtio-console",
+            ThreadKind::RngWorker => "virtio-rng",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Api => "api",
             ThreadKind::Passt => "passt-supervisor",
@@ -203,6 +206,8 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         ThreadKind::BlockWorker => calls.extend_from_slice(BLOCK_WORKER),
         ThreadKind::NetWorker => calls.extend_from_slice(NET_WORKER),
         ThreadKind::ConsoleWorker => calls.extend_from_slice(CONSOLE_WORKER),
+        // Its queue's eventfd and the irqfd; getrandom is in COMMON.
+        ThreadKind::RngWorker => calls.extend_from_slice(RNG_WORKER),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
         // Reaping under the lock kill() takes, so a recycled PID is never signalled.
         ThreadKind::Passt => calls.extend_from_slice(&[
@@ -241,6 +246,7 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
             calls.extend_from_slice(BLOCK_WORKER);
             calls.extend_from_slice(NET_WORKER);
             calls.extend_from_slice(CONSOLE_WORKER);
+            calls.extend_from_slice(RNG_WORKER);
             calls.extend_from_slice(&[
                 libc::SYS_poll,
                 libc::SYS_ppoll,
@@ -299,6 +305,15 @@ const NET_WORKER: &[i64] = &[
 /// A virtio-console worker: queue and input eventfds, stdout (`write`,
 /// common), the irqfd.
 const CONSOLE_WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+];
+
+/// A virtio-rng worker: its queue's eventfd, the irqfd (`getrandom` is
+/// every thread's).
+const RNG_WORKER: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
@@ -566,6 +581,7 @@ mod tests {
             ThreadKind::BlockWorker,
             ThreadKind::NetWorker,
             ThreadKind::ConsoleWorker,
+            ThreadKind::RngWorker,
             ThreadKind::Stdin,
             ThreadKind::Api,
             ThreadKind::Passt,

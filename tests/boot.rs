@@ -61,8 +61,9 @@ fn bad_options_are_usage_errors() {
 }
 
 /// One boot, several checks: the marker from user space, both CPUs online,
-/// the guest's wall clock, the exit status the guest reported, and a clean
-/// exit code.
+/// the guest's wall clock, the entropy device (`--entropy`: the guest's
+/// current hwrng is virtio_rng and /dev/hwrng gives bytes), the exit status
+/// the guest reported, and a clean exit code.
 #[test]
 fn boots_initramfs_with_two_cpus() {
     let Some(kernel) = boot_prereqs() else { return };
@@ -75,8 +76,9 @@ fn boots_initramfs_with_two_cpus() {
             initrd.to_str().unwrap(),
             "--cpus",
             "2",
+            "--entropy",
             "--cmdline",
-            "microvm.test=exit=7",
+            "microvm.test=hwrng microvm.test=exit=7",
         ]),
         &[("RUST_LOG", "info")],
         Some(HELLO),
@@ -90,6 +92,25 @@ fn boots_initramfs_with_two_cpus() {
     r.check(
         r.stdout.contains("microvm-test-init: cpus=2"),
         "guest sees 2 CPUs",
+    );
+    r.check(
+        r.stdout.contains("microvm-test-init: hwrng: virtio_rng.0"),
+        "the guest's hardware RNG is the virtio-rng device",
+    );
+    let bytes = r
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("microvm-test-init: hwrng bytes: "))
+        .unwrap_or_default();
+    r.check(
+        bytes.len() == 64
+            && bytes.chars().all(|c| c.is_ascii_hexdigit())
+            && bytes != "0".repeat(64),
+        &format!("32 bytes from /dev/hwrng, not all zero: {bytes:?}"),
+    );
+    r.check(
+        r.stderr.contains("virtio-rng: ") && !r.stderr.contains("virtio-rng: 0 bytes"),
+        "the device logged the bytes it served",
     );
     r.check(
         r.code() == Some(7),

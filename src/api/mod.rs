@@ -89,6 +89,10 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             id_matches(id, &n.iface_id, "iface_id")?;
             VmmAction::PutNetworkInterface(n.to_config()?)
         }
+        ("PUT", "entropy", None) => {
+            json_body::<models::EntropyDevice>(body)?.check()?;
+            VmmAction::PutEntropy
+        }
         ("PUT", "actions", None) => match json_body::<Action>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,

@@ -115,6 +115,22 @@ pub struct NetworkInterface {
     pub tx_rate_limiter: Option<Value>,
 }
 
+/// `PUT /entropy`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyDevice {
+    /// Rate limiting: only unlimited (absent, null or `{}`).
+    #[serde(default)]
+    pub rate_limiter: Option<Value>,
+}
+
+impl EntropyDevice {
+    /// Check what microvm does not do.
+    pub fn check(&self) -> Result<(), String> {
+        no_rate_limiter(&self.rate_limiter)
+    }
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +296,9 @@ pub struct ConfigFile {
     /// NICs in order.
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
+    /// An entropy device.
+    #[serde(default)]
+    pub entropy: Option<EntropyDevice>,
 }
 
 /// A request that is well-formed JSON but asks for what microvm cannot do.
@@ -295,10 +314,15 @@ fn none_or(value: &Option<String>, allowed: &str, what: &str) -> Result<(), Stri
     }
 }
 
+/// A rate limiter that limits nothing: absent, `null`, `{}`, or buckets
+/// that are all `null` (what clients send for "unlimited", Kata always).
 fn no_rate_limiter(v: &Option<Value>) -> Result<(), String> {
     match v {
         None | Some(Value::Null) => Ok(()),
-        Some(_) => Err(unsupported("a rate limiter")),
+        Some(Value::Object(m)) if m.values().all(Value::is_null) => Ok(()),
+        Some(_) => Err(unsupported(
+            "a rate limiter with a bandwidth or ops bucket (null or {} mean unlimited)",
+        )),
     }
 }
 
@@ -446,6 +470,10 @@ impl ConfigFile {
         for n in &self.network_interfaces {
             cfg.put_net(n.to_config()?);
         }
+        if let Some(e) = &self.entropy {
+            e.check()?;
+            cfg.entropy = true;
+        }
         Ok(cfg)
     }
 }
@@ -457,6 +485,7 @@ pub fn full_config_json(cfg: &VmConfig) -> Value {
         "machine-config": MachineConfig::json(cfg),
         "drives": cfg.drives.iter().map(Drive::json).collect::<Vec<_>>(),
         "network-interfaces": cfg.nets.iter().map(NetworkInterface::json).collect::<Vec<_>>(),
+        "entropy": cfg.entropy.then(|| serde_json::json!({ "rate_limiter": null })),
     })
 }
 
@@ -517,8 +546,16 @@ mod tests {
         .unwrap();
         assert_eq!(
             d.to_config().unwrap_err(),
-            "a rate limiter is not supported by microvm"
+            "a rate limiter with a bandwidth or ops bucket (null or {} mean unlimited) is not supported by microvm"
         );
+        // Unlimited, the way clients say it.
+        for unlimited in ["null", "{}", r#"{"bandwidth": null, "ops": null}"#] {
+            let d: Drive = serde_json::from_str(&format!(
+                r#"{{"drive_id":"a","path_on_host":"/x","is_root_device":false,"rate_limiter":{unlimited}}}"#
+            ))
+            .unwrap();
+            assert!(d.to_config().is_ok(), "{unlimited}");
+        }
         let n: NetworkInterface = serde_json::from_str(
             r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"01:00:00:00:00:01"}"#,
         )

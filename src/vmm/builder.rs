@@ -125,6 +125,7 @@ impl Machine {
                     console_input = Some(input);
                     device
                 }
+                DeviceKind::Rng => Box::new(crate::devices::virtio::rng::Rng::new()),
             };
             self.devices
                 .attach_virtio(&self.vm, &self.mem, id, device, cl)?;

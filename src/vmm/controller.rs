@@ -79,6 +79,10 @@ impl Preboot {
                 c.put_net(n);
                 Ok(())
             }
+            VmmAction::PutEntropy => {
+                c.entropy = true;
+                Ok(())
+            }
             VmmAction::InstanceStart => match c.validate() {
                 Ok(()) => return PrebootStep::Start,
                 Err(e) => return PrebootStep::Answer(Err(ActionError::Start(e.to_string()))),

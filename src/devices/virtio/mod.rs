@@ -16,6 +16,7 @@ pub mod guest_log;
 pub mod mmio;
 pub mod net;
 pub mod queue_guard;
+pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
 
