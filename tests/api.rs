@@ -313,6 +313,26 @@ fn api_drives_a_vm() {
         json(&body)["drives"][0]["path_on_host"],
         disk_b.display().to_string()
     );
+    // The caller grows the file and PATCHes the same path (what a client
+    // does after resizing a disk): not refused by microvm's own lock, and
+    // the guest sees the new size (4 MiB = 8192 sectors).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk_b)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let r = call(
+        &sock,
+        "PATCH",
+        "/drives/scratch",
+        Some(&serde_json::json!({"drive_id": "scratch", "path_on_host": disk_b}).to_string()),
+    );
+    vm.check(r.0 == 204, &format!("PATCH drive to its own, grown file: {r:?}"));
+    let noticed = vm.wait_for(Duration::from_secs(120), |vm| {
+        vm.stdout().contains("new size: 8192")
+    });
+    vm.check(noticed, "the guest sees the grown disk's size");
 
     // Ctrl-Alt-Del: the i8042 delivers the keys, the guest kernel's
     // keyboard driver turns them into a SIGINT to the init, which reboots.

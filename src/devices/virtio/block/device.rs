@@ -98,13 +98,13 @@ impl Block {
         self.disk().negotiated_limits(self.acked_features())
     }
 
-    /// Serve a new backing file from now on; the caller then tells the
-    /// driver that the configuration (the capacity) changed. The new file
-    /// is opened and locked before the old one is let go, so a failure
-    /// leaves the device as it was.
+    /// Serve a new backing file from now on (or the same file, grown); the
+    /// caller then tells the driver that the configuration (the capacity)
+    /// changed. The new file is opened and locked before the old one is
+    /// let go, so a failure leaves the device as it was.
     pub fn swap_backing_file(&mut self, path: &std::path::Path) -> Result<(), DiskError> {
         let old = self.disk();
-        let new = Disk::open(path, old.read_only())?;
+        let new = old.reopen(path)?;
         // What the guest wrote to the old file is on it before we let go.
         if let Err(e) = old.flush() {
             log::warn!(
@@ -346,6 +346,32 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(irqfd.read().is_err());
         b.flush();
+    }
+
+    #[test]
+    fn the_same_file_grown_or_another_file_can_be_swapped_in() {
+        let (img, mut b) = block(&[0u8; 4 * 512], false);
+        // The caller grew the file and names it again: no lock conflict
+        // with our own lock, and the new capacity.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(img.path())
+            .unwrap()
+            .set_len(12 * 512)
+            .unwrap();
+        b.swap_backing_file(img.path()).unwrap();
+        assert_eq!(config(&b)[0..8], 12u64.to_le_bytes());
+        // The lock is still held: a second device cannot open it.
+        let cfg = DriveConfig {
+            path: img.path().to_owned(),
+            ..Default::default()
+        };
+        assert!(Block::new(&cfg).is_err());
+        // Another file is opened and locked; the old one is let go.
+        let other = TempImage::new(&[0u8; 2 * 512]);
+        b.swap_backing_file(other.path()).unwrap();
+        assert_eq!(config(&b)[0..8], 2u64.to_le_bytes());
+        assert!(Block::new(&cfg).is_ok(), "the old file's lock was released");
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub struct Disk {
 impl Disk {
     /// Open and lock `path`.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
@@ -109,7 +109,31 @@ impl Disk {
                 source,
             })?;
         lock(&file, path, read_only)?;
+        Self::from_locked(file, path, read_only)
+    }
 
+    /// The disk at `path` in place of this one (a drive's new backing file):
+    /// opened and locked anew, unless `path` is this disk's own file (the
+    /// caller grew it), which is then sized again through the descriptor
+    /// that already holds its lock: opening it a second time would meet
+    /// that lock.
+    pub fn reopen(&self, path: &Path) -> Result<Self, DiskError> {
+        let same = std::fs::metadata(path)
+            .ok()
+            .zip(self.file.metadata().ok())
+            .is_some_and(|(new, old)| new.dev() == old.dev() && new.ino() == old.ino());
+        if !same {
+            return Self::open(path, self.read_only);
+        }
+        let file = self.file.try_clone().map_err(|source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_locked(file, path, self.read_only)
+    }
+
+    /// A disk on `file`, already opened and locked.
+    fn from_locked(mut file: File, path: &Path, read_only: bool) -> Result<Self, DiskError> {
         let inspect = |source| DiskError::Inspect {
             path: path.to_owned(),
             source,
