@@ -90,16 +90,33 @@ fn api_refuses_what_it_must() {
         Some(r#"{"vcpu_count": 64, "mem_size_mib": 128}"#),
     ));
     assert!(msg.contains("between 1 and 8"), "{msg}");
-    // A kernel that does not exist: accepted as configuration, refused at start.
-    let r = call(
+    // A kernel, initrd or drive file that does not exist is refused at
+    // once, as Firecracker does, and nothing is configured.
+    let msg = fault(&call(
         &sock,
         "PUT",
         "/boot-source",
         Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
-    );
-    assert_eq!(r.0, 204, "{r:?}");
-    let msg = fault(&call(&sock, "PUT", "/actions", Some(start)));
+    ));
     assert!(msg.contains("kernel '/nonexistent/vmlinux'"), "{msg}");
+    let msg = fault(&call(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/proc/self/exe", "initrd_path": "/nonexistent/initrd"}"#),
+    ));
+    assert!(msg.contains("initrd '/nonexistent/initrd'"), "{msg}");
+    let msg = fault(&call(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        Some(r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent/root.ext4", "is_root_device": true}"#),
+    ));
+    assert!(msg.contains("'/nonexistent/root.ext4'"), "{msg}");
+    let (_, body) = call(&sock, "GET", "/vm/config", None);
+    assert_eq!(json(&body)["drives"], serde_json::json!([]), "{body}");
+    let msg = fault(&call(&sock, "PUT", "/actions", Some(start)));
+    assert!(msg.contains("no kernel image"), "{msg}");
     // Paths and methods that do not exist.
     for (m, p) in [
         ("GET", "/nope"),
@@ -142,13 +159,10 @@ fn api_refuses_what_it_must() {
         out.starts_with("HTTP/1.1 400") && out.contains("larger"),
         "{out}"
     );
-    // The configuration so far.
+    // The configuration so far: the refused kernel was not taken.
     let (code, body) = call(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200);
-    assert_eq!(
-        json(&body)["boot-source"]["kernel_image_path"],
-        "/nonexistent/vmlinux"
-    );
+    assert_eq!(json(&body)["boot-source"]["kernel_image_path"], "", "{body}");
 
     // A second microvm on the same (live) socket is a usage error.
     let r = run(

@@ -62,18 +62,23 @@ impl Preboot {
             VmmAction::PutMachineConfig { cpus, memory_mib } => {
                 c.set_machine(cpus, memory_mib).map_err(|e| e.to_string())
             }
-            VmmAction::PutBootSource(b) => {
-                c.set_boot_source(b.kernel, b.initrd, b.boot_args);
-                Ok(())
-            }
+            // Files are checked as they are named, as Firecracker does (and
+            // again when the VM starts).
+            VmmAction::PutBootSource(b) => check_file("kernel", &b.kernel)
+                .and_then(|()| b.initrd.as_deref().map_or(Ok(()), |i| check_file("initrd", i)))
+                .map(|()| c.set_boot_source(b.kernel, b.initrd, b.boot_args))
+                .map_err(|e| e.to_string()),
             VmmAction::PutDrive(d) => {
-                c.put_drive(d);
-                Ok(())
+                let what = if d.is_root { "root filesystem" } else { "drive" };
+                check_file(what, &d.path)
+                    .map(|()| c.put_drive(d))
+                    .map_err(|e| e.to_string())
             }
-            VmmAction::PatchDrive { id, path } => c.drive_mut(&id).map(|d| {
-                if let Some(path) = path {
-                    d.path = path;
-                }
+            VmmAction::PatchDrive { id, path } => c.drive_mut(&id).and_then(|d| match path {
+                Some(path) => check_file("drive", &path)
+                    .map(|()| d.path = path)
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
             }),
             VmmAction::PutNetworkInterface(n) => {
                 c.put_net(n);
