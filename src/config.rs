@@ -154,6 +154,17 @@ pub enum ConfigError {
         /// The id.
         id: String,
     },
+    /// The command line the user gave does not fit the kernel's.
+    #[error("kernel command line: {got} bytes given, the kernel takes at most {max} in all")]
+    CmdlineTooLong {
+        /// Bytes of `cmdline_extra` and `boot_args`.
+        got: usize,
+        /// The kernel's limit (what microvm adds counts too).
+        max: usize,
+    },
+    /// A root filesystem of 0 bytes.
+    #[error("root filesystem '{0}' is empty: an empty file cannot hold a filesystem")]
+    EmptyRoot(String),
     /// A guest command without a root filesystem to run it.
     #[error("a guest command needs a root filesystem drive (--rootfs): its init runs the command")]
     CommandWithoutRoot,
@@ -230,6 +241,20 @@ impl VmConfig {
         }
         if !self.command.is_empty() && root.is_none() {
             return Err(ConfigError::CommandWithoutRoot);
+        }
+        if let Some(r) = root {
+            // A block device (its metadata says 0) is sized when opened.
+            if std::fs::metadata(&r.path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+                return Err(ConfigError::EmptyRoot(r.path.display().to_string()));
+            }
+        }
+        let given = self.cmdline_extra.as_ref().map_or(0, String::len)
+            + self.boot_args.as_ref().map_or(0, String::len);
+        if given >= crate::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong {
+                got: given,
+                max: crate::layout::CMDLINE_MAX_SIZE - 1,
+            });
         }
         Ok(())
     }

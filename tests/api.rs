@@ -110,7 +110,9 @@ fn api_refuses_what_it_must() {
         &sock,
         "PUT",
         "/drives/rootfs",
-        Some(r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent/root.ext4", "is_root_device": true}"#),
+        Some(
+            r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent/root.ext4", "is_root_device": true}"#,
+        ),
     ));
     assert!(msg.contains("'/nonexistent/root.ext4'"), "{msg}");
     let (_, body) = call(&sock, "GET", "/vm/config", None);
@@ -162,7 +164,11 @@ fn api_refuses_what_it_must() {
     // The configuration so far: the refused kernel was not taken.
     let (code, body) = call(&sock, "GET", "/vm/config", None);
     assert_eq!(code, 200);
-    assert_eq!(json(&body)["boot-source"]["kernel_image_path"], "", "{body}");
+    assert_eq!(
+        json(&body)["boot-source"]["kernel_image_path"],
+        "",
+        "{body}"
+    );
 
     // A second microvm on the same (live) socket is a usage error.
     let r = run(
@@ -342,7 +348,10 @@ fn api_drives_a_vm() {
         "/drives/scratch",
         Some(&serde_json::json!({"drive_id": "scratch", "path_on_host": disk_b}).to_string()),
     );
-    vm.check(r.0 == 204, &format!("PATCH drive to its own, grown file: {r:?}"));
+    vm.check(
+        r.0 == 204,
+        &format!("PATCH drive to its own, grown file: {r:?}"),
+    );
     let noticed = vm.wait_for(Duration::from_secs(120), |vm| {
         vm.stdout().contains("new size: 8192")
     });

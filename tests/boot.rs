@@ -47,16 +47,37 @@ fn non_elf_kernel_is_a_usage_error() {
 
 #[test]
 fn bad_options_are_usage_errors() {
-    for bad in [
-        vec!["--kernel", "/bin/sh", "--memory", "0"],
-        vec!["--kernel", "/bin/sh", "--cpus", "0"],
-        vec!["--kernel", "/bin/sh", "--memory", "100000000"],
-        vec!["--kernel"],
-        vec!["--bogus"],
+    let dir = TempDir::new("badopts");
+    let empty = dir.path("empty.ext4");
+    std::fs::write(&empty, b"").unwrap();
+    let empty = empty.to_str().unwrap();
+    let long = "x".repeat(3000);
+    for (bad, says) in [
+        (vec!["--kernel", "/bin/sh", "--memory", "0"], "memory"),
+        (vec!["--kernel", "/bin/sh", "--cpus", "0"], "vCPU"),
+        (
+            vec!["--kernel", "/bin/sh", "--memory", "100000000"],
+            "memory",
+        ),
+        (vec!["--kernel"], ""),
+        (vec!["--bogus"], ""),
+        (
+            vec!["--kernel", "/bin/sh", "--cmdline", &long],
+            "kernel command line: 3000 bytes",
+        ),
+        (
+            vec!["--kernel", "/bin/sh", "--rootfs", empty],
+            "an empty file cannot hold a filesystem",
+        ),
     ] {
         let r = run(&args(&bad), None, Duration::from_secs(30));
-        r.check(r.code() == Some(2), &format!("exit code 2 for {bad:?}"));
+        let shown: Vec<&str> = bad
+            .iter()
+            .map(|a| if a.len() > 40 { "..." } else { a })
+            .collect();
+        r.check(r.code() == Some(2), &format!("exit code 2 for {shown:?}"));
         r.check(!r.stderr.contains("panicked"), "no panic");
+        r.check(r.stderr.contains(says), &format!("says {says:?}"));
     }
 }
 

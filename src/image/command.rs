@@ -92,7 +92,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("microvm: error: {}", crate::error_chain(&e));
-            ExitCode::from(1)
+            ExitCode::from(if e.is_usage_error() { 2 } else { 1 })
         }
     }
 }

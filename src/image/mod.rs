@@ -108,6 +108,22 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// The error is the caller's input (SOURCE is no image, or missing),
+    /// not a failure while building.
+    pub fn is_usage_error(&self) -> bool {
+        match self {
+            ImageError::UnknownFormat(_) => true,
+            ImageError::Io {
+                what: "open",
+                source,
+                ..
+            } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
+impl ImageError {
     fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { what, path, source }

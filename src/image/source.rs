@@ -338,14 +338,28 @@ pub fn open(source: &Path) -> Result<Image, ImageError> {
     let (store, archive) = if meta.is_dir() {
         (Store::Dir(source.to_path_buf()), false)
     } else {
-        let mut magic = [0u8; 4];
+        // The first tar header: compression magic at 0, "ustar" at 257 (the
+        // POSIX and GNU formats, which docker save and OCI tools write).
+        let mut head = [0u8; 512];
         let mut f = File::open(source).map_err(ImageError::io("open", source))?;
-        let n = f.read(&mut magic).map_err(ImageError::io("read", source))?;
-        if n >= 2 && magic[..2] == [0x1f, 0x8b] || n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+        let mut n = 0;
+        while n < head.len() {
+            match f
+                .read(&mut head[n..])
+                .map_err(ImageError::io("read", source))?
+            {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n >= 2 && head[..2] == [0x1f, 0x8b] || n >= 4 && head[..4] == [0x28, 0xb5, 0x2f, 0xfd] {
             return Err(ImageError::Malformed(format!(
                 "'{}' is compressed: decompress it first (docker save and OCI archives are plain tar)",
                 source.display()
             )));
+        }
+        if n < head.len() || &head[257..262] != b"ustar" {
+            return Err(ImageError::UnknownFormat(source.to_path_buf()));
         }
         (Store::open_tar(source)?, true)
     };

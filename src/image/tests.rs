@@ -333,6 +333,34 @@ fn oci_archive_and_docker_archive() {
     assert_eq!(built.config.cmd, ["false"]);
 }
 
+/// A file that is no image (a text file, an empty file, a tar of something
+/// else) is named as such, never quoted, and is the caller's error.
+#[test]
+fn a_file_that_is_no_image_is_a_usage_error() {
+    let t = Tmp::new("notimage");
+    std::fs::create_dir_all(t.0.join("out")).unwrap();
+    let text = t.0.join("passwd");
+    std::fs::write(&text, "root:x:0:0:root:/root:/bin/bash\n".repeat(40)).unwrap();
+    let empty = t.0.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let other = t.0.join("other.tar");
+    std::fs::write(&other, LayerTar::new().file("etc/hostname", "x").bytes()).unwrap();
+    for src in [&text, &empty] {
+        let err = build(&opts(&t, src)).unwrap_err();
+        assert!(
+            matches!(err, ImageError::UnknownFormat(_)),
+            "{src:?}: {err}"
+        );
+        assert!(err.is_usage_error());
+        assert!(!err.to_string().contains("root:x"), "{err}");
+    }
+    let err = build(&opts(&t, &other)).unwrap_err();
+    assert!(matches!(err, ImageError::UnknownFormat(_)), "{err}");
+    let err = build(&opts(&t, &t.0.join("missing"))).unwrap_err();
+    assert!(err.is_usage_error(), "{err}");
+    assert_no_output(&t);
+}
+
 /// Build `layer` as a one-layer image; the error, with nothing left behind
 /// in the output directory.
 fn build_fails(tag: &str, layer: Vec<u8>) -> (Tmp, ImageError) {

@@ -65,11 +65,19 @@ impl Preboot {
             // Files are checked as they are named, as Firecracker does (and
             // again when the VM starts).
             VmmAction::PutBootSource(b) => check_file("kernel", &b.kernel)
-                .and_then(|()| b.initrd.as_deref().map_or(Ok(()), |i| check_file("initrd", i)))
+                .and_then(|()| {
+                    b.initrd
+                        .as_deref()
+                        .map_or(Ok(()), |i| check_file("initrd", i))
+                })
                 .map(|()| c.set_boot_source(b.kernel, b.initrd, b.boot_args))
                 .map_err(|e| e.to_string()),
             VmmAction::PutDrive(d) => {
-                let what = if d.is_root { "root filesystem" } else { "drive" };
+                let what = if d.is_root {
+                    "root filesystem"
+                } else {
+                    "drive"
+                };
                 check_file(what, &d.path)
                     .map(|()| c.put_drive(d))
                     .map_err(|e| e.to_string())

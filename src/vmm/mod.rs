@@ -118,6 +118,9 @@ impl VmmError {
                         | BootError::InitrdTooBig { .. },
                 )
                 | VmmError::Devices(DeviceManagerError::Block { .. })
+                // The only part of it that varies is the user's (what
+                // microvm adds is bounded): too long is the user's input.
+                | VmmError::Cmdline(_)
         ) || matches!(self, VmmError::Net(e) if e.is_usage_error())
             || matches!(self, VmmError::Snapshot(e) if e.is_usage_error())
     }
