@@ -162,6 +162,14 @@ pub enum ConfigError {
         /// The kernel's limit (what microvm adds counts too).
         max: usize,
     },
+    /// A `network_overrides` entry that cannot apply.
+    #[error("network override for '{id}': {reason}")]
+    NetOverride {
+        /// The interface.
+        id: String,
+        /// Why not.
+        reason: String,
+    },
     /// A root filesystem of 0 bytes.
     #[error("root filesystem '{0}' is empty: an empty file cannot hold a filesystem")]
     EmptyRoot(String),
@@ -361,6 +369,38 @@ impl VmConfig {
         self.initrd = initrd;
         self.boot_args = boot_args;
         self.cmdline_extra = None;
+    }
+
+    /// Attach the NIC `iface_id` to the host device `host_dev_name` from now
+    /// on (a restore's `network_overrides`): a TAP NIC takes the other TAP,
+    /// a NIC whose TAP microvm creates creates it under that name; a
+    /// `--net user` NIC has no host device to replace.
+    pub fn override_net(&mut self, iface_id: &str, host_dev_name: &str) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::NetOverride {
+            id: iface_id.to_string(),
+            reason,
+        };
+        if host_dev_name.is_empty() || host_dev_name.len() > crate::net::MAX_TAP_NAME_LEN {
+            return Err(bad(format!(
+                "host_dev_name '{host_dev_name}' is not a TAP name (1 to {} bytes)",
+                crate::net::MAX_TAP_NAME_LEN
+            )));
+        }
+        let n = self
+            .nets
+            .iter_mut()
+            .find(|n| n.id == iface_id)
+            .ok_or_else(|| bad("the snapshot has no such network interface".into()))?;
+        match &mut n.backend {
+            crate::net::NetBackend::Tap { name } => *name = host_dev_name.to_string(),
+            crate::net::NetBackend::Managed { tap, .. } => *tap = Some(host_dev_name.to_string()),
+            crate::net::NetBackend::User { .. } => {
+                return Err(bad(
+                    "it uses user-mode networking (passt), which has no host device".into(),
+                ))
+            }
+        }
+        Ok(())
     }
 
     /// The drive with id `id`.
@@ -600,5 +640,28 @@ mod tests {
         n.id = "eth0".into();
         c.nets = vec![n.clone(), n];
         assert_eq!(msg(&c), "network interface id 'eth0' is used twice");
+    }
+
+    #[test]
+    fn network_overrides_replace_the_host_device() {
+        let mut c = VmConfig::new("/k");
+        let mut tap: NetConfig = "tap=old0".parse().unwrap();
+        tap.id = "eth0".into();
+        let mut user: NetConfig = "user".parse().unwrap();
+        user.id = "eth1".into();
+        c.nets = vec![tap, user];
+        c.override_net("eth0", "new0").unwrap();
+        assert!(
+            matches!(&c.nets[0].backend, crate::net::NetBackend::Tap { name } if name == "new0")
+        );
+        let e = c.override_net("eth1", "x0").unwrap_err().to_string();
+        assert!(e.contains("user-mode networking"), "{e}");
+        let e = c.override_net("eth9", "x0").unwrap_err().to_string();
+        assert!(e.contains("no such network interface"), "{e}");
+        let e = c
+            .override_net("eth0", &"x".repeat(16))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a TAP name"), "{e}");
     }
 }

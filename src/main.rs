@@ -15,7 +15,7 @@ use microvm::api::server::{ApiServer, ServerError};
 use microvm::rpc::ActionError;
 use microvm::snapshot::SnapshotPaths;
 use microvm::vmm::event_loop::{EventLoop, EventLoopError, Ready, VmEvent};
-use microvm::vmm::{terminal, Outcome, Preboot, PrebootStep, Vmm, VmmError};
+use microvm::vmm::{terminal, Outcome, Preboot, PrebootStep, RestoreOptions, Vmm, VmmError};
 
 /// Bad usage: invalid option or unusable input file.
 const EXIT_USAGE: u8 = 2;
@@ -129,11 +129,14 @@ fn run(cli: cli::Cli, process_start: Instant) -> Result<u8, Fatal> {
         Some(path) => Some(ApiServer::start(path, Arc::new(events.sender()))?),
     };
     let vmm = if let Some(dir) = &launch.restore {
-        let paths = SnapshotPaths::in_dir(dir);
+        let opts = RestoreOptions {
+            resume: true,
+            timeout: launch.config.timeout,
+            net_overrides: Vec::new(),
+        };
         Vmm::restore(
-            &paths,
-            true,
-            launch.config.timeout,
+            &SnapshotPaths::in_dir(dir),
+            &opts,
             process_start,
             events,
             launch.id,
@@ -207,10 +210,9 @@ fn build_from_api(
                     let _ = reply.send(result);
                     continue;
                 }
-                PrebootStep::Restore(paths, resume) => Vmm::restore(
+                PrebootStep::Restore(paths, opts) => Vmm::restore(
                     &paths,
-                    resume,
-                    preboot.config.timeout,
+                    &opts,
                     process_start,
                     events.clone(),
                     preboot.id.clone(),

@@ -69,6 +69,8 @@ pub enum VmmAction {
         paths: SnapshotPaths,
         /// Run the VM once loaded (else it stays paused).
         resume: bool,
+        /// NICs attached to other host devices: (iface_id, host_dev_name).
+        net_overrides: Vec<(String, String)>,
     },
 }
 
@@ -267,6 +269,7 @@ mod tests {
         let load = |resume| VmmAction::LoadSnapshot {
             paths: paths(),
             resume,
+            net_overrides: vec![],
         };
         assert_eq!(NotStarted.after(&load(false)), Paused);
         assert_eq!(NotStarted.after(&load(true)), Running);

@@ -110,6 +110,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             VmmAction::LoadSnapshot {
                 paths: l.files()?,
                 resume: l.resume_vm,
+                net_overrides: l.overrides(),
             }
         }
         _ => {
@@ -272,7 +273,8 @@ mod tests {
             ),
             Ok(VmmAction::LoadSnapshot {
                 paths: files("/s", "/m"),
-                resume: true
+                resume: true,
+                net_overrides: vec![],
             })
         );
         assert_eq!(
@@ -283,7 +285,22 @@ mod tests {
             ),
             Ok(VmmAction::LoadSnapshot {
                 paths: files("/s", "/m"),
-                resume: false
+                resume: false,
+                net_overrides: vec![],
+            })
+        );
+        // What Firecracker clients send on load: overrides and clock_realtime.
+        assert_eq!(
+            parse_request(
+                "PUT",
+                "/snapshot/load",
+                br#"{"snapshot_path": "/s", "mem_file_path": "/m", "clock_realtime": true,
+                     "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}]}"#
+            ),
+            Ok(VmmAction::LoadSnapshot {
+                paths: files("/s", "/m"),
+                resume: false,
+                net_overrides: vec![("eth0".into(), "tap9".into())],
             })
         );
         let e = |path: &str, body: &[u8]| parse_request("PUT", path, body).unwrap_err();

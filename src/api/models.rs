@@ -247,9 +247,35 @@ pub struct SnapshotLoad {
     /// Only `false`.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// NICs to attach to other host devices than the saved ones.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Move the guest's clock on to the host's wall clock: what microvm
+    /// always does, so `true` and `false` are both taken (`false` does not
+    /// keep the saved time; see docs/API.md).
+    #[serde(default)]
+    pub clock_realtime: bool,
+}
+
+/// One entry of `network_overrides`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The saved NIC.
+    pub iface_id: String,
+    /// The TAP it uses from now on.
+    pub host_dev_name: String,
 }
 
 impl SnapshotLoad {
+    /// `network_overrides` as (iface_id, host_dev_name) pairs.
+    pub fn overrides(&self) -> Vec<(String, String)> {
+        self.network_overrides
+            .iter()
+            .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+            .collect()
+    }
+
     /// The state and memory file paths.
     pub fn files(&self) -> Result<SnapshotPaths, String> {
         if self.enable_diff_snapshots || self.track_dirty_pages {

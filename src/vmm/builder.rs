@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device_manager::{block_device, BusKind, DeviceManager};
 use super::event_loop::{EventLoop, EventSender, VmEvent};
 use super::snapshot::{check_disks, check_xsave_size, restore_part, RestoreError, RestoredPart};
-use super::{vm_state, Platform, StdinTarget, Vmm, VmmError};
+use super::{vm_state, Platform, RestoreOptions, StdinTarget, Vmm, VmmError};
 use crate::boot::{self, cmdline, mptable, LoadedKernel};
 use crate::config::{ConsoleMode, DeviceId, DeviceKind, VmConfig};
 use crate::devices::legacy::{BootTimer, ExitDevice, ExitStatus, I8042};
@@ -257,16 +257,16 @@ impl Vmm {
     }
 
     /// Build the VM saved in `paths`, serving `events` as the VM named `id`;
-    /// it starts running when [`Vmm::run`] is called, or parked if
-    /// `resume` is false. `timeout` bounds the restored VM's run.
+    /// it starts running when [`Vmm::run`] is called, or parked unless
+    /// `opts.resume`.
     pub fn restore(
         paths: &SnapshotPaths,
-        resume: bool,
-        timeout: Option<std::time::Duration>,
+        opts: &RestoreOptions,
         process_start: Instant,
         events: Rc<EventLoop>,
         id: String,
     ) -> Result<Self, VmmError> {
+        let resume = opts.resume;
         let snap = Snapshot::read(&paths.state)?;
         check_disks(&snap)?;
         let Snapshot {
@@ -279,7 +279,10 @@ impl Vmm {
             virtio,
             ..
         } = snap;
-        config.timeout = timeout;
+        config.timeout = opts.timeout;
+        for (iface, dev) in &opts.net_overrides {
+            config.override_net(iface, dev)?;
+        }
         let mut m = Machine::new(
             || Ok(snapshot::map_memory(&paths.memory, &regions)?),
             &events,

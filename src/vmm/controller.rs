@@ -3,7 +3,7 @@
 //! [`VmConfig`]) and while it runs ([`Vmm::handle_action`]). Which action
 //! may run in which state is [`RunState::check`]'s, asked once here.
 
-use super::Vmm;
+use super::{RestoreOptions, Vmm};
 use crate::config::{check_file, VmConfig};
 use crate::rpc::{ActionError, ActionResult, RunState, VmmAction, VmmData};
 use crate::snapshot::SnapshotPaths;
@@ -39,7 +39,7 @@ pub enum PrebootStep {
     /// `InstanceStart` with a valid configuration: build the VM, then answer.
     Start,
     /// `PUT /snapshot/load`: build the VM from a snapshot, then answer.
-    Restore(SnapshotPaths, bool),
+    Restore(SnapshotPaths, RestoreOptions),
 }
 
 impl Preboot {
@@ -100,8 +100,19 @@ impl Preboot {
                 Ok(()) => return PrebootStep::Start,
                 Err(e) => return PrebootStep::Answer(Err(ActionError::Start(e.to_string()))),
             },
-            VmmAction::LoadSnapshot { paths, resume } => {
-                return PrebootStep::Restore(paths, resume)
+            VmmAction::LoadSnapshot {
+                paths,
+                resume,
+                net_overrides,
+            } => {
+                return PrebootStep::Restore(
+                    paths,
+                    RestoreOptions {
+                        resume,
+                        timeout: c.timeout,
+                        net_overrides,
+                    },
+                )
             }
             // Accepted and ignored: no metrics sink.
             VmmAction::FlushMetrics => Ok(()),

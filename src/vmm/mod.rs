@@ -126,6 +126,17 @@ impl VmmError {
     }
 }
 
+/// How a snapshot is restored, besides its files.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Run at once (else the VM starts paused, as Firecracker's default).
+    pub resume: bool,
+    /// Bounds the restored VM's run.
+    pub timeout: Option<Duration>,
+    /// NICs attached to other host devices: (iface_id, host_dev_name).
+    pub net_overrides: Vec<(String, String)>,
+}
+
 /// How the VM ended; `main` turns it into an exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
