@@ -47,7 +47,7 @@ stdout, stdin to the guest. Set RUST_LOG=info to see boot-time and exit-count li
 /// A lightweight KVM virtual machine monitor: boots a Linux kernel with virtio
 /// block and network devices and a virtio console.
 #[derive(Parser, Debug)]
-#[command(name = "microvm", version, about, after_help = AFTER_HELP)]
+#[command(name = "microvm", version = concat!("v", env!("CARGO_PKG_VERSION")), about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF) or a bzImage.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file", "restore"])]
@@ -154,6 +154,73 @@ pub struct Cli {
     #[arg(long)]
     pub no_seccomp: bool,
 
+    /// With --config-file: serve no API (Firecracker's flag; microvm serves
+    /// one only with --api-sock anyway).
+    #[arg(long, conflicts_with = "api_sock", requires = "config_file")]
+    pub no_api: bool,
+
+    /// Write the log to this file or FIFO instead of stderr (opened
+    /// without blocking: lines a full FIFO cannot take are dropped).
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+
+    /// Log level: Error, Warning, Info, Debug, Trace or Off (Firecracker's
+    /// names; default: RUST_LOG, else Warning).
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<LogLevel>,
+
+    /// Show each line's level (always shown; Firecracker's flag).
+    #[arg(long)]
+    pub show_level: bool,
+
+    /// Show the module each log line comes from.
+    #[arg(long)]
+    pub show_log_origin: bool,
+
+    /// Log only lines from this module (e.g. `microvm::vmm`).
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
+
+    /// Firecracker's metrics file: not implemented by microvm yet (refused).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+
+    /// Firecracker's boot timer device: microvm always has one (at
+    /// 0xC0000000, RUST_LOG=info shows its line); the flag changes nothing.
+    #[arg(long)]
+    pub boot_timer: bool,
+
+    /// A custom seccomp filter file: refused (microvm installs its own
+    /// per-thread filters; --no-seccomp runs without).
+    #[arg(long, value_name = "PATH")]
+    pub seccomp_filter: Option<PathBuf>,
+
+    /// Process start time in µs given by a launcher (Firecracker's; logged).
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+
+    /// Process CPU start time in µs given by a launcher (logged).
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+
+    /// The launcher's own CPU time in µs (logged).
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
+
+    /// Largest API request body in bytes (Firecracker's default, 51200, is
+    /// taken; microvm's own default and most is 65536).
+    #[arg(long, value_name = "BYTES")]
+    pub http_api_max_payload_size: Option<usize>,
+
+    /// Firecracker's MMDS data limit: microvm has no MMDS; taken and unused.
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
+
+    /// Firecracker's PCI transport: microvm's devices stay on virtio-mmio
+    /// (its guest kernel has no PCI); the flag is taken and changes nothing.
+    #[arg(long)]
+    pub enable_pci: bool,
+
     /// Command to run in the guest instead of its default service; microvm exits
     /// with its status. Needs a root filesystem whose init supports it.
     #[arg(last = true, value_name = "COMMAND")]
@@ -177,6 +244,69 @@ pub enum CliError {
     ConfigFile(#[from] microvm::api::ConfigFileError),
 }
 
+/// Firecracker's log levels (`--level`), any case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Errors.
+    Error,
+    /// And warnings.
+    Warning,
+    /// And information.
+    Info,
+    /// And debugging.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "off" => Self::Off,
+            "error" => Self::Error,
+            "warning" | "warn" => Self::Warning,
+            "info" => Self::Info,
+            "debug" => Self::Debug,
+            "trace" => Self::Trace,
+            _ => {
+                return Err(format!(
+                    "unknown level '{s}': expected Error, Warning, Info, Debug, Trace or Off"
+                ))
+            }
+        })
+    }
+}
+
+impl LogLevel {
+    /// The `log` crate's filter.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            Self::Off => log::LevelFilter::Off,
+            Self::Error => log::LevelFilter::Error,
+            Self::Warning => log::LevelFilter::Warn,
+            Self::Info => log::LevelFilter::Info,
+            Self::Debug => log::LevelFilter::Debug,
+            Self::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// Where and what to log (`--log-path`, `--level`, `--module`, `--show-log-origin`).
+#[derive(Clone, Debug, Default)]
+pub struct LogSettings {
+    /// A file or FIFO instead of stderr.
+    pub path: Option<PathBuf>,
+    /// The level, in place of RUST_LOG.
+    pub level: Option<LogLevel>,
+    /// Only this module's lines.
+    pub module: Option<String>,
+    /// Show each line's module.
+    pub origin: bool,
+}
+
 /// What to do, from the command line.
 #[derive(Debug)]
 pub struct Launch {
@@ -193,11 +323,49 @@ pub struct Launch {
     pub seccomp: bool,
     /// Restore the snapshot in this directory instead of booting.
     pub restore: Option<PathBuf>,
+    /// Largest API request body.
+    pub api_max_payload: usize,
 }
 
 impl Cli {
     /// Build the configuration and check it (no KVM here).
     pub fn into_launch(self) -> Result<Launch, CliError> {
+        if self.metrics_path.is_some() {
+            return Err(CliError::Invalid(
+                "--metrics-path: metrics are not implemented by microvm yet".into(),
+            ));
+        }
+        if self.seccomp_filter.is_some() {
+            return Err(CliError::Invalid(
+                "--seccomp-filter: custom filters are not supported; microvm installs its own \
+                 per-thread filters (--no-seccomp runs without any)"
+                    .into(),
+            ));
+        }
+        let max = microvm::api::http::MAX_BODY;
+        let api_max_payload = match self.http_api_max_payload_size {
+            None => max,
+            Some(n) if n > 0 && n <= max => n,
+            Some(n) => {
+                return Err(CliError::Invalid(format!(
+                    "--http-api-max-payload-size {n}: must be between 1 and {max}"
+                )))
+            }
+        };
+        if self.enable_pci {
+            log::warn!(
+                "--enable-pci: microvm's devices stay on virtio-mmio; the flag changes nothing"
+            );
+        }
+        for (flag, v) in [
+            ("--start-time-us", self.start_time_us),
+            ("--start-time-cpu-us", self.start_time_cpu_us),
+            ("--parent-cpu-time-us", self.parent_cpu_time_us),
+        ] {
+            if let Some(v) = v {
+                log::debug!("{flag} {v}");
+            }
+        }
         let api_sock = self.api_sock.clone();
         let id = self.id.clone();
         let seccomp = !self.no_seccomp;
@@ -229,6 +397,7 @@ impl Cli {
             boot_now,
             seccomp,
             restore,
+            api_max_payload,
         })
     }
 
@@ -287,6 +456,16 @@ impl Cli {
             *ports = publish;
         }
         Ok(cfg)
+    }
+
+    /// Where and what to log.
+    pub fn log_settings(&self) -> LogSettings {
+        LogSettings {
+            path: self.log_path.clone(),
+            level: self.level,
+            module: self.module.clone(),
+            origin: self.show_log_origin,
+        }
     }
 
     /// The checked configuration (command-line form only; tests).

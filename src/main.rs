@@ -30,6 +30,15 @@ enum Fatal {
     /// The command line or the config file.
     #[error(transparent)]
     Cli(#[from] cli::CliError),
+    /// The log file or FIFO cannot be opened.
+    #[error("--log-path '{path}'")]
+    LogPath {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// SIGINT/SIGTERM could not be blocked.
     #[error("cannot block signals")]
     Signals(#[source] std::io::Error),
@@ -55,7 +64,7 @@ impl Fatal {
     /// anything else.
     fn exit_code(&self) -> u8 {
         match self {
-            Fatal::Cli(_) => EXIT_USAGE,
+            Fatal::Cli(_) | Fatal::LogPath { .. } => EXIT_USAGE,
             Fatal::Api(ServerError::Exists(_) | ServerError::InUse(_)) => EXIT_USAGE,
             Fatal::Vmm(e) if e.is_usage_error() => EXIT_USAGE,
             Fatal::Signal(sig) => signal_exit(*sig),
@@ -78,10 +87,8 @@ fn main() -> ExitCode {
     // is being built stays pending until the signal thread in `Vmm::run` takes
     // it, so an early SIGTERM still ends with 143 instead of killing us.
     let blocked = microvm::host::block_stop_signals();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_target(false)
-        .init();
     if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
+        let _ = init_logger(&cli::LogSettings::default());
         return microvm::image::command::main(std::env::args_os().skip(1));
     }
     let cli = match cli::Cli::try_parse() {
@@ -94,7 +101,8 @@ fn main() -> ExitCode {
     };
     let code = match blocked
         .map_err(Fatal::Signals)
-        .and_then(|_| run(cli, process_start))
+        .and_then(|_| init_logger(&cli.log_settings()))
+        .and_then(|()| run(cli, process_start))
     {
         Ok(code) => code,
         Err(Fatal::Signal(sig)) => {
@@ -107,6 +115,39 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+/// One logger for the process: RUST_LOG (default: warnings) or `--level`,
+/// `--module` alone if given, to stderr or `--log-path` (a file, or a FIFO
+/// a log collector reads: opened without blocking, so a reader that falls
+/// behind loses lines instead of stalling the VMM).
+fn init_logger(s: &cli::LogSettings) -> Result<(), Fatal> {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    b.format_target(s.origin);
+    if let Some(level) = s.level {
+        b.filter_level(level.filter());
+    }
+    if let Some(module) = &s.module {
+        let level = s.level.unwrap_or(cli::LogLevel::Warning).filter();
+        b.filter_level(log::LevelFilter::Off)
+            .filter_module(module, level);
+    }
+    if let Some(path) = &s.path {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|source| Fatal::LogPath {
+                path: path.display().to_string(),
+                source,
+            })?;
+        b.target(env_logger::Target::Pipe(Box::new(file)))
+            .write_style(env_logger::WriteStyle::Never);
+    }
+    b.init();
+    Ok(())
 }
 
 /// Build the VM the command line asks for, run it, and say how it ended.
@@ -126,7 +167,11 @@ fn run(cli: cli::Cli, process_start: Instant) -> Result<u8, Fatal> {
     // Dropped at the end: the socket file goes with it.
     let _api = match &launch.api_sock {
         None => None,
-        Some(path) => Some(ApiServer::start(path, Arc::new(events.sender()))?),
+        Some(path) => Some(ApiServer::start(
+            path,
+            Arc::new(events.sender()),
+            launch.api_max_payload,
+        )?),
     };
     let vmm = if let Some(dir) = &launch.restore {
         let opts = RestoreOptions {

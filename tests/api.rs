@@ -206,6 +206,99 @@ fn ticks(console: &str) -> usize {
     console.matches("microvm-test-init: tick ").count()
 }
 
+/// What a Firecracker client puts on the command line: every flag
+/// Firecracker takes is taken (or refused with the reason), the log goes
+/// where `--log-path` says at `--level`, `--version` reads as Kata parses
+/// it, and a body over `--http-api-max-payload-size` is refused.
+#[test]
+fn firecracker_launch_flags() {
+    let r = run(&args(&["--version"]), None, Duration::from_secs(30));
+    let first = r.stdout.lines().next().unwrap_or_default().to_string();
+    let words: Vec<&str> = first.split_whitespace().collect();
+    r.check(
+        r.code() == Some(0)
+            && words.len() == 2
+            && words[0] == "microvm"
+            && words[1]
+                .strip_prefix('v')
+                .is_some_and(|v| v.split('.').count() == 3),
+        &format!("--version is 'microvm vX.Y.Z': {first:?}"),
+    );
+    for (flag, says) in [
+        ("--metrics-path", "metrics are not implemented"),
+        ("--seccomp-filter", "custom filters are not supported"),
+    ] {
+        let r = run(
+            &args(&[flag, "/tmp/x", "--api-sock", "/tmp/unused.sock"]),
+            None,
+            Duration::from_secs(30),
+        );
+        r.check(
+            r.code() == Some(2) && r.stderr.contains(says),
+            &format!("{flag}: exit 2, {says:?}"),
+        );
+    }
+    let dir = TempDir::new("fc-flags");
+    let sock = dir.path("api.sock");
+    let log = dir.path("fc.log");
+    let log_s = log.to_str().unwrap();
+    let mut vm = ApiVm::start(
+        &sock,
+        &[
+            "--id",
+            "fc-vm",
+            "--log-path",
+            log_s,
+            "--level",
+            "Info",
+            "--show-level",
+            "--show-log-origin",
+            "--boot-timer",
+            "--start-time-us",
+            "1",
+            "--start-time-cpu-us",
+            "2",
+            "--parent-cpu-time-us",
+            "3",
+            "--http-api-max-payload-size",
+            "51200",
+            "--mmds-size-limit",
+            "1000",
+            "--enable-pci",
+        ],
+        &[("RUST_LOG", "")],
+    );
+    let (code, body) = call(&sock, "GET", "/", None);
+    vm.check(
+        code == 200 && json(&body)["id"] == "fc-vm",
+        &format!("GET /: {body}"),
+    );
+    let big = format!(
+        "PUT /boot-source HTTP/1.1\r\nContent-Length: 60000\r\n\r\n{}",
+        " ".repeat(60000)
+    );
+    let out = call_raw(&sock, big.as_bytes());
+    vm.check(
+        out.starts_with("HTTP/1.1 400") && out.contains("larger than the limit of 51200"),
+        &format!("a body over the payload limit: {out:.200}"),
+    );
+    vm.terminate();
+    let st = vm.wait_exit(Duration::from_secs(30));
+    vm.check(
+        st.and_then(|s| s.code()) == Some(143),
+        "exit 143 on SIGTERM",
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    vm.check(
+        text.contains("INFO") && text.contains("API listening on") && text.contains("microvm::"),
+        &format!("the log file has info lines with their module: {text:?}"),
+    );
+    vm.check(
+        text.contains("--enable-pci: microvm's devices stay on virtio-mmio"),
+        "--enable-pci says what it does here",
+    );
+}
+
 #[test]
 fn api_drives_a_vm() {
     let Some(kernel) = boot_prereqs() else { return };

@@ -98,8 +98,10 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 impl ApiServer {
-    /// Create the socket at `path` and start serving; actions go to `sink`.
-    pub fn start(path: &Path, sink: Sink) -> Result<Self, ServerError> {
+    /// Create the socket at `path` and start serving; actions go to `sink`;
+    /// a request body over `max_payload` bytes (at most [`http::MAX_BODY`])
+    /// is refused.
+    pub fn start(path: &Path, sink: Sink, max_payload: usize) -> Result<Self, ServerError> {
         let create = |source| ServerError::Create {
             path: path.display().to_string(),
             source,
@@ -113,7 +115,7 @@ impl ApiServer {
         let conns_copy = conns.clone();
         let accept = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, stop_copy, sink, conns_copy))
+            .spawn(move || accept_loop(listener, stop_copy, sink, conns_copy, max_payload))
             .map_err(create)?;
         log::info!("API listening on {}", path.display());
         Ok(Self {
@@ -147,7 +149,13 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, stop: EventFd, sink: Sink, conns: Connections) {
+fn accept_loop(
+    listener: UnixListener,
+    stop: EventFd,
+    sink: Sink,
+    conns: Connections,
+    max_payload: usize,
+) {
     // The connection threads this one starts inherit its filter.
     if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
         log::error!("API: {}", crate::error_chain(&e));
@@ -207,7 +215,7 @@ fn accept_loop(listener: UnixListener, stop: EventFd, sink: Sink, conns: Connect
         match std::thread::Builder::new()
             .name("api-conn".into())
             .spawn(move || {
-                serve_connection(&stream, sink.as_ref());
+                serve_connection(&stream, sink.as_ref(), max_payload);
                 // The accept loop keeps a copy of the descriptor (to end us on
                 // drop): shut the socket itself down so the client sees EOF.
                 let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -224,7 +232,7 @@ fn accept_loop(listener: UnixListener, stop: EventFd, sink: Sink, conns: Connect
 
 /// Serve requests on one connection until the client closes it, asks to,
 /// sends something unreadable, or stays idle past [`IDLE_TIMEOUT`].
-fn serve_connection(stream: &UnixStream, sink: &dyn ActionSink) {
+fn serve_connection(stream: &UnixStream, sink: &dyn ActionSink, max_payload: usize) {
     if stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err() {
         return;
     }
@@ -242,6 +250,14 @@ fn serve_connection(stream: &UnixStream, sink: &dyn ActionSink) {
                 return;
             }
         };
+        if head.content_length > max_payload {
+            let msg = format!(
+                "Request payload with size {} is larger than the limit of {max_payload} allowed by server.",
+                head.content_length
+            );
+            let _ = http::write_response(&mut writer, &Response::fault(400, &msg), false);
+            return;
+        }
         if head.expect_continue
             && head.content_length > 0
             && http::write_continue(&mut writer).is_err()
@@ -301,12 +317,12 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         let (tx, actions) = mpsc::channel();
         let sink: Sink = Arc::new(Queue(Mutex::new(tx)));
-        let server = ApiServer::start(&path, sink.clone()).unwrap();
+        let server = ApiServer::start(&path, sink.clone(), 51200).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A live one is not.
         assert!(matches!(
-            ApiServer::start(&path, sink.clone()),
+            ApiServer::start(&path, sink.clone(), 51200),
             Err(ServerError::InUse(_))
         ));
 
@@ -343,7 +359,7 @@ mod tests {
         // A regular file in the way is an error.
         std::fs::write(&path, b"x").unwrap();
         assert!(matches!(
-            ApiServer::start(&path, sink),
+            ApiServer::start(&path, sink, 51200),
             Err(ServerError::Exists(_))
         ));
         std::fs::remove_file(&path).unwrap();
