@@ -311,8 +311,9 @@ impl VmConfig {
     /// The VM's virtio devices, in the one order boot, snapshot and restore
     /// all follow: drives first (the root drive is first among them, so it
     /// is /dev/vda), then NICs (eth0, eth1, ...), then the virtio console
-    /// (last, so the windows and IRQs of drives and NICs do not move with
-    /// `--console`). Device `n` of this list gets the `n`-th MMIO window
+    /// (so the windows and IRQs of drives and NICs do not move with
+    /// `--console`), then the kinds added since, each after the last (the
+    /// entropy device). Device `n` of this list gets the `n`-th MMIO window
     /// and IRQ.
     pub fn virtio_devices(&self) -> Vec<DeviceId> {
         let drives = self
@@ -325,7 +326,10 @@ impl VmConfig {
             .map(|n| DeviceId::new(DeviceKind::Net, &n.id));
         let console = (self.console == ConsoleMode::Virtio)
             .then(|| DeviceId::new(DeviceKind::Console, CONSOLE_ID));
-        drives.chain(nets).chain(console).collect()
+        let rng = self
+            .entropy
+            .then(|| DeviceId::new(DeviceKind::Rng, ENTROPY_ID));
+        drives.chain(nets).chain(console).chain(rng).collect()
     }
 
     /// Set the vCPU count and guest RAM, checked as [`Self::validate_machine`]
@@ -663,5 +667,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a TAP name"), "{e}");
+    }
+
+    #[test]
+    fn the_device_list_is_drives_nets_console_then_entropy() {
+        let mut c = VmConfig::new("/k");
+        c.drives = vec![drive("data", false), drive("rootfs", true)];
+        let mut n: NetConfig = "tap=t0".parse().unwrap();
+        n.id = "eth0".into();
+        c.nets = vec![n];
+        c.entropy = true;
+        let list: Vec<String> = c.virtio_devices().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            list,
+            [
+                "drive 'data'",
+                "drive 'rootfs'",
+                "network interface 'eth0'",
+                "virtio console 'console'",
+                "entropy device 'entropy'"
+            ]
+        );
+        c.console = ConsoleMode::Serial;
+        c.entropy = false;
+        assert_eq!(c.virtio_devices().len(), 3);
     }
 }
