@@ -30,6 +30,26 @@ pub struct Served {
     pub stop_watching: Vec<u64>,
 }
 
+impl Served {
+    /// A ring of the device is broken (`why`): log it under `label`, tell
+    /// the driver (DEVICE_NEEDS_RESET, through `interrupt`) and stop
+    /// watching `tokens` until the driver resets the device, which stops
+    /// the worker: polling the ring again would spin on the same error.
+    pub fn broken_ring(
+        label: &str,
+        why: &dyn std::fmt::Display,
+        interrupt: &super::Interrupt,
+        tokens: Vec<u64>,
+    ) -> Self {
+        log::warn!("{label}: {why}: device needs reset");
+        interrupt.needs_reset();
+        Self {
+            more: false,
+            stop_watching: tokens,
+        }
+    }
+}
+
 /// A device's side of the worker loop.
 pub trait EpollHandler: Send + 'static {
     /// The fds to watch, with a token (not `u64::MAX`) and the events.

@@ -11,7 +11,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{current, SharedDisk};
 use super::queue::process_queue;
-use crate::devices::virtio::queue_guard::QueueError;
 use crate::devices::virtio::{
     EpollHandler, GuestLog, Interrupt, QueuePosition, Served, VIRTIO_MMIO_INT_VRING,
 };
@@ -28,19 +27,6 @@ pub(super) struct BlockWorker {
     pub(super) disk: SharedDisk,
     pub(super) acked_features: u64,
     pub(super) errors: GuestLog,
-}
-
-impl BlockWorker {
-    /// The ring is broken: stop watching the queue (until the driver resets
-    /// the device, which stops this worker) and tell the driver.
-    fn stop_serving(&self, e: &QueueError) -> Served {
-        log::warn!("virtio-blk: {e}: device needs reset");
-        self.interrupt.needs_reset();
-        Served {
-            more: false,
-            stop_watching: vec![TOKEN_QUEUE],
-        }
-    }
 }
 
 impl EpollHandler for BlockWorker {
@@ -65,7 +51,9 @@ impl EpollHandler for BlockWorker {
         match process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
             Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
-            Err(e) => return self.stop_serving(&e),
+            Err(e) => {
+                return Served::broken_ring("virtio-blk", &e, &self.interrupt, vec![TOKEN_QUEUE])
+            }
         }
         Served::default()
     }

@@ -149,14 +149,12 @@ impl EpollHandler for ConsoleWorker {
             Ok(()) => Served::default(),
             // A ring is broken: stop watching (until the driver resets the
             // device, which stops this worker) and tell the driver.
-            Err(e) => {
-                log::warn!("virtio-console: {e}: device needs reset");
-                q.interrupt.needs_reset();
-                Served {
-                    more: false,
-                    stop_watching: vec![TOKEN_RX_QUEUE, TOKEN_TX_QUEUE, TOKEN_INPUT],
-                }
-            }
+            Err(e) => Served::broken_ring(
+                "virtio-console",
+                &e,
+                &q.interrupt,
+                vec![TOKEN_RX_QUEUE, TOKEN_TX_QUEUE, TOKEN_INPUT],
+            ),
         }
     }
 }

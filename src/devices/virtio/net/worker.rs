@@ -130,13 +130,13 @@ impl EpollHandler for Worker {
             // the driver resets the device, which stops this worker) and
             // tell the driver.
             Err(e) => {
-                log::warn!("{}: {e}: device needs reset", self.label);
-                self.interrupt.needs_reset();
                 (self.rx_more, self.tx_more) = (false, false);
-                Served {
-                    more: false,
-                    stop_watching: vec![TOKEN_BACKEND, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
-                }
+                Served::broken_ring(
+                    &self.label,
+                    &e,
+                    &self.interrupt,
+                    vec![TOKEN_BACKEND, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
+                )
             }
         }
     }

@@ -61,12 +61,7 @@ impl EpollHandler for RngWorker {
             }
             Ok(false) => {}
             Err(e) => {
-                log::warn!("virtio-rng: {e}: device needs reset");
-                self.interrupt.needs_reset();
-                return Served {
-                    more: false,
-                    stop_watching: vec![TOKEN_QUEUE],
-                };
+                return Served::broken_ring("virtio-rng", &e, &self.interrupt, vec![TOKEN_QUEUE])
             }
         }
         Served::default()
