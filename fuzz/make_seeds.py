@@ -170,8 +170,40 @@ def rng_seeds():
     write("rng_queue", "avail-index", header() + Guest().image(avail_idx=300))
 
 
+def vsock_seeds():
+    def hdr(src_port, dst_port, op, length=0, flags=0):
+        # src_cid 3, dst_cid 2 (the host), type STREAM.
+        return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, flags, 1 << 18, 0)
+
+    g = Guest()
+    g.put(0x400, hdr(1000, 7, 1))  # REQUEST to a port nobody listens on
+    g.chain(0, [(0x400, 44, 0)])
+    g.put(0x480, hdr(1001, 7, 5, length=5) + b"hello")  # RW, header and payload together
+    g.chain(1, [(0x480, 49, 0)])
+    g.put(0x500, hdr(1002, 7, 5, length=3))  # RW, payload in a second buffer
+    g.put(0x540, b"abc")
+    g.chain(2, [(0x500, 44, 0), (0x540, 3, 0)])
+    g.put(0x580, hdr(1003, 7, 5, length=60000))  # payload longer than its buffers
+    g.chain(4, [(0x580, 44, 0)])
+    g.chain(5, [(0x600, 20, 0)])  # shorter than a header
+    g.chain(6, [(0x640, 44, WRITE)])  # wrong direction
+    write("vsock_queues", "tx", header() + g.image())
+    write("vsock_queues", "tx-avail-index", header() + Guest().image(avail_idx=300))
+    g = Guest()
+    g.chain(0, [(0x400, 44, WRITE), (0x440, 64, WRITE)])
+    g.chain(2, [(0x500, 20, WRITE)])  # too short for a header
+    g.chain(3, [(0x540, 64, 0)])  # wrong direction
+    g.indirect(4, 0x1000, [(0x600, 16, WRITE)] * 4)
+    write("vsock_queues", "rx", header(flags=1 | (5 << 2)) + g.image())
+    g = Guest()
+    g.chain(0, [(0x400, 2, WRITE)])  # too short for an event
+    g.chain(1, [(0x440, 4, WRITE)])
+    write("vsock_queues", "event", header(flags=3) + g.image())
+
+
 block_seeds()
 net_seeds()
 mmio_seeds()
 console_seeds()
 rng_seeds()
+vsock_seeds()

@@ -125,7 +125,7 @@ pub struct Cli {
     /// come from the snapshot, the drives' files must be unchanged in size.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "memory", "cpus", "rootfs", "rootfs_ro", "drive", "net",
-        "publish", "config_file", "command", "console", "entropy"
+        "publish", "config_file", "command", "console", "entropy", "vsock"
     ])]
     pub restore: Option<PathBuf>,
 
@@ -143,6 +143,13 @@ pub struct Cli {
     /// the host's getrandom (Firecracker's `entropy`).
     #[arg(long)]
     pub entropy: bool,
+
+    /// Give the guest a virtio-vsock device with context id N; host
+    /// programs connect to the Unix socket PATH and write `CONNECT <port>`,
+    /// guest connections to the host's port P reach `PATH_P`
+    /// (Firecracker's `vsock`, see docs/API.md).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    pub vsock: Option<microvm::config::VsockConfig>,
 
     /// Name of this VM, shown by the API's `GET /`.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_ID)]
@@ -386,6 +393,9 @@ impl Cli {
         config.command = self.command;
         config.console = self.console;
         config.entropy |= self.entropy;
+        if let Some(v) = self.vsock {
+            config.vsock = Some(v);
+        }
         // Without a kernel the API supplies the rest; InstanceStart validates.
         if boot_now {
             config.validate()?;

@@ -48,7 +48,25 @@ pub struct VmConfig {
     /// A virtio-rng entropy device (`--entropy`, `PUT /entropy`).
     #[serde(default)]
     pub entropy: bool,
+    /// A virtio-vsock device (`--vsock`, `PUT /vsock`).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
+
+/// The guest's vsock device and its host side (Firecracker's hybrid form:
+/// host connections arrive on a Unix socket).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more: 0-2 are reserved).
+    pub guest_cid: u32,
+    /// The Unix socket host clients connect to; guest connections to host
+    /// port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+/// Longest `uds_path`: `_<port>` (up to 11 bytes) must still fit in a Unix
+/// socket address (108 bytes with its NUL).
+pub const MAX_VSOCK_PATH: usize = 107 - 11;
 
 /// Which device is the guest's console (`--console`). The 16550 is on the
 /// port-I/O bus in every mode, for `earlycon` or a `console=ttyS0` the
@@ -94,6 +112,7 @@ impl VmConfig {
             timeout: None,
             console: ConsoleMode::default(),
             entropy: false,
+            vsock: None,
         }
     }
 }
@@ -176,6 +195,67 @@ pub enum ConfigError {
     /// A guest command without a root filesystem to run it.
     #[error("a guest command needs a root filesystem drive (--rootfs): its init runs the command")]
     CommandWithoutRoot,
+    /// A vsock setting that cannot work.
+    #[error("vsock: {0}")]
+    Vsock(String),
+}
+
+/// `cid=N,uds=PATH` (the `--vsock` flag), in either order.
+impl FromStr for VsockConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) => {
+                    cid =
+                        Some(v.parse::<u32>().map_err(|_| {
+                            format!("cid '{v}' is not a number from 3 to {}", u32::MAX)
+                        })?)
+                }
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("'{part}': expected cid=N and uds=PATH")),
+            }
+        }
+        match (cid, uds) {
+            (Some(guest_cid), Some(uds_path)) => Ok(Self {
+                guest_cid,
+                uds_path,
+            }),
+            _ => Err("expected cid=N,uds=PATH".into()),
+        }
+    }
+}
+
+impl VsockConfig {
+    /// Whether the guest can have this context id and the host this socket.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 {
+            return Err(ConfigError::Vsock(format!(
+                "guest_cid {} is reserved (0-2 are the hypervisor, local and host addresses): use 3 or more",
+                self.guest_cid
+            )));
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 {
+            return Err(ConfigError::Vsock("uds_path is empty".into()));
+        }
+        if len > MAX_VSOCK_PATH {
+            return Err(ConfigError::Vsock(format!(
+                "uds_path is {len} bytes; a Unix socket path with its '_<port>' suffix must fit in 107, so at most {MAX_VSOCK_PATH}"
+            )));
+        }
+        match self.uds_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                Err(ConfigError::Vsock(format!(
+                    "uds_path {}: no directory {}",
+                    self.uds_path.display(),
+                    dir.display()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Check that `path` is a regular file this process can open.
@@ -235,6 +315,9 @@ impl VmConfig {
                 }
                 root = Some(d);
             }
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
         }
         for (i, n) in self.nets.iter().enumerate() {
             if self.nets[..i]
@@ -329,7 +412,16 @@ impl VmConfig {
         let rng = self
             .entropy
             .then(|| DeviceId::new(DeviceKind::Rng, ENTROPY_ID));
-        drives.chain(nets).chain(console).chain(rng).collect()
+        let vsock = self
+            .vsock
+            .is_some()
+            .then(|| DeviceId::new(DeviceKind::Vsock, VSOCK_ID));
+        drives
+            .chain(nets)
+            .chain(console)
+            .chain(rng)
+            .chain(vsock)
+            .collect()
     }
 
     /// Set the vCPU count and guest RAM, checked as [`Self::validate_machine`]
@@ -456,12 +548,16 @@ pub enum DeviceKind {
     Console,
     /// virtio-rng, from [`VmConfig::entropy`].
     Rng,
+    /// virtio-vsock, from [`VmConfig::vsock`].
+    Vsock,
 }
 
 /// The id of the one virtio console.
 pub const CONSOLE_ID: &str = "console";
 /// The id of the one entropy device.
 pub const ENTROPY_ID: &str = "entropy";
+/// The id of the one vsock device.
+pub const VSOCK_ID: &str = "vsock";
 
 /// One virtio device of a VM, by kind and id (a drive's or a NIC's id, or
 /// [`CONSOLE_ID`]): how snapshots name devices.
@@ -490,6 +586,7 @@ impl std::fmt::Display for DeviceId {
             DeviceKind::Net => "network interface",
             DeviceKind::Console => "virtio console",
             DeviceKind::Rng => "entropy device",
+            DeviceKind::Vsock => "vsock device",
         };
         write!(f, "{kind} '{}'", self.id)
     }

@@ -51,6 +51,8 @@ pub enum VmmAction {
     PutNetworkInterface(NetConfig),
     /// `PUT /entropy`: give the VM an entropy device.
     PutEntropy,
+    /// `PUT /vsock`: give the VM a vsock device.
+    PutVsock(crate::config::VsockConfig),
     /// `PUT /actions` InstanceStart.
     InstanceStart,
     /// `PUT /actions` SendCtrlAltDel.
@@ -192,6 +194,7 @@ impl RunState {
                 | A::PatchDrive { .. }
                 | A::PutNetworkInterface(_)
                 | A::PutEntropy
+                | A::PutVsock(_)
                 | A::InstanceStart
                 | A::LoadSnapshot { .. },
             ) => Ok(()),
@@ -205,6 +208,7 @@ impl RunState {
                 | A::PutDrive(_)
                 | A::PutNetworkInterface(_)
                 | A::PutEntropy
+                | A::PutVsock(_)
                 | A::LoadSnapshot { .. },
             ) => Err(ActionError::NotAfterStart),
             (Running | Paused, A::InstanceStart) => Err(ActionError::AlreadyRunning),

@@ -44,6 +44,9 @@ pub enum ThreadKind {
     ConsoleWorker,
     /// A virtio-rng worker: random bytes (`getrandom`) into the guest's buffers.
     RngWorker,
+    /// A virtio-vsock worker: its queues, and the host's Unix sockets
+    /// (accepting clients on `uds_path`, connecting to `uds_path_PORT`).
+    VsockWorker,
     /// Copies host stdin into the console (the UART or virtio-console).
     Stdin,
     /// Watches a passt child: forwards its stderr to the log, waits for its exit.
@@ -67,6 +70,7 @@ impl ThreadKind {
             ThreadKind::NetWorker => "virtio-net",
             ThreadKind::ConsoleWorker => "virtio-console",
             ThreadKind::RngWorker => "virtio-rng",
+            ThreadKind::VsockWorker => "virtio-vsock",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Api => "api",
             ThreadKind::Passt => "passt-supervisor",
@@ -208,6 +212,11 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         ThreadKind::ConsoleWorker => calls.extend_from_slice(CONSOLE_WORKER),
         // Its queue's eventfd and the irqfd; getrandom is in COMMON.
         ThreadKind::RngWorker => calls.extend_from_slice(RNG_WORKER),
+        ThreadKind::VsockWorker => {
+            calls.extend_from_slice(VSOCK_WORKER);
+            // Accepted sockets are made non-blocking.
+            ioctls.push(FIONBIO);
+        }
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
         // Reaping under the lock kill() takes, so a recycled PID is never signalled.
         ThreadKind::Passt => calls.extend_from_slice(&[
@@ -247,6 +256,7 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
             calls.extend_from_slice(NET_WORKER);
             calls.extend_from_slice(CONSOLE_WORKER);
             calls.extend_from_slice(RNG_WORKER);
+            calls.extend_from_slice(VSOCK_WORKER);
             calls.extend_from_slice(&[
                 libc::SYS_poll,
                 libc::SYS_ppoll,
@@ -266,6 +276,8 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
                 libc::SYS_waitid,
                 // PUT /snapshot/create: the sparse memory file's length.
                 libc::SYS_ftruncate,
+                // Activating a vsock device: its muxer's connect timer.
+                libc::SYS_timerfd_create,
             ]);
             ioctls.extend_from_slice(&[TUNSETOFFLOAD, TCGETS, TCSETS, FIONBIO]);
             ioctls.extend(kvm_nr::snapshot());
@@ -318,6 +330,23 @@ const RNG_WORKER: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_read,
+];
+
+/// A virtio-vsock worker: queue eventfds, the irqfd, its epoll and timer,
+/// and Unix stream sockets: accepted on the listener, or made (`socket`,
+/// `connect`) for a guest connection to `<uds_path>_PORT`.
+const VSOCK_WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_timerfd_settime,
 ];
 
 /// glibc's malloc arenas at most: a fixed limit, set before any thread

@@ -93,6 +93,9 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             json_body::<models::EntropyDevice>(body)?.check()?;
             VmmAction::PutEntropy
         }
+        ("PUT", "vsock", None) => {
+            VmmAction::PutVsock(json_body::<models::VsockDevice>(body)?.to_config()?)
+        }
         ("PUT", "actions", None) => match json_body::<Action>(body)?.action_type {
             ActionType::InstanceStart => VmmAction::InstanceStart,
             ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,

@@ -131,6 +131,43 @@ impl EntropyDevice {
     }
 }
 
+/// `PUT /vsock` (Firecracker's hybrid vsock: host side on a Unix socket).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDevice {
+    /// The guest's context id.
+    pub guest_cid: u32,
+    /// The host's Unix socket.
+    pub uds_path: String,
+    /// Deprecated by Firecracker, accepted and ignored (there is one device).
+    #[serde(default)]
+    pub vsock_id: Option<String>,
+}
+
+impl VsockDevice {
+    /// The device it asks for, its shape checked (the path's directory is
+    /// the VMM's to check: API threads touch no files).
+    pub fn to_config(&self) -> Result<crate::config::VsockConfig, String> {
+        if self.guest_cid < 3 {
+            return Err(format!(
+                "guest_cid {} is reserved: use 3 or more",
+                self.guest_cid
+            ));
+        }
+        if self.uds_path.is_empty() {
+            return Err("uds_path is empty".into());
+        }
+        Ok(crate::config::VsockConfig {
+            guest_cid: self.guest_cid,
+            uds_path: self.uds_path.clone().into(),
+        })
+    }
+
+    fn json(v: &crate::config::VsockConfig) -> Value {
+        serde_json::json!({ "guest_cid": v.guest_cid, "uds_path": v.uds_path })
+    }
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -325,6 +362,9 @@ pub struct ConfigFile {
     /// An entropy device.
     #[serde(default)]
     pub entropy: Option<EntropyDevice>,
+    /// A vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockDevice>,
 }
 
 /// A request that is well-formed JSON but asks for what microvm cannot do.
@@ -500,6 +540,9 @@ impl ConfigFile {
             e.check()?;
             cfg.entropy = true;
         }
+        if let Some(v) = &self.vsock {
+            cfg.vsock = Some(v.to_config()?);
+        }
         Ok(cfg)
     }
 }
@@ -512,6 +555,7 @@ pub fn full_config_json(cfg: &VmConfig) -> Value {
         "drives": cfg.drives.iter().map(Drive::json).collect::<Vec<_>>(),
         "network-interfaces": cfg.nets.iter().map(NetworkInterface::json).collect::<Vec<_>>(),
         "entropy": cfg.entropy.then(|| serde_json::json!({ "rate_limiter": null })),
+        "vsock": cfg.vsock.as_ref().map(VsockDevice::json),
     })
 }
 

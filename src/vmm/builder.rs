@@ -126,6 +126,7 @@ impl Machine {
                     device
                 }
                 DeviceKind::Rng => Box::new(crate::devices::virtio::rng::Rng::new()),
+                DeviceKind::Vsock => vsock_device(config)?,
             };
             self.devices
                 .attach_virtio(&self.vm, &self.mem, id, device, cl)?;
@@ -184,6 +185,20 @@ fn net_device(
         Box::new(move |msg| exit_events.send(VmEvent::BackendExited(msg))),
     )?;
     Ok(crate::devices::virtio::net::net_device(index, backend, mac))
+}
+
+/// virtio-vsock, its host socket listening from now on (before any vCPU runs).
+fn vsock_device(config: &VmConfig) -> Result<Box<dyn VirtioDevice>, VmmError> {
+    use crate::devices::virtio::vsock::{Listener, Vsock};
+    let v = config
+        .vsock
+        .as_ref()
+        .ok_or_else(|| crate::config::ConfigError::NoSuchDevice {
+            what: "vsock device",
+            id: crate::config::VSOCK_ID.into(),
+        })?;
+    let listener = Listener::bind(&v.uds_path)?;
+    Ok(Box::new(Vsock::new(v.guest_cid, listener)))
 }
 
 /// The virtio-console: guest output to stdout, scanned for a kernel panic

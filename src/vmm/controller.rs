@@ -96,6 +96,10 @@ impl Preboot {
                 c.entropy = true;
                 Ok(())
             }
+            VmmAction::PutVsock(v) => v
+                .validate()
+                .map(|()| c.vsock = Some(v))
+                .map_err(|e| e.to_string()),
             VmmAction::InstanceStart => match c.validate() {
                 Ok(()) => return PrebootStep::Start,
                 Err(e) => return PrebootStep::Answer(Err(ActionError::Start(e.to_string()))),

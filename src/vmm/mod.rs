@@ -78,6 +78,9 @@ pub enum VmmError {
     /// virtio-net (TAP) setup.
     #[error(transparent)]
     Net(#[from] crate::net::HostNetError),
+    /// The vsock device's host socket.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::MuxerError),
     /// Kernel command line too long or malformed.
     #[error("kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the tiny test initramfs for microvm end-to-end tests: Debian's static
-# busybox + tests/initramfs/init, as a newc cpio archive. No root file system.
+# busybox + tests/initramfs/init + microvm-vsock (from init/build.sh), as a
+# newc cpio archive. No root file system.
 #
 #   tests/initramfs/build.sh   -> last stdout line: path of the archive
 #
@@ -11,7 +12,7 @@
 #                        inflate in the guest kernel, which matters where
 #                        guest kernel code is interpreted (~1 us/instruction).
 #   test.cpio.gz, test.cpio   symlinks to the latest build
-# key = hash of this script, init and the busybox binary.
+# key = hash of this script, init, the busybox binary and microvm-vsock.
 #
 # busybox comes from the host's busybox-static package if installed, else
 # from `apt-get download busybox-static` (extracted into the cache; nothing is
@@ -71,12 +72,18 @@ if [[ -z $BUSYBOX || ! -x $BUSYBOX ]]; then
 fi
 "$BUSYBOX" true 2>/dev/null || die "$BUSYBOX does not run"
 
+# ---- microvm-vsock (the guest's end of vsock streams) -----------------------
+INIT_BIN=$("$HERE/../../init/build.sh" | tail -n1)
+VSOCK_TOOL=${INIT_BIN%/*}/microvm-vsock-${INIT_BIN##*/microvm-init-}
+[[ -x $VSOCK_TOOL ]] || die "init/build.sh left no $VSOCK_TOOL"
+
 KEY=$({
     for f in build.sh init; do
         printf '%s\n' "$f"
         sha256sum <"$HERE/$f"
     done
     sha256sum <"$BUSYBOX"
+    sha256sum <"$VSOCK_TOOL"
 } | sha256sum | cut -c1-16)
 GZ=$OUT/test-$KEY.cpio.gz
 CPIO=$OUT/test-$KEY.cpio
@@ -111,6 +118,7 @@ chmod 1777 "$stage/tmp"
 chmod 0700 "$stage/root"
 install -m 0755 "$BUSYBOX" "$stage/bin/busybox"
 install -m 0755 "$HERE/init" "$stage/init"
+install -m 0755 "$VSOCK_TOOL" "$stage/bin/microvm-vsock"
 # What `busybox --install -s` would do at boot, done here (saves ~270
 # symlink(2) calls in a guest kernel that may be slow): one absolute symlink
 # to /bin/busybox per applet, at the applet's usual path (/bin/sh, ...).

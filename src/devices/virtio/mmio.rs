@@ -765,6 +765,7 @@ impl MmioTransport {
         if s.driver_status & STATUS_FEATURES_OK != 0 {
             self.device.set_acked_features(s.acked_features);
         }
+        self.device.restoring();
         if s.activated && !s.needs_reset {
             self.activate().map_err(|e| crate::error_chain(&e))?;
         }

@@ -9,6 +9,7 @@
 //!   net, the TAP fd) and runs the queue logic.
 
 pub mod block;
+pub mod buffers;
 pub mod common;
 pub mod console;
 pub mod epoll_helper;
@@ -19,6 +20,7 @@ pub mod queue_guard;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod vsock;
 
 pub use common::VirtioCommon;
 pub use epoll_helper::{EpollHandler, QueuePosition, Served, WorkerHandle};
@@ -202,6 +204,9 @@ pub trait VirtioDevice: Send + AsAny {
         self.common_mut().reset();
         true
     }
+    /// The device is about to take on a saved state (a restore): drop what
+    /// the guest cannot have kept. Called before the transport reactivates it.
+    fn restoring(&mut self) {}
     /// Flush any buffered state to the host (called before the VMM exits).
     fn flush(&mut self) {}
     /// Stop serving queues until [`Self::resume`] (the VM is paused); true
