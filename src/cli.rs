@@ -174,7 +174,7 @@ pub struct Cli {
     /// Log level: Error, Warning, Info, Debug, Trace or Off (Firecracker's
     /// names; default: RUST_LOG, else Warning).
     #[arg(long, value_name = "LEVEL")]
-    pub level: Option<LogLevel>,
+    pub level: Option<microvm::logger::LogLevel>,
 
     /// Show each line's level (always shown; Firecracker's flag).
     #[arg(long)]
@@ -252,68 +252,6 @@ pub enum CliError {
 }
 
 /// Firecracker's log levels (`--level`), any case.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogLevel {
-    /// Nothing.
-    Off,
-    /// Errors.
-    Error,
-    /// And warnings.
-    Warning,
-    /// And information.
-    Info,
-    /// And debugging.
-    Debug,
-    /// Everything.
-    Trace,
-}
-
-impl std::str::FromStr for LogLevel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "off" => Self::Off,
-            "error" => Self::Error,
-            "warning" | "warn" => Self::Warning,
-            "info" => Self::Info,
-            "debug" => Self::Debug,
-            "trace" => Self::Trace,
-            _ => {
-                return Err(format!(
-                    "unknown level '{s}': expected Error, Warning, Info, Debug, Trace or Off"
-                ))
-            }
-        })
-    }
-}
-
-impl LogLevel {
-    /// The `log` crate's filter.
-    pub fn filter(self) -> log::LevelFilter {
-        match self {
-            Self::Off => log::LevelFilter::Off,
-            Self::Error => log::LevelFilter::Error,
-            Self::Warning => log::LevelFilter::Warn,
-            Self::Info => log::LevelFilter::Info,
-            Self::Debug => log::LevelFilter::Debug,
-            Self::Trace => log::LevelFilter::Trace,
-        }
-    }
-}
-
-/// Where and what to log (`--log-path`, `--level`, `--module`, `--show-log-origin`).
-#[derive(Clone, Debug, Default)]
-pub struct LogSettings {
-    /// A file or FIFO instead of stderr.
-    pub path: Option<PathBuf>,
-    /// The level, in place of RUST_LOG.
-    pub level: Option<LogLevel>,
-    /// Only this module's lines.
-    pub module: Option<String>,
-    /// Show each line's module.
-    pub origin: bool,
-}
-
 /// What to do, from the command line.
 #[derive(Debug)]
 pub struct Launch {
@@ -469,8 +407,8 @@ impl Cli {
     }
 
     /// Where and what to log.
-    pub fn log_settings(&self) -> LogSettings {
-        LogSettings {
+    pub fn log_settings(&self) -> microvm::logger::LogSettings {
+        microvm::logger::LogSettings {
             path: self.log_path.clone(),
             level: self.level,
             module: self.module.clone(),

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod host;
 pub mod image;
 pub mod layout;
+pub mod logger;
 pub mod memory;
 pub mod narrow;
 pub mod net;

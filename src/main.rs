@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     // it, so an early SIGTERM still ends with 143 instead of killing us.
     let blocked = microvm::host::block_stop_signals();
     if std::env::args_os().nth(1).is_some_and(|a| a == "image") {
-        let _ = init_logger(&cli::LogSettings::default());
+        let _ = init_logger(&microvm::logger::LogSettings::default());
         return microvm::image::command::main(std::env::args_os().skip(1));
     }
     let cli = match cli::Cli::try_parse() {
@@ -117,37 +117,16 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-/// One logger for the process: RUST_LOG (default: warnings) or `--level`,
-/// `--module` alone if given, to stderr or `--log-path` (a file, or a FIFO
-/// a log collector reads: opened without blocking, so a reader that falls
-/// behind loses lines instead of stalling the VMM).
-fn init_logger(s: &cli::LogSettings) -> Result<(), Fatal> {
-    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
-    b.format_target(s.origin);
-    if let Some(level) = s.level {
-        b.filter_level(level.filter());
-    }
-    if let Some(module) = &s.module {
-        let level = s.level.unwrap_or(cli::LogLevel::Warning).filter();
-        b.filter_level(log::LevelFilter::Off)
-            .filter_module(module, level);
-    }
-    if let Some(path) = &s.path {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|source| Fatal::LogPath {
-                path: path.display().to_string(),
-                source,
-            })?;
-        b.target(env_logger::Target::Pipe(Box::new(file)))
-            .write_style(env_logger::WriteStyle::Never);
-    }
-    b.init();
-    Ok(())
+/// The logger the command line asks for.
+fn init_logger(s: &microvm::logger::LogSettings) -> Result<(), Fatal> {
+    microvm::logger::configure(s).map_err(|source| Fatal::LogPath {
+        path: s
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        source,
+    })
 }
 
 /// Build the VM the command line asks for, run it, and say how it ended.
