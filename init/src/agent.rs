@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use microvm_init::agent_proto::{
-    read_frame, write_frame, ExecRequest, ExitStatus, Frame, Payload, ProtoError, PutRequest,
+    read_frame, write_frame, DataReader, DataWriter, ExecRequest, ExitStatus, Frame, Payload, ProtoError, PutRequest,
     AGENT_PORT, CHUNK, STDIN_WINDOW, VERSION,
 };
 use microvm_init::DEFAULT_PATH;
@@ -203,10 +203,7 @@ fn send(w: &Writer, f: &Frame) -> Result<(), Fail> {
 }
 
 fn unexpected(f: &Frame) -> Fail {
-    let name = format!("{f:?}");
-    let name = name.split(['(', ' ', '{']).next().unwrap_or("frame");
-    log(&format!("unexpected {name} frame"));
-    Fail::Proto(ProtoError::Bad("frame for this state"))
+    Fail::Proto(ProtoError::Unexpected(f.name()))
 }
 
 fn serve(conn: File, id: u64) {
@@ -607,56 +604,18 @@ fn finish(
 
 // --------------------------------------------------------------- files ----
 
-/// The data frames of a put, as a byte stream ending at End.
-struct DataIn<'a> {
-    rd: &'a mut File,
-    buf: Vec<u8>,
-    pos: usize,
-    ended: bool,
-    /// Why it stopped early, if the peer sent something else.
-    fault: Option<ProtoError>,
-}
+/// Writes whole frames under the session's lock (so one `write` is one
+/// frame, never split by another thread's).
+struct Locked<'a>(&'a Writer);
 
-impl Read for DataIn<'_> {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.buf.len() {
-            if self.ended {
-                return Ok(0);
-            }
-            if self.fault.is_some() {
-                return Err(std::io::ErrorKind::InvalidData.into());
-            }
-            match read_frame(self.rd) {
-                Ok(Some(Frame::Data(d))) => {
-                    self.buf = d;
-                    self.pos = 0;
-                }
-                Ok(Some(Frame::End)) => self.ended = true,
-                Ok(Some(f)) => {
-                    let _ = unexpected(&f);
-                    self.fault = Some(ProtoError::Bad("frame inside the data"));
-                }
-                Ok(None) => {
-                    self.fault = Some(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-                }
-                Err(e) => self.fault = Some(e),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+impl Write for Locked<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.write_all(b)?;
+        Ok(b.len())
     }
-}
-
-impl DataIn<'_> {
-    /// Read to End (after a local failure, so the host gets our answer).
-    fn drain(&mut self) -> Result<(), Fail> {
-        let _ = std::io::copy(self, &mut std::io::sink());
-        match self.fault.take() {
-            Some(e) => Err(Fail::from(e)),
-            None => Ok(()),
-        }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -668,25 +627,22 @@ fn chown(path: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {
 }
 
 fn put(req: &PutRequest, rd: &mut File, wr: &Writer) -> Result<(), Fail> {
-    let mut data = DataIn {
-        rd,
-        buf: Vec::new(),
-        pos: 0,
-        ended: false,
-        fault: None,
-    };
+    let mut data = DataReader::new(rd);
     let result = match req.payload {
         Payload::File => put_file(req, &mut data),
         Payload::Tar => put_tar(req, &mut data),
     };
-    data.drain()?;
+    if let Err(e) = data.drain() {
+        log(&format!("put {}: {e}", req.path));
+        return Err(Fail::from(e));
+    }
     match result {
         Ok(()) => send(wr, &Frame::Done),
         Err(e) => send(wr, &Frame::Error(format!("{}: {e}", req.path))),
     }
 }
 
-fn put_file(req: &PutRequest, data: &mut DataIn<'_>) -> std::io::Result<()> {
+fn put_file(req: &PutRequest, data: &mut DataReader<&mut File>) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -698,7 +654,7 @@ fn put_file(req: &PutRequest, data: &mut DataIn<'_>) -> std::io::Result<()> {
     chown(&req.path, req.owner)
 }
 
-fn put_tar(req: &PutRequest, data: &mut DataIn<'_>) -> std::io::Result<()> {
+fn put_tar(req: &PutRequest, data: &mut DataReader<&mut File>) -> std::io::Result<()> {
     std::fs::create_dir_all(&req.path)?;
     let mut ar = tar::Archive::new(&mut *data);
     ar.set_preserve_permissions(true);
@@ -709,44 +665,13 @@ fn put_tar(req: &PutRequest, data: &mut DataIn<'_>) -> std::io::Result<()> {
     chown(&req.path, req.owner)
 }
 
-/// A Write that sends Data frames of at most CHUNK bytes.
-struct DataOut<'a> {
-    wr: &'a Writer,
-    buf: Vec<u8>,
-}
-
-impl Write for DataOut<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = b.len().min(CHUNK - self.buf.len());
-        self.buf.extend_from_slice(&b[..n]);
-        if self.buf.len() == CHUNK {
-            self.flush()?;
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let f = Frame::Data(std::mem::take(&mut self.buf));
-        let mut g = self.wr.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *g, &f).map_err(|e| match e {
-            ProtoError::Io(e) => e,
-            other => std::io::Error::other(other.to_string()),
-        })
-    }
-}
-
 fn get(path: &str, wr: &Writer) -> Result<(), Fail> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => return send(wr, &Frame::Error(format!("{path}: {e}"))),
     };
     let mode = meta.permissions().mode() & 0o7777;
-    let mut out = DataOut {
-        wr,
-        buf: Vec::with_capacity(CHUNK),
-    };
+    let mut out = DataWriter::new(Locked(wr));
     let sent = if meta.is_dir() {
         send(
             wr,
@@ -777,8 +702,8 @@ fn get(path: &str, wr: &Writer) -> Result<(), Fail> {
             &Frame::Error(format!("{path}: not a regular file or directory")),
         );
     };
-    match sent.and_then(|()| out.flush()) {
-        Ok(()) => send(wr, &Frame::End),
+    match sent.and_then(|()| out.finish().map(|_| ())) {
+        Ok(()) => Ok(()),
         // Halfway through: an Error instead of End tells the host the
         // data it has is not the whole.
         Err(e) => send(wr, &Frame::Error(format!("{path}: {e}"))),

@@ -199,6 +199,10 @@ pub enum ProtoError {
     Trailing,
     /// A field out of its bounds or not valid (what, in words).
     Bad(&'static str),
+    /// A frame that has no place here (its kind, in words).
+    Unexpected(&'static str),
+    /// The peer sent an Error frame in the middle of a data stream.
+    Remote(String),
 }
 
 impl std::fmt::Display for ProtoError {
@@ -210,6 +214,8 @@ impl std::fmt::Display for ProtoError {
             Self::Truncated => write!(f, "frame ends inside a field"),
             Self::Trailing => write!(f, "bytes after the last field"),
             Self::Bad(what) => write!(f, "bad {what}"),
+            Self::Unexpected(what) => write!(f, "unexpected {what} frame"),
+            Self::Remote(msg) => write!(f, "{msg}"),
         }
     }
 }
@@ -593,6 +599,146 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtoError> {
     Frame::decode(head[4], &payload).map(Some)
 }
 
+impl Frame {
+    /// The frame's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "Hello",
+            Self::Exec(_) => "Exec",
+            Self::Stdin(_) => "Stdin",
+            Self::StdinClose => "StdinClose",
+            Self::StdinAck(_) => "StdinAck",
+            Self::Resize { .. } => "Resize",
+            Self::Signal(_) => "Signal",
+            Self::Stdout(_) => "Stdout",
+            Self::Stderr(_) => "Stderr",
+            Self::Exit(_) => "Exit",
+            Self::Put(_) => "Put",
+            Self::Data(_) => "Data",
+            Self::End => "End",
+            Self::Get { .. } => "Get",
+            Self::GetReply { .. } => "GetReply",
+            Self::Resumed { .. } => "Resumed",
+            Self::Done => "Done",
+            Self::Error(_) => "Error",
+        }
+    }
+}
+
+/// The Data frames of a put or a get read as one byte stream, which ends
+/// at End. Anything else there stops it with an `InvalidData` read error;
+/// [`DataReader::fault`] says what it was.
+pub struct DataReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+    ended: bool,
+    fault: Option<ProtoError>,
+}
+
+impl<R: Read> DataReader<R> {
+    /// Read data frames from `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            ended: false,
+            fault: None,
+        }
+    }
+
+    /// Why the stream stopped before End, if it did.
+    pub fn take_fault(&mut self) -> Option<ProtoError> {
+        self.fault.take()
+    }
+
+    /// Read (and drop) the rest up to End: after a local failure, so that
+    /// the peer's next frame can be read and its writes do not stall.
+    pub fn drain(&mut self) -> Result<(), ProtoError> {
+        let _ = std::io::copy(self, &mut std::io::sink());
+        match self.fault.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<R: Read> Read for DataReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            if self.fault.is_some() {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+            match read_frame(&mut self.inner) {
+                Ok(Some(Frame::Data(d))) => {
+                    self.buf = d;
+                    self.pos = 0;
+                }
+                Ok(Some(Frame::End)) => self.ended = true,
+                Ok(Some(Frame::Error(m))) => self.fault = Some(ProtoError::Remote(m)),
+                Ok(Some(f)) => self.fault = Some(ProtoError::Unexpected(f.name())),
+                Ok(None) => {
+                    self.fault = Some(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+                Err(e) => self.fault = Some(e),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Bytes written become Data frames of at most [`CHUNK`] bytes; `finish`
+/// sends the last one and End. Each frame is one `write_all` on `inner`.
+pub struct DataWriter<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> DataWriter<W> {
+    /// Write data frames to `inner`.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            buf: Vec::with_capacity(CHUNK),
+        }
+    }
+
+    /// Send what is buffered, then End.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.flush()?;
+        let end = Frame::End.encode().map_err(std::io::Error::other)?;
+        self.inner.write_all(&end)?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for DataWriter<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = b.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        if self.buf.len() == CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let f = Frame::Data(std::mem::take(&mut self.buf));
+            self.inner
+                .write_all(&f.encode().map_err(std::io::Error::other)?)?;
+        }
+        self.inner.flush()
+    }
+}
+
 /// A host's `CONNECT <port>\n` line for Firecracker's hybrid vsock socket.
 pub fn connect_line(port: u32) -> String {
     format!("CONNECT {port}\n")
@@ -769,6 +915,47 @@ mod tests {
         assert_eq!(ExitStatus::Code(7).shell_code(), 7);
         assert_eq!(ExitStatus::Code(256 + 3).shell_code(), 3);
         assert_eq!(ExitStatus::Signal(9).shell_code(), 137);
+    }
+
+    #[test]
+    fn data_streams_round_trip_in_chunks() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut w = DataWriter::new(Vec::new());
+        w.write_all(&body).unwrap();
+        let wire = w.finish().unwrap();
+        let mut frames = &wire[..];
+        let mut sizes = Vec::new();
+        while let Some(f) = read_frame(&mut frames).unwrap() {
+            sizes.push(match f {
+                Frame::Data(d) => d.len(),
+                Frame::End => 0,
+                other => panic!("{other:?}"),
+            });
+        }
+        assert_eq!(sizes, [CHUNK, CHUNK, CHUNK, 200_000 - 3 * CHUNK, 0]);
+        let mut r = DataReader::new(&wire[..]);
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).unwrap();
+        assert_eq!(back, body);
+        assert!(r.take_fault().is_none());
+    }
+
+    #[test]
+    fn data_streams_stop_at_anything_else() {
+        let mut wire = Frame::Data(b"ab".to_vec()).encode().unwrap();
+        wire.extend(Frame::Error("disk full".into()).encode().unwrap());
+        let mut r = DataReader::new(&wire[..]);
+        let mut back = Vec::new();
+        assert!(r.read_to_end(&mut back).is_err());
+        assert_eq!(back, b"ab");
+        assert!(matches!(r.take_fault(), Some(ProtoError::Remote(m)) if m == "disk full"));
+        let wire = Frame::Stdout(b"x".to_vec()).encode().unwrap();
+        let mut r = DataReader::new(&wire[..]);
+        assert!(matches!(r.drain(), Err(ProtoError::Unexpected("Stdout"))));
+        // Cut off: no End.
+        let wire = Frame::Data(b"x".to_vec()).encode().unwrap();
+        let mut r = DataReader::new(&wire[..]);
+        assert!(matches!(r.drain(), Err(ProtoError::Io(_))));
     }
 
     #[test]
