@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) parses the command line and runs a [`vmm::Vmm`];
 //! everything else lives in this library so that tests can drive it directly.
 
+pub mod agent;
 pub mod api;
 pub mod boot;
 pub mod config;
