@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use microvm_init::agent_proto::{
-    read_frame, write_frame, DataReader, DataWriter, ExecRequest, ExitStatus, Frame, Payload, ProtoError, PutRequest,
-    AGENT_PORT, CHUNK, STDIN_WINDOW, VERSION,
+    read_frame, write_frame, DataReader, DataWriter, ExecRequest, ExitStatus, Frame, Payload,
+    ProtoError, PutRequest, AGENT_PORT, CHUNK, STDIN_WINDOW, VERSION,
 };
 use microvm_init::DEFAULT_PATH;
 
@@ -36,8 +36,18 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 
 static SESSIONS: AtomicUsize = AtomicUsize::new(0);
 
+/// One line on stderr (the console), naming the connection when a
+/// session's thread says it.
 fn log(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "microvm-init agent: {msg}");
+    let t = std::thread::current();
+    match t.name().filter(|n| n.starts_with("agent-")) {
+        Some(n) => {
+            let _ = writeln!(std::io::stderr(), "microvm-init agent: {n}: {msg}");
+        }
+        None => {
+            let _ = writeln!(std::io::stderr(), "microvm-init agent: {msg}");
+        }
+    }
 }
 
 fn errno() -> std::io::Error {
@@ -168,7 +178,7 @@ pub fn main(args: &[String]) -> u8 {
         let spawned = std::thread::Builder::new()
             .name(format!("agent-{id}"))
             .spawn(move || {
-                serve(conn, id);
+                serve(conn);
                 SESSIONS.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -206,22 +216,25 @@ fn unexpected(f: &Frame) -> Fail {
     Fail::Proto(ProtoError::Unexpected(f.name()))
 }
 
-fn serve(conn: File, id: u64) {
+fn serve(conn: File) {
     let mut rd = match conn.try_clone() {
         Ok(r) => r,
         Err(e) => {
-            log(&format!("connection {id}: {e}"));
+            log(&e.to_string());
             return;
         }
     };
     let wr: Writer = Arc::new(Mutex::new(conn));
     match session(&mut rd, &wr) {
         Ok(()) | Err(Fail::Gone) => {}
-        Err(Fail::Proto(e)) => {
-            log(&format!("connection {id}: {e}; closing it"));
-            let _ = send(&wr, &Frame::Error(format!("agent: {e}")));
-        }
+        Err(Fail::Proto(e)) => refuse(&wr, &e),
     }
+}
+
+/// Say why we close on the peer's account, to the console and to the peer.
+fn refuse(wr: &Writer, e: &ProtoError) {
+    log(&format!("{e}; closing the connection"));
+    let _ = send(wr, &Frame::Error(format!("agent: {e}")));
 }
 
 fn session(rd: &mut File, wr: &Writer) -> Result<(), Fail> {
@@ -307,7 +320,9 @@ fn open_pty() -> std::io::Result<(File, File)> {
 
 fn spawn(req: &ExecRequest) -> std::io::Result<Running> {
     let mut cmd = Command::new(&req.argv[0]);
-    cmd.args(&req.argv[1..]).env_clear().env("PATH", DEFAULT_PATH);
+    cmd.args(&req.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH);
     let root = req.user.is_none_or(|(uid, _)| uid == 0);
     cmd.env("HOME", if root { "/root" } else { "/" });
     if req.tty {
@@ -373,8 +388,18 @@ fn spawn(req: &ExecRequest) -> std::io::Result<Running> {
     }
     let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
     let mut outputs = Vec::new();
-    outputs.extend(child.stdout.take().map(|s| (File::from(OwnedFd::from(s)), false)));
-    outputs.extend(child.stderr.take().map(|s| (File::from(OwnedFd::from(s)), true)));
+    outputs.extend(
+        child
+            .stdout
+            .take()
+            .map(|s| (File::from(OwnedFd::from(s)), false)),
+    );
+    outputs.extend(
+        child
+            .stderr
+            .take()
+            .map(|s| (File::from(OwnedFd::from(s)), true)),
+    );
     Ok(Running {
         child,
         pid,
@@ -465,8 +490,8 @@ fn exec(req: ExecRequest, rd: &mut File, wr: &Writer) -> Result<(), Fail> {
             Frame::Stdin(d) => {
                 let now = pending.fetch_add(d.len(), Ordering::SeqCst) + d.len();
                 if now > STDIN_WINDOW {
-                    outcome = Err(Fail::Proto(ProtoError::Bad("stdin beyond the window")));
-                        break;
+                    outcome = Err(Fail::Proto(ProtoError::Bad("stdin: more than the window")));
+                    break;
                 }
                 let _ = tx.send(StdinMsg::Data(d));
             }
@@ -484,6 +509,11 @@ fn exec(req: ExecRequest, rd: &mut File, wr: &Writer) -> Result<(), Fail> {
                 break;
             }
         }
+    }
+    // Said before the finisher shuts the socket after Exit.
+    if let Err(Fail::Proto(e)) = &outcome {
+        refuse(wr, e);
+        outcome = Err(Fail::Gone);
     }
     // The host is gone (or broke the protocol) while the command runs: it
     // has nobody to talk to, stop it. (After Exit, `alive` is false.)
@@ -569,14 +599,7 @@ fn finish(
     let id = libc::id_t::try_from(child.id()).unwrap_or_default();
     loop {
         // SAFETY: waitid on our own child with a valid siginfo pointer.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                id,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
+        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if rc == 0 || errno().kind() != std::io::ErrorKind::Interrupted {
             break;
         }
@@ -632,10 +655,7 @@ fn put(req: &PutRequest, rd: &mut File, wr: &Writer) -> Result<(), Fail> {
         Payload::File => put_file(req, &mut data),
         Payload::Tar => put_tar(req, &mut data),
     };
-    if let Err(e) = data.drain() {
-        log(&format!("put {}: {e}", req.path));
-        return Err(Fail::from(e));
-    }
+    data.drain()?;
     match result {
         Ok(()) => send(wr, &Frame::Done),
         Err(e) => send(wr, &Frame::Error(format!("{}: {e}", req.path))),

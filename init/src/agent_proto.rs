@@ -776,7 +776,10 @@ mod tests {
         round_trip(Frame::Stdin(Vec::new()));
         round_trip(Frame::StdinClose);
         round_trip(Frame::StdinAck(4096));
-        round_trip(Frame::Resize { rows: 50, cols: 132 });
+        round_trip(Frame::Resize {
+            rows: 50,
+            cols: 132,
+        });
         round_trip(Frame::Signal(libc::SIGINT));
         round_trip(Frame::Stdout(vec![0xff; CHUNK]));
         round_trip(Frame::Stderr(b"oops".to_vec()));
@@ -844,19 +847,40 @@ mod tests {
     fn bad_payloads_are_errors() {
         let bad = |k: u8, p: &[u8]| Frame::decode(k, p).unwrap_err();
         assert!(matches!(bad(0x55, &[]), ProtoError::UnknownKind(0x55)));
-        assert!(matches!(bad(kind::HELLO, b"XXXX\x01\x00"), ProtoError::Bad(_)));
-        assert!(matches!(bad(kind::HELLO, b"MVAG\x01"), ProtoError::Truncated));
+        assert!(matches!(
+            bad(kind::HELLO, b"XXXX\x01\x00"),
+            ProtoError::Bad(_)
+        ));
+        assert!(matches!(
+            bad(kind::HELLO, b"MVAG\x01"),
+            ProtoError::Truncated
+        ));
         assert!(matches!(bad(kind::DONE, &[0]), ProtoError::Trailing));
-        assert!(matches!(bad(kind::SIGNAL, &[0, 0, 0, 0]), ProtoError::Bad(_)));
-        assert!(matches!(bad(kind::SIGNAL, &[65, 0, 0, 0]), ProtoError::Bad(_)));
-        assert!(matches!(bad(kind::EXIT, &[2, 0, 0, 0, 0]), ProtoError::Bad(_)));
-        assert!(matches!(bad(kind::RESUMED, &[0; 8 + 31]), ProtoError::Bad(_)));
+        assert!(matches!(
+            bad(kind::SIGNAL, &[0, 0, 0, 0]),
+            ProtoError::Bad(_)
+        ));
+        assert!(matches!(
+            bad(kind::SIGNAL, &[65, 0, 0, 0]),
+            ProtoError::Bad(_)
+        ));
+        assert!(matches!(
+            bad(kind::EXIT, &[2, 0, 0, 0, 0]),
+            ProtoError::Bad(_)
+        ));
+        assert!(matches!(
+            bad(kind::RESUMED, &[0; 8 + 31]),
+            ProtoError::Bad(_)
+        ));
         assert!(matches!(bad(kind::GET, &[0, 0, 0, 0]), ProtoError::Bad(_)));
         // A path longer than MAX_PATH, and one that claims more than is there.
         let mut long = u32::try_from(MAX_PATH + 1).unwrap().to_le_bytes().to_vec();
         long.extend(vec![b'a'; MAX_PATH + 1]);
         assert!(matches!(bad(kind::GET, &long), ProtoError::Bad(_)));
-        assert!(matches!(bad(kind::GET, &[9, 0, 0, 0, b'/']), ProtoError::Truncated));
+        assert!(matches!(
+            bad(kind::GET, &[9, 0, 0, 0, b'/']),
+            ProtoError::Truncated
+        ));
         // Not UTF-8.
         assert!(matches!(
             bad(kind::ERROR, &[1, 0, 0, 0, 0xff]),
@@ -879,8 +903,14 @@ mod tests {
         assert!(Frame::decode(kind::EXEC, &exec_payload(&["true"], &[])).is_ok());
         assert!(matches!(bad(exec_payload(&[], &[])), ProtoError::Bad(_)));
         assert!(matches!(bad(exec_payload(&[""], &[])), ProtoError::Bad(_)));
-        assert!(matches!(bad(exec_payload(&["x"], &["NOEQ"])), ProtoError::Bad(_)));
-        assert!(matches!(bad(exec_payload(&["a\0b"], &[])), ProtoError::Bad(_)));
+        assert!(matches!(
+            bad(exec_payload(&["x"], &["NOEQ"])),
+            ProtoError::Bad(_)
+        ));
+        assert!(matches!(
+            bad(exec_payload(&["a\0b"], &[])),
+            ProtoError::Bad(_)
+        ));
         // A count far beyond the bytes present fails without allocating.
         let mut p = u32::MAX.to_le_bytes().to_vec();
         p.extend([0; 16]);

@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(c.command, ["ls", "-l"]);
         assert!(matches!(c.at.target(c.port), Target::Unix(_)));
         let c = ExecCli::try_parse_from(["exec", "--vsock", "/v", "--", "true"]).unwrap();
-        assert!(matches!(c.at.target(c.port), Target::Vsock { port: 52, .. }));
+        assert!(matches!(
+            c.at.target(c.port),
+            Target::Vsock { port: 52, .. }
+        ));
         // Exactly one of --vsock and --unix.
         assert!(ExecCli::try_parse_from(["exec", "--", "true"]).is_err());
         assert!(

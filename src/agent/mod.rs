@@ -132,9 +132,7 @@ impl Conn {
             None => return Err(AgentError::Closed),
         }
         timeout(&s, None)?;
-        let wr = s
-            .try_clone()
-            .map_err(|e| AgentError::local("socket", e))?;
+        let wr = s.try_clone().map_err(|e| AgentError::local("socket", e))?;
         Ok(Conn {
             rd: s,
             wr: Arc::new(Mutex::new(wr)),
