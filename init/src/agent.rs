@@ -148,7 +148,12 @@ pub fn main(args: &[String]) -> u8 {
     let listener = match listener {
         Ok(l) => l,
         // A guest kernel without vsock: nothing to serve, nothing to say.
-        Err(e) if unix.is_none() && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => return 1,
+        Err(e)
+            if unix.is_none()
+                && matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::ENODEV)) =>
+        {
+            return 1
+        }
         Err(e) => {
             let at = unix.unwrap_or_else(|| format!("vsock port {port}"));
             log(&format!("cannot listen on {at}: {e}"));
@@ -753,13 +758,9 @@ fn resumed(wall_ns: u64, entropy: &[u8], wr: &Writer) -> Result<(), Fail> {
     }
 }
 
-/// Credit the bytes to the pool (RNDADDENTROPY, root only), or at least mix
-/// them in with a plain write.
-fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
-    // struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }
+/// `struct rand_pool_info { int entropy_count; int buf_size; u32 buf[]; }`
+/// holding `bytes`, credited at 8 bits a byte (the host's own getrandom).
+fn rand_pool_info(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     let len = i32::try_from(bytes.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     let mut info = Vec::with_capacity(8 + bytes.len() + 4);
     info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
@@ -767,6 +768,16 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
     info.extend_from_slice(bytes);
     // Keep the u32 array whole for the kernel's copy.
     info.resize(8 + bytes.len().div_ceil(4) * 4, 0);
+    Ok(info)
+}
+
+/// Credit the bytes to the pool (RNDADDENTROPY, root only), or at least mix
+/// them in with a plain write.
+fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    let info = rand_pool_info(bytes)?;
     // SAFETY: RNDADDENTROPY reads a rand_pool_info: two ints and buf_size
     // bytes, all inside `info`.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
@@ -774,4 +785,19 @@ fn add_entropy(bytes: &[u8]) -> std::io::Result<()> {
         return Ok(());
     }
     f.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rand_pool_info_layout() {
+        let info = rand_pool_info(&[0xab; 33]).unwrap();
+        assert_eq!(info.len(), 8 + 36);
+        assert_eq!(info[..4], (33 * 8i32).to_ne_bytes());
+        assert_eq!(info[4..8], 33i32.to_ne_bytes());
+        assert!(info[8..41].iter().all(|&b| b == 0xab));
+        assert!(info[41..].iter().all(|&b| b == 0));
+    }
 }

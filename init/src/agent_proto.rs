@@ -10,6 +10,13 @@
 //! the bytes that are there and against the bounds below; a frame that does
 //! not parse is a [`ProtoError`], and the reader closes the connection.
 
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
 use std::io::{Read, Write};
 
 /// The vsock port the agent listens on.
@@ -949,7 +956,9 @@ mod tests {
 
     #[test]
     fn data_streams_round_trip_in_chunks() {
-        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let body: Vec<u8> = (0..200_000u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
         let mut w = DataWriter::new(Vec::new());
         w.write_all(&body).unwrap();
         let wire = w.finish().unwrap();

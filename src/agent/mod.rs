@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use microvm_init::agent_proto::{
-    connect_line, parse_ok_line, read_frame, write_frame, Frame, ProtoError, VERSION,
+    connect_line, parse_ok_line, read_frame, write_frame, Frame, ProtoError, ENTROPY_MIN, VERSION,
 };
 
 pub use microvm_init::agent_proto::{ExitStatus, AGENT_PORT};
@@ -184,5 +184,30 @@ fn vsock_connect(s: &mut UnixStream, port: u32) -> Result<(), AgentError> {
     match parse_ok_line(&text) {
         Some(_) => Ok(()),
         None => Err(fail(format!("answered {text:?} instead of OK"))),
+    }
+}
+
+/// Host entropy sent with [`resumed`].
+const RESUME_ENTROPY: usize = 2 * ENTROPY_MIN;
+
+/// Tell the agent the VM was just restored: it sets the guest's clock to
+/// ours and adds our random bytes to its pool, so that clones of one
+/// snapshot stop sharing their random state.
+pub fn resumed(target: &Target) -> Result<(), AgentError> {
+    let mut conn = Conn::open(target)?;
+    let wall_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_nanos()).ok())
+        .unwrap_or(0);
+    let mut entropy = vec![0u8; RESUME_ENTROPY];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut entropy))
+        .map_err(|e| AgentError::local("/dev/urandom", e))?;
+    conn.send(&Frame::Resumed { wall_ns, entropy })?;
+    match conn.recv()? {
+        Frame::Done => Ok(()),
+        Frame::Error(m) => Err(AgentError::Agent(m)),
+        f => Err(AgentError::Unexpected(f.name())),
     }
 }
