@@ -513,3 +513,50 @@ fn bad_frames_close_only_their_connection() {
     // Through all that, the agent still serves.
     assert_eq!(a.run(&["--", "true"]).status.code(), Some(0));
 }
+
+#[test]
+fn tty_size_and_resize_frames() {
+    let a = Agent::start("resize");
+    let mut s = greeted(&a);
+    let req = microvm_init::agent_proto::ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "stty size; read x; stty size".into(),
+        ],
+        tty: true,
+        rows: 10,
+        cols: 20,
+        ..Default::default()
+    };
+    write_frame(&mut s, &Frame::Exec(req)).unwrap();
+    let mut out = String::new();
+    let mut resized = false;
+    let status = loop {
+        match read_frame(&mut s).unwrap() {
+            Some(Frame::Stdout(d)) => out.push_str(&text(&d)),
+            Some(Frame::StdinAck(_)) => {}
+            Some(Frame::Exit(st)) => break st,
+            other => panic!("{other:?} after {out:?}"),
+        }
+        if !resized && out.contains("10 20") {
+            write_frame(
+                &mut s,
+                &Frame::Resize {
+                    rows: 30,
+                    cols: 100,
+                },
+            )
+            .unwrap();
+            write_frame(&mut s, &Frame::Stdin(b"\n".to_vec())).unwrap();
+            resized = true;
+        }
+    };
+    assert_eq!(status, microvm_init::agent_proto::ExitStatus::Code(0));
+    let sizes: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains(' '))
+        .collect();
+    assert_eq!(sizes, ["10 20", "30 100"], "{out:?}");
+}
