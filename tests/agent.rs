@@ -3,10 +3,12 @@
 //! `microvm exec --unix` / `microvm cp --unix`.
 //!
 //! The agent binary belongs to another package (init/), so Cargo gives us
-//! no `CARGO_BIN_EXE_` path for it: it is built once per run with the same
-//! cargo, into a target directory of its own under CARGO_TARGET_TMPDIR (the
-//! outer `cargo test` may still hold the lock on the main one), or taken
-//! from `$MICROVM_AGENT_BIN`. Some tests need root (uid/gid switching) and
+//! no `CARGO_BIN_EXE_` path for it. `$MICROVM_AGENT_BIN` if set; else,
+//! under cargo (`$CARGO` set), it is built once per run with that cargo
+//! into a target directory of its own under CARGO_TARGET_TMPDIR (the outer
+//! `cargo test` may still hold the lock on the main one), so it is never
+//! stale; else the `microvm-init` that `cargo build --workspace` put beside
+//! `microvm`. Some tests need root (uid/gid switching) and
 //! say so when they skip.
 
 use std::io::{Read, Write};
@@ -25,16 +27,25 @@ fn agent_bin() -> &'static Path {
             return PathBuf::from(p);
         }
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-init");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-q", "-p", "microvm-init", "--bin", "microvm-init"])
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", &dir)
-            .status()
-            .expect("run cargo build -p microvm-init");
-        assert!(st.success(), "cargo build -p microvm-init failed");
-        dir.join("debug/microvm-init")
+        if let Some(cargo) = std::env::var_os("CARGO") {
+            let st = Command::new(cargo)
+                .args(["build", "-q", "-p", "microvm-init", "--bin", "microvm-init"])
+                .arg("--manifest-path")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+                .env("CARGO_TARGET_DIR", &dir)
+                .status()
+                .expect("run cargo build -p microvm-init");
+            assert!(st.success(), "cargo build -p microvm-init failed");
+            return dir.join("debug/microvm-init");
+        }
+        // Run without cargo (the nested lane runs the executable in its
+        // L1): what `cargo build --workspace` left beside microvm, or an
+        // earlier run's build.
+        let beside = Path::new(env!("CARGO_BIN_EXE_microvm")).with_file_name("microvm-init");
+        [beside, dir.join("debug/microvm-init")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .expect("no microvm-init: set MICROVM_AGENT_BIN or run under cargo")
     })
 }
 
