@@ -571,3 +571,110 @@ fn tty_size_and_resize_frames() {
         .collect();
     assert_eq!(sizes, ["10 20", "30 100"], "{out:?}");
 }
+
+/// A stand-in for the VM's hybrid vsock socket: reads `CONNECT <port>\n`,
+/// answers `OK 1073741824\n` and splices the connection to the agent's
+/// Unix socket if the port is 52, closes it otherwise. Serves `n`
+/// connections; the lines it read come back from the join handle.
+fn fake_hybrid_vsock(a: &Agent, n: usize) -> (PathBuf, std::thread::JoinHandle<Vec<String>>) {
+    let path = a.dir.join("vsock.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let agent = a.sock.clone();
+    let h = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for _ in 0..n {
+            let (mut host, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while host.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let line = text(&line);
+            let ok = line == "CONNECT 52";
+            lines.push(line);
+            if !ok {
+                continue;
+            }
+            host.write_all(b"OK 1073741824\n").unwrap();
+            let guest = UnixStream::connect(&agent).unwrap();
+            let (mut h2, mut g2) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut h2, &mut g2);
+                let _ = g2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut g, mut h) = (guest, host);
+            let _ = std::io::copy(&mut g, &mut h);
+            let _ = h.shutdown(std::net::Shutdown::Both);
+            let _ = up.join();
+        }
+        lines
+    });
+    (path, h)
+}
+
+#[test]
+fn through_the_hybrid_vsock_handshake() {
+    let a = Agent::start("vsock");
+    let (vsock, served) = fake_hybrid_vsock(&a, 2);
+    let out = microvm()
+        .arg("exec")
+        .arg("--vsock")
+        .arg(&vsock)
+        .args(["--", "sh", "-c", "echo via vsock; exit 5"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "via vsock\n");
+    // No listener on that port: the socket closes without OK.
+    let out = microvm()
+        .arg("exec")
+        .arg("--vsock")
+        .arg(&vsock)
+        .args(["--port", "53", "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("vsock port 53"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(served.join().unwrap(), ["CONNECT 52", "CONNECT 53"]);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_reader_that_stops_stops_the_command_not_the_agent() {
+    let a = Agent::start("backpressure");
+    // 1 GiB of output that nobody reads for a while.
+    let mut child = a
+        .exec(&["--", "head", "-c", "1073741824", "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let agent_rss = rss_kib(a.child.id());
+    let client_rss = rss_kib(child.id());
+    assert!(agent_rss < 64 << 10, "agent RSS {agent_rss} KiB");
+    assert!(client_rss < 64 << 10, "client RSS {client_rss} KiB");
+    // Reading again lets it all through.
+    let mut n = 0u64;
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match out.read(&mut buf).unwrap() {
+            0 => break,
+            k => n += u64::try_from(k).unwrap(),
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(n, 1 << 30);
+}

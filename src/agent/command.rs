@@ -43,7 +43,7 @@ impl Where {
 
 /// Run a command in a running VM through its agent.
 #[derive(Parser, Debug)]
-#[command(name = "microvm exec")]
+#[command(name = "microvm exec", bin_name = "microvm exec")]
 struct ExecCli {
     #[command(flatten)]
     at: Where,
@@ -56,9 +56,9 @@ struct ExecCli {
     /// Set an environment variable (repeatable).
     #[arg(short, long = "env", value_name = "K=V")]
     env: Vec<String>,
-    /// Working directory in the guest.
-    #[arg(short = 'w', long, value_name = "DIR", default_value = "")]
-    cwd: String,
+    /// Working directory in the guest [default: /].
+    #[arg(short = 'w', long, value_name = "DIR")]
+    cwd: Option<String>,
     /// Run as this user: numeric UID, or UID:GID (GID defaults to UID).
     #[arg(short, long, value_name = "UID[:GID]", value_parser = parse_user)]
     user: Option<(u32, u32)>,
@@ -70,7 +70,7 @@ struct ExecCli {
 /// Copy files into or out of a running VM: `microvm cp SRC VM:DST` or
 /// `microvm cp VM:SRC DST` (a directory goes as a tar stream).
 #[derive(Parser, Debug)]
-#[command(name = "microvm cp")]
+#[command(name = "microvm cp", bin_name = "microvm cp")]
 struct CpCli {
     #[command(flatten)]
     at: Where,
@@ -143,7 +143,7 @@ pub fn exec_main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
     let opts = ExecOptions {
         argv: cli.command,
         env: cli.env,
-        cwd: cli.cwd,
+        cwd: cli.cwd.unwrap_or_default(),
         user: cli.user,
         tty: cli.tty,
     };
