@@ -23,6 +23,10 @@ EXAMPLES:
   Turn a container image (OCI layout or archive, docker save) into a root filesystem:
     microvm image build app-image.tar -o app.ext4     (see microvm image build --help)
 
+  Run a command in a running VM, copy files in and out (its guest agent, docs/AGENT.md):
+    microvm exec --vsock /tmp/vm.vsock -- uname -a     (see microvm exec --help)
+    microvm cp --vsock /tmp/vm.vsock ./site VM:/srv/site
+
   Boot a kernel with an initramfs only:
     microvm --kernel vmlinux --initrd initramfs.cpio.gz --cpus 2
 

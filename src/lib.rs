@@ -3,6 +3,15 @@
 //! The binary (`src/main.rs`) parses the command line and runs a [`vmm::Vmm`];
 //! everything else lives in this library so that tests can drive it directly.
 
+// The agent's client parses what a guest sends: the same cast rules as the
+// guest-facing devices.
+#[deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+pub mod agent;
 pub mod api;
 pub mod boot;
 pub mod config;

@@ -91,6 +91,18 @@ fn main() -> ExitCode {
         let _ = init_logger(&microvm::logger::LogSettings::default());
         return microvm::image::command::main(std::env::args_os().skip(1));
     }
+    // The agent's client: a running VM's guest, not a VM of our own.
+    match std::env::args_os().nth(1) {
+        Some(a) if a == "exec" => {
+            let _ = init_logger(&cli::LogSettings::default());
+            return microvm::agent::command::exec_main(std::env::args_os().skip(1));
+        }
+        Some(a) if a == "cp" => {
+            let _ = init_logger(&cli::LogSettings::default());
+            return microvm::agent::command::cp_main(std::env::args_os().skip(1));
+        }
+        _ => {}
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -8,6 +8,8 @@
 
 use base64::Engine;
 
+pub mod agent_proto;
+
 /// Where the image config lives inside the guest's root filesystem.
 pub const CONFIG_PATH: &str = "/etc/microvm/init.conf";
 /// First line of the config file; a file without it is refused.

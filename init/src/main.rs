@@ -8,8 +8,13 @@
 //! SIGUSR1/SIGUSR2, and when that child exits reports its status on the exit
 //! port and reboots. The protocol is described in rootfs/README.md.
 //!
+//! With the argument `agent` it is the guest agent instead (`agent.rs`),
+//! which PID 1 starts as its own child before the app.
+//!
 //! PID 1 must never exit (the kernel panics), so nothing here panics on bad
 //! input: every step reports and carries on, and the end is `finish`.
+
+mod agent;
 
 use std::ffi::CString;
 use std::io::Write;
@@ -160,6 +165,21 @@ fn reexec_without_avx() {
         .env(STAGE_VAR, "2")
         .exec();
     warn(&format!("cannot re-exec under GLIBC_TUNABLES: {err}"));
+}
+
+/// Start the agent (`microvm-init agent`, vsock port 52) as a child of its
+/// own: PID 1's `reap` takes every orphan's status with waitpid(-1), which
+/// would steal the statuses of the commands the agent runs were it here.
+/// Its exit is reaped like any orphan's; it is never the app's.
+fn start_agent() {
+    let spawned = Command::new("/proc/self/exe")
+        .arg0("microvm-init")
+        .arg("agent")
+        .stdin(Stdio::null())
+        .spawn();
+    if let Err(e) = spawned {
+        warn(&format!("cannot start the agent: {e}"));
+    }
 }
 
 /// The rest of the system setup, once per boot (after any re-exec).
@@ -414,6 +434,11 @@ fn finish(status: u8) -> ! {
 }
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    // SAFETY: getpid(2) has no arguments.
+    if argv.get(1).is_some_and(|a| a == "agent") && unsafe { libc::getpid() } != 1 {
+        std::process::exit(i32::from(agent::main(&argv[2..])));
+    }
     let first_stage = std::env::var_os(STAGE_VAR).is_none();
     if std::fs::metadata("/proc/self/stat").is_err() {
         mount(
@@ -442,6 +467,7 @@ fn main() {
     // SAFETY: reboot(2) with RB_DISABLE_CAD only changes what Ctrl-Alt-Del does.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
     say("userspace up");
+    start_agent();
 
     let cfg = match std::fs::read_to_string(CONFIG_PATH) {
         Ok(text) => ImageConfig::parse(&text).unwrap_or_else(|e| {
