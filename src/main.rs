@@ -94,11 +94,11 @@ fn main() -> ExitCode {
     // The agent's client: a running VM's guest, not a VM of our own.
     match std::env::args_os().nth(1) {
         Some(a) if a == "exec" => {
-            let _ = init_logger(&cli::LogSettings::default());
+            let _ = init_logger(&microvm::logger::LogSettings::default());
             return microvm::agent::command::exec_main(std::env::args_os().skip(1));
         }
         Some(a) if a == "cp" => {
-            let _ = init_logger(&cli::LogSettings::default());
+            let _ = init_logger(&microvm::logger::LogSettings::default());
             return microvm::agent::command::cp_main(std::env::args_os().skip(1));
         }
         _ => {}
