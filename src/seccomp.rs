@@ -47,6 +47,9 @@ pub enum ThreadKind {
     /// A virtio-vsock worker: its queues, and the host's Unix sockets
     /// (accepting clients on `uds_path`, connecting to `uds_path_PORT`).
     VsockWorker,
+    /// Tells a restored guest's agent the host's clock and entropy, over
+    /// the vsock device's Unix socket.
+    AgentNotice,
     /// Copies host stdin into the console (the UART or virtio-console).
     Stdin,
     /// Watches a passt child: forwards its stderr to the log, waits for its exit.
@@ -71,6 +74,7 @@ impl ThreadKind {
             ThreadKind::ConsoleWorker => "virtio-console",
             ThreadKind::RngWorker => "virtio-rng",
             ThreadKind::VsockWorker => "virtio-vsock",
+            ThreadKind::AgentNotice => "agent-resume",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Api => "api",
             ThreadKind::Passt => "passt-supervisor",
@@ -217,6 +221,15 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
             // Accepted sockets are made non-blocking.
             ioctls.push(FIONBIO);
         }
+        ThreadKind::AgentNotice => calls.extend_from_slice(&[
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_setsockopt,
+            libc::SYS_shutdown,
+        ]),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
         // Reaping under the lock kill() takes, so a recycled PID is never signalled.
         ThreadKind::Passt => calls.extend_from_slice(&[
@@ -611,6 +624,8 @@ mod tests {
             ThreadKind::NetWorker,
             ThreadKind::ConsoleWorker,
             ThreadKind::RngWorker,
+            ThreadKind::VsockWorker,
+            ThreadKind::AgentNotice,
             ThreadKind::Stdin,
             ThreadKind::Api,
             ThreadKind::Passt,

@@ -3,7 +3,8 @@
 //! `microvm exec --unix` / `microvm cp --unix`.
 //!
 //! The agent binary belongs to another package (init/), so Cargo gives us
-//! no `CARGO_BIN_EXE_` path for it. `$MICROVM_AGENT_BIN` if set; else,
+//! no `CARGO_BIN_EXE_` path for it. `$MICROVM_AGENT_BIN` or
+//! `$MICROVM_INIT` (the static build; scripts/test sets it) if set; else,
 //! under cargo (`$CARGO` set), it is built once per run with that cargo
 //! into a target directory of its own under CARGO_TARGET_TMPDIR (the outer
 //! `cargo test` may still hold the lock on the main one), so it is never
@@ -23,8 +24,11 @@ use microvm_init::agent_proto::{read_frame, write_frame, Frame, VERSION};
 fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MICROVM_AGENT_BIN") {
-            return PathBuf::from(p);
+        // The static build scripts/build-guest.sh made (scripts/test sets it).
+        for var in ["MICROVM_AGENT_BIN", "MICROVM_INIT"] {
+            if let Some(p) = std::env::var_os(var).filter(|p| Path::new(p).is_file()) {
+                return PathBuf::from(p);
+            }
         }
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("agent-init");
         if let Some(cargo) = std::env::var_os("CARGO") {

@@ -23,8 +23,10 @@ use microvm_init::agent_proto::{
 
 pub use microvm_init::agent_proto::{ExitStatus, AGENT_PORT};
 
-/// How long the vsock handshake and the hello may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the vsock handshake and the hello may take: generous, since a
+/// busy guest may take seconds to accept (20 execs at once where KVM
+/// interprets guest kernel code took over 10 s).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest `OK <port>` line we wait for.
 const MAX_OK_LINE: usize = 64;
 
@@ -201,9 +203,8 @@ pub fn resumed(target: &Target) -> Result<(), AgentError> {
         .and_then(|d| u64::try_from(d.as_nanos()).ok())
         .unwrap_or(0);
     let mut entropy = vec![0u8; RESUME_ENTROPY];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut entropy))
-        .map_err(|e| AgentError::local("/dev/urandom", e))?;
+    // getrandom, not /dev/urandom: the VMM's threads may not open files.
+    crate::host::random(&mut entropy).map_err(|e| AgentError::local("getrandom", e))?;
     conn.send(&Frame::Resumed { wall_ns, entropy })?;
     match conn.recv()? {
         Frame::Done => Ok(()),

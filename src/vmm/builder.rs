@@ -151,6 +151,7 @@ impl Machine {
             start_paused: parts.start_paused,
             cmdline: parts.cmdline,
             stdin_to: parts.stdin_to,
+            restored: parts.restored,
         }
     }
 }
@@ -166,6 +167,7 @@ struct VmmParts {
     start_paused: bool,
     cmdline: String,
     stdin_to: StdinTarget,
+    restored: bool,
 }
 
 /// virtio-net for the NIC `id` of `config` (`ethN`, N its position), on the
@@ -268,6 +270,7 @@ impl Vmm {
             start_paused: false,
             cmdline,
             stdin_to,
+            restored: false,
         }))
     }
 
@@ -362,6 +365,7 @@ impl Vmm {
             start_paused: !resume,
             cmdline: saved_cmdline,
             stdin_to,
+            restored: true,
         }))
     }
 }

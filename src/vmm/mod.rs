@@ -186,7 +186,12 @@ pub struct Vmm {
     cmdline: String,
     /// Where host stdin goes: the guest's /dev/console.
     stdin_to: StdinTarget,
+    /// Built from a snapshot: the guest's agent is told (clock, entropy).
+    restored: bool,
 }
+
+/// How long a restored VM's agent gets to answer the resume notice.
+const RESUME_NOTICE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Takes host stdin bytes, says how many fit (see `serial::forward_stdin`).
 type StdinSink = Box<dyn FnMut(&[u8]) -> usize + Send>;
@@ -206,6 +211,9 @@ impl Vmm {
     /// Every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<Outcome, VmmError> {
         self.spawn_stdin()?;
+        if self.restored {
+            self.spawn_resume_notice()?;
+        }
 
         crate::vcpu::thread::install_kick_handler().map_err(host_err("vCPU kick handler"))?;
         let mut handles = Vec::with_capacity(self.vcpus.len());
@@ -269,6 +277,46 @@ impl Vmm {
                 crate::devices::serial::forward_stdin(&mut *enqueue)
             })
             .map_err(host_err("stdin thread"))?;
+        Ok(())
+    }
+
+    /// A restored guest runs on the clock and random state of the moment it
+    /// was saved: tell its agent (vsock port 52, docs/AGENT.md) the host's
+    /// time and give it host entropy, from a thread of its own so that the
+    /// restore does not wait. It tries for [`RESUME_NOTICE_FOR`] (the agent
+    /// answers once the vCPUs run); a guest without an agent only costs a
+    /// log line.
+    fn spawn_resume_notice(&self) -> Result<(), VmmError> {
+        let Some(v) = &self.config.vsock else {
+            return Ok(());
+        };
+        let target = crate::agent::Target::Vsock {
+            path: v.uds_path.clone(),
+            port: microvm_init::agent_proto::AGENT_PORT,
+        };
+        std::thread::Builder::new()
+            .name("agent-resume".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::AgentNotice) {
+                    log::error!("agent-resume: {}", crate::error_chain(&e));
+                    return;
+                }
+                let end = Instant::now() + RESUME_NOTICE_FOR;
+                loop {
+                    match crate::agent::resumed(&target) {
+                        Ok(()) => {
+                            log::info!("agent: the guest's clock and entropy were refreshed");
+                            return;
+                        }
+                        Err(e) if Instant::now() >= end => {
+                            log::info!("agent: no resume notice ({})", crate::error_chain(&e));
+                            return;
+                        }
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                    }
+                }
+            })
+            .map_err(host_err("agent resume thread"))?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the tiny test initramfs for microvm end-to-end tests: Debian's static
-# busybox + tests/initramfs/init + microvm-vsock (from init/build.sh), as a
-# newc cpio archive. No root file system.
+# busybox + tests/initramfs/init + microvm-init (its agent) and microvm-vsock
+# (from init/build.sh), as a newc cpio archive. No root file system.
 #
 #   tests/initramfs/build.sh   -> last stdout line: path of the archive
 #
@@ -12,7 +12,8 @@
 #                        inflate in the guest kernel, which matters where
 #                        guest kernel code is interpreted (~1 us/instruction).
 #   test.cpio.gz, test.cpio   symlinks to the latest build
-# key = hash of this script, init, the busybox binary and microvm-vsock.
+# key = hash of this script, init, the busybox binary, microvm-init and
+# microvm-vsock.
 #
 # busybox comes from the host's busybox-static package if installed, else
 # from `apt-get download busybox-static` (extracted into the cache; nothing is
@@ -84,6 +85,7 @@ KEY=$({
     done
     sha256sum <"$BUSYBOX"
     sha256sum <"$VSOCK_TOOL"
+    sha256sum <"$INIT_BIN"
 } | sha256sum | cut -c1-16)
 GZ=$OUT/test-$KEY.cpio.gz
 CPIO=$OUT/test-$KEY.cpio
@@ -119,6 +121,7 @@ chmod 0700 "$stage/root"
 install -m 0755 "$BUSYBOX" "$stage/bin/busybox"
 install -m 0755 "$HERE/init" "$stage/init"
 install -m 0755 "$VSOCK_TOOL" "$stage/bin/microvm-vsock"
+install -m 0755 "$INIT_BIN" "$stage/bin/microvm-init"
 # What `busybox --install -s` would do at boot, done here (saves ~270
 # symlink(2) calls in a guest kernel that may be slow): one absolute symlink
 # to /bin/busybox per applet, at the applet's usual path (/bin/sh, ...).

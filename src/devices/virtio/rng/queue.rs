@@ -10,6 +10,7 @@ use vm_memory::{Bytes, GuestMemory};
 use super::MAX_BYTES_PER_CHAIN;
 use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 use crate::devices::virtio::GuestLog;
+pub use crate::host::random as host_random;
 
 /// Fills a buffer with random bytes (the host's `getrandom` in the device).
 pub type Source<'a> = &'a mut dyn FnMut(&mut [u8]) -> std::io::Result<()>;
@@ -88,28 +89,6 @@ fn fill<M: GuestMemory>(
         written += n;
     }
     (written, Ok(()))
-}
-
-/// Fill `buf` from the host's `getrandom` (the kernel's CSPRNG; it blocks
-/// only before the host's pool is initialised at boot).
-pub fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes
-        // for the duration of the call.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        match usize::try_from(n) {
-            Ok(n) => done += n,
-            Err(_) => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1043,9 +1043,7 @@ impl Muxer {
 /// REQUEST that matches one of them, and the guest would reset it.
 fn first_host_port() -> u32 {
     let mut b = [0u8; 4];
-    // SAFETY: `b` is writable for its 4 bytes during the call.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
-    let r = if n == 4 { u32::from_ne_bytes(b) } else { 0 };
+    let r = crate::host::random(&mut b).map_or(0, |()| u32::from_ne_bytes(b));
     FIRST_HOST_PORT | (r & (FIRST_HOST_PORT - 1))
 }
 
