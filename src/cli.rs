@@ -51,7 +51,7 @@ stdout, stdin to the guest. Set RUST_LOG=info to see boot-time and exit-count li
 /// A lightweight KVM virtual machine monitor: boots a Linux kernel with virtio
 /// block and network devices and a virtio console.
 #[derive(Parser, Debug)]
-#[command(name = "microvm", version = concat!("v", env!("CARGO_PKG_VERSION")), about, after_help = AFTER_HELP)]
+#[command(name = "microvm", version = microvm::api::VERSION, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Guest kernel: an uncompressed vmlinux (ELF) or a bzImage.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file", "restore"])]
@@ -192,7 +192,8 @@ pub struct Cli {
     #[arg(long, value_name = "MODULE")]
     pub module: Option<String>,
 
-    /// Firecracker's metrics file: not implemented by microvm yet (refused).
+    /// Write metrics to this file or FIFO: one JSON line a minute, on the
+    /// API's FlushMetrics and at exit (Firecracker's format, see docs/API.md).
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
 
@@ -279,10 +280,10 @@ pub struct Launch {
 impl Cli {
     /// Build the configuration and check it (no KVM here).
     pub fn into_launch(self) -> Result<Launch, CliError> {
-        if self.metrics_path.is_some() {
-            return Err(CliError::Invalid(
-                "--metrics-path: metrics are not implemented by microvm yet".into(),
-            ));
+        if let Some(p) = &self.metrics_path {
+            microvm::metrics::configure(p).map_err(|e| {
+                CliError::Invalid(format!("--metrics-path: {}", microvm::error_chain(&e)))
+            })?;
         }
         if self.seccomp_filter.is_some() {
             return Err(CliError::Invalid(
@@ -501,12 +502,12 @@ mod tests {
         assert_eq!(l.config.timeout, Some(Duration::from_secs(5)));
         std::fs::write(
             &file,
-            r#"{"boot-source": {"kernel_image_path": "/k"}, "logger": {}}"#,
+            r#"{"boot-source": {"kernel_image_path": "/k"}, "balloon": {}}"#,
         )
         .unwrap();
         assert!(launch(&["--config-file", file.to_str().unwrap()])
             .unwrap_err()
-            .contains("unknown field `logger`"));
+            .contains("unknown field `balloon`"));
         std::fs::write(
             &file,
             r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#,

@@ -21,6 +21,7 @@ pub mod image;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod narrow;
 pub mod net;
 pub mod pause;

@@ -60,7 +60,7 @@ impl LogLevel {
 
 /// Where and what to log (`--log-path`, `--level`, `--module`,
 /// `--show-log-origin`; the same fields of `PUT /logger`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogSettings {
     /// A file or FIFO instead of stderr.
     pub path: Option<PathBuf>,

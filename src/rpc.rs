@@ -53,6 +53,10 @@ pub enum VmmAction {
     PutEntropy,
     /// `PUT /vsock`: give the VM a vsock device.
     PutVsock(crate::config::VsockConfig),
+    /// `PUT /logger`: log as these settings say.
+    PutLogger(crate::logger::LogSettings),
+    /// `PUT /metrics`: write metrics lines to this file or FIFO.
+    PutMetrics(std::path::PathBuf),
     /// `PUT /actions` InstanceStart.
     InstanceStart,
     /// `PUT /actions` SendCtrlAltDel.
@@ -195,6 +199,8 @@ impl RunState {
                 | A::PutNetworkInterface(_)
                 | A::PutEntropy
                 | A::PutVsock(_)
+                | A::PutLogger(_)
+                | A::PutMetrics(_)
                 | A::InstanceStart
                 | A::LoadSnapshot { .. },
             ) => Ok(()),
@@ -209,6 +215,8 @@ impl RunState {
                 | A::PutNetworkInterface(_)
                 | A::PutEntropy
                 | A::PutVsock(_)
+                | A::PutLogger(_)
+                | A::PutMetrics(_)
                 | A::LoadSnapshot { .. },
             ) => Err(ActionError::NotAfterStart),
             (Running | Paused, A::InstanceStart) => Err(ActionError::AlreadyRunning),

@@ -82,7 +82,7 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .expect("start the agent");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while UnixStream::connect(&sock).is_err() {
             assert!(Instant::now() < deadline, "the agent never listened");
             std::thread::sleep(Duration::from_millis(20));
@@ -259,9 +259,18 @@ fn tty_exec() {
 #[test]
 fn twenty_at_once() {
     let a = Agent::start("many");
+    // Each command waits until all 20 have started: run one after the
+    // other they could not finish (each gives up after 60 s with 99).
+    let dir = std::env::temp_dir().join(format!("microvm-agent-many-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
     let children: Vec<_> = (0..20)
         .map(|i| {
-            let script = format!("sleep 0.3; echo n{i}; exit {i}");
+            let script = format!(
+                "touch {d}/{i}; n=0; while [ $(ls {d} | wc -l) -lt 20 ]; do \
+                 n=$((n + 1)); [ $n -gt 600 ] && exit 99; sleep 0.1; done; echo n{i}; exit {i}"
+            );
             a.exec(&["--", "sh", "-c", &script])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -269,18 +278,16 @@ fn twenty_at_once() {
                 .unwrap()
         })
         .collect();
-    let started = Instant::now();
     for (i, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(i32::try_from(i).unwrap()));
+        assert_eq!(
+            out.status.code(),
+            Some(i32::try_from(i).unwrap()),
+            "exec {i}"
+        );
         assert_eq!(text(&out.stdout), format!("n{i}\n"));
     }
-    // At once, not one after the other (20 x 0.3 s).
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -321,7 +328,7 @@ fn a_client_that_goes_away_takes_its_command_with_it() {
     child.kill().unwrap();
     child.wait().unwrap();
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(60);
     // Gone, or a zombie on its way (the agent reaps it).
     while proc_dir.exists()
         && !std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z"))

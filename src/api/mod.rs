@@ -15,6 +15,17 @@ pub mod http;
 pub mod models;
 pub mod server;
 
+/// The Firecracker API release whose endpoints and fields microvm follows
+/// (docs/API.md lists what differs).
+pub const FIRECRACKER_API: &str = "1.17.0";
+
+/// What `--version` (after "microvm "), `GET /version` and `GET /` say:
+/// `v<Firecracker API>-microvm.<our version>`, a semver whose release part
+/// is the API a client may expect (clients such as Kata compare it with the
+/// Firecracker release they need) and whose pre-release tag is microvm's
+/// own version, so it never reads as Firecracker itself.
+pub const VERSION: &str = concat!("v1.17.0-microvm.", env!("CARGO_PKG_VERSION"));
+
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -93,6 +104,12 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             json_body::<models::EntropyDevice>(body)?.check()?;
             VmmAction::PutEntropy
         }
+        ("PUT", "logger", None) => {
+            VmmAction::PutLogger(json_body::<models::Logger>(body)?.settings()?)
+        }
+        ("PUT", "metrics", None) => {
+            VmmAction::PutMetrics(json_body::<models::Metrics>(body)?.path()?)
+        }
         ("PUT", "vsock", None) => {
             VmmAction::PutVsock(json_body::<models::VsockDevice>(body)?.to_config()?)
         }
@@ -134,11 +151,11 @@ pub fn render(action: &VmmAction, result: &ActionResult) -> ApiResponse {
         Ok(VmmData::InstanceInfo { id, state }) => ApiResponse::json(&serde_json::json!({
             "id": id,
             "state": state.name(),
-            "vmm_version": env!("CARGO_PKG_VERSION"),
+            "vmm_version": VERSION.trim_start_matches('v'),
             "app_name": APP_NAME,
         })),
         Ok(VmmData::Version) => ApiResponse::json(
-            &serde_json::json!({ "firecracker_version": env!("CARGO_PKG_VERSION") }),
+            &serde_json::json!({ "firecracker_version": VERSION.trim_start_matches('v') }),
         ),
         Ok(VmmData::Config(config)) => match action {
             VmmAction::GetMachineConfig => ApiResponse::json(&MachineConfig::json(config)),
@@ -188,12 +205,28 @@ pub fn load_config_file(path: &Path) -> Result<VmConfig, ConfigFileError> {
     };
     let file: ConfigFile =
         serde_json::from_slice(&text).map_err(|e| invalid(format!("invalid JSON: {e}")))?;
-    file.to_config().map_err(invalid)
+    let config = file.to_config().map_err(invalid)?;
+    // Opened here, before the VM exists: the same as `PUT /logger` and
+    // `PUT /metrics` before boot.
+    if let Some(l) = &file.logger {
+        let s = l.settings().map_err(invalid)?;
+        crate::logger::configure(&s).map_err(|e| invalid(format!("logger: {e}")))?;
+    }
+    if let Some(m) = &file.metrics {
+        let p = m.path().map_err(invalid)?;
+        crate::metrics::configure(&p).map_err(|e| invalid(crate::error_chain(&e)))?;
+    }
+    Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_names_the_api_first() {
+        assert!(VERSION.starts_with(&format!("v{FIRECRACKER_API}-microvm.")));
+    }
 
     #[test]
     fn routes_by_method_and_path() {

@@ -168,6 +168,57 @@ impl VsockDevice {
     }
 }
 
+/// `PUT /logger` and the config file's `logger`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// A file or FIFO (stderr when absent).
+    #[serde(default)]
+    pub log_path: Option<String>,
+    /// Error, Warning, Info, Debug, Trace or Off.
+    #[serde(default)]
+    pub level: Option<String>,
+    /// Accepted: the level is always shown.
+    #[serde(default)]
+    pub show_level: Option<bool>,
+    /// Show each line's module.
+    #[serde(default)]
+    pub show_log_origin: Option<bool>,
+    /// Only this module's lines.
+    #[serde(default)]
+    pub module: Option<String>,
+}
+
+impl Logger {
+    /// The settings it asks for.
+    pub fn settings(&self) -> Result<crate::logger::LogSettings, String> {
+        Ok(crate::logger::LogSettings {
+            path: self.log_path.as_ref().map(Into::into),
+            level: self.level.as_deref().map(str::parse).transpose()?,
+            module: self.module.clone(),
+            origin: self.show_log_origin.unwrap_or(false),
+        })
+    }
+}
+
+/// `PUT /metrics` and the config file's `metrics`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// A file or FIFO.
+    pub metrics_path: String,
+}
+
+impl Metrics {
+    /// The path, checked for shape.
+    pub fn path(&self) -> Result<std::path::PathBuf, String> {
+        if self.metrics_path.is_empty() {
+            return Err("metrics_path is empty".into());
+        }
+        Ok(self.metrics_path.clone().into())
+    }
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -365,6 +416,12 @@ pub struct ConfigFile {
     /// A vsock device.
     #[serde(default)]
     pub vsock: Option<VsockDevice>,
+    /// The logger (applied when the file is loaded).
+    #[serde(default)]
+    pub logger: Option<Logger>,
+    /// The metrics file (opened when the file is loaded).
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
 }
 
 /// A request that is well-formed JSON but asks for what microvm cannot do.

@@ -125,6 +125,17 @@ impl ExitCounters {
         format!("KVM exits by address: {}", parts.join(" "))
     }
 
+    /// The counters under Firecracker's `vcpu` metric names.
+    pub fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("exit_io_in", g(&self.io_in)),
+            ("exit_io_out", g(&self.io_out)),
+            ("exit_mmio_read", g(&self.mmio_read)),
+            ("exit_mmio_write", g(&self.mmio_write)),
+        ]
+    }
+
     /// One line for logs and the benchmark.
     pub fn summary(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

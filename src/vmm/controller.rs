@@ -96,6 +96,12 @@ impl Preboot {
                 c.entropy = true;
                 Ok(())
             }
+            VmmAction::PutLogger(s) => {
+                crate::logger::configure(&s).map_err(|e| format!("logger: {e}"))
+            }
+            VmmAction::PutMetrics(p) => {
+                crate::metrics::configure(&p).map_err(|e| crate::error_chain(&e))
+            }
             VmmAction::PutVsock(v) => v
                 .validate()
                 .map(|()| c.vsock = Some(v))
@@ -118,8 +124,11 @@ impl Preboot {
                     },
                 )
             }
-            // Accepted and ignored: no metrics sink.
-            VmmAction::FlushMetrics => Ok(()),
+            // Nothing runs yet: a line with the time alone.
+            VmmAction::FlushMetrics => {
+                crate::metrics::flush(&Vec::new());
+                Ok(())
+            }
             // Refused by the state check above, or answered by the query.
             _ => Ok(()),
         };
@@ -160,8 +169,7 @@ impl Vmm {
                 self.snapshot(vcpus, *state, paths)
                     .map_err(|e| ActionError::Failed(crate::error_chain(&e)))?;
             }
-            // Accepted and ignored: no metrics sink.
-            VmmAction::FlushMetrics => {}
+            VmmAction::FlushMetrics => self.flush_metrics(),
             // Refused by the state check, or answered by the query.
             _ => {}
         }

@@ -332,6 +332,42 @@ impl DeviceManager {
         &self.devices
     }
 
+    /// Every device's counters for the metrics: one group per kind (the
+    /// sum over its devices) and one per drive and NIC (`block_<id>`,
+    /// `net_<id>`), as Firecracker names them.
+    pub fn metrics(&self) -> crate::metrics::Sample {
+        use crate::config::DeviceKind;
+        let mut kinds: Vec<(String, Vec<(&'static str, u64)>)> = Vec::new();
+        let mut own = Vec::new();
+        for d in &self.devices {
+            let t = d.transport.lock().unwrap_or_else(|e| e.into_inner());
+            let counters = t.device().metrics();
+            if counters.is_empty() {
+                continue;
+            }
+            let kind = match d.id.kind {
+                DeviceKind::Block => "block",
+                DeviceKind::Net => "net",
+                DeviceKind::Rng => "entropy",
+                DeviceKind::Vsock => "vsock",
+                DeviceKind::Console => continue,
+            };
+            if matches!(d.id.kind, DeviceKind::Block | DeviceKind::Net) {
+                own.push((format!("{kind}_{}", d.id.id), counters.clone()));
+            }
+            match kinds.iter_mut().find(|(k, _)| k == kind) {
+                Some((_, sum)) => {
+                    for (s, (_, v)) in sum.iter_mut().zip(&counters) {
+                        s.1 += v;
+                    }
+                }
+                None => kinds.push((kind.to_string(), counters)),
+            }
+        }
+        kinds.extend(own);
+        kinds
+    }
+
     /// Flush every device's buffered state to the host (before the VMM exits).
     pub fn flush_all(&self) {
         for d in &self.devices {

@@ -247,6 +247,7 @@ impl Vmm {
         }
         // Whatever ended the VM, what the guest wrote must reach the disk images.
         self.devices.flush_all();
+        self.flush_metrics();
         log::info!("{}", self.counters.summary());
         log::info!("{}", self.counters.by_address(16));
         outcome
@@ -320,19 +321,41 @@ impl Vmm {
         Ok(())
     }
 
+    /// One metrics line (when a metrics file is set): the vCPUs' exits and
+    /// every device's counters.
+    pub(crate) fn flush_metrics(&self) {
+        if !crate::metrics::configured() {
+            return;
+        }
+        let mut sample = vec![("vcpu".to_string(), self.counters.metrics())];
+        sample.extend(self.devices.metrics());
+        crate::metrics::flush(&sample);
+    }
+
     /// The event loop proper.
     fn serve(&mut self, vcpus: &[VcpuHandle]) -> Result<Outcome, VmmError> {
         let deadline = self.config.timeout.map(|t| Instant::now() + t);
+        let metrics_every = crate::metrics::configured().then_some(crate::metrics::FLUSH_INTERVAL);
+        let mut metrics_due = metrics_every.map(|i| Instant::now() + i);
         let mut state = if self.start_paused {
             RunState::Paused
         } else {
             RunState::Running
         };
         loop {
-            for ready in self.events.wait(deadline)? {
+            let wake = match (deadline, metrics_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            for ready in self.events.wait(wake)? {
                 let event = match ready {
-                    Ready::Timeout => {
+                    Ready::Timeout if deadline.is_some_and(|d| Instant::now() >= d) => {
                         return Ok(Outcome::Timeout(self.config.timeout.unwrap_or_default()))
+                    }
+                    Ready::Timeout => {
+                        self.flush_metrics();
+                        metrics_due = metrics_every.map(|i| Instant::now() + i);
+                        continue;
                     }
                     Ready::Signal(s) => return Ok(Outcome::Signal(s)),
                     Ready::Activate => {
@@ -397,7 +420,9 @@ fn spawn_vcpu(
     let c = control.clone();
     let t0 = (index == 0).then_some(process_start);
     let thread = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
+        // Firecracker's name: Kata finds vCPU threads (for its cgroups) by
+        // the `fc_vcpu` prefix.
+        .name(format!("fc_vcpu {index}"))
         .spawn(move || {
             // Before the first KVM_RUN: from then on the guest drives this thread.
             if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {

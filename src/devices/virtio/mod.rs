@@ -209,6 +209,11 @@ pub trait VirtioDevice: Send + AsAny {
     fn restoring(&mut self) {}
     /// Flush any buffered state to the host (called before the VMM exits).
     fn flush(&mut self) {}
+    /// The device's counters so far, under Firecracker's metric names
+    /// (`src/metrics.rs` turns them into deltas); none by default.
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Stop serving queues until [`Self::resume`] (the VM is paused); true
     /// once the device's worker is parked.
     fn pause(&mut self) -> bool {

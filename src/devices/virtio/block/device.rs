@@ -157,6 +157,10 @@ impl VirtioDevice for Block {
         self.common.start_worker(handler)
     }
 
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        self.disk().stats().metrics()
+    }
+
     fn flush(&mut self) {
         let disk = self.disk();
         if let Err(e) = disk.flush() {

@@ -12,6 +12,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::bitmap::BitmapSlice;
@@ -95,6 +96,41 @@ pub struct Disk {
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_BYTES],
+    /// What the guest did with the drive (kept across file swaps).
+    stats: Arc<DiskStats>,
+}
+
+/// Requests served, for the metrics (Firecracker's `block` counters).
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    /// Reads and the bytes they returned.
+    pub read_count: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Writes.
+    pub write_count: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Flushes.
+    pub flush_count: AtomicU64,
+}
+
+impl DiskStats {
+    /// The counters under Firecracker's names.
+    pub fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("read_count", g(&self.read_count)),
+            ("read_bytes", g(&self.read_bytes)),
+            ("write_count", g(&self.write_count)),
+            ("write_bytes", g(&self.write_bytes)),
+            ("flush_count", g(&self.flush_count)),
+        ]
+    }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Disk {
@@ -123,13 +159,23 @@ impl Disk {
             .zip(self.file.metadata().ok())
             .is_some_and(|(new, old)| new.dev() == old.dev() && new.ino() == old.ino());
         if !same {
-            return Self::open(path, self.read_only);
+            return Self::open(path, self.read_only).map(|d| self.keep_stats(d));
         }
         let file = self.file.try_clone().map_err(|source| DiskError::Open {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_locked(file, path, self.read_only)
+        Self::from_locked(file, path, self.read_only).map(|d| self.keep_stats(d))
+    }
+
+    fn keep_stats(&self, mut d: Self) -> Self {
+        d.stats = self.stats.clone();
+        d
+    }
+
+    /// What the guest did with the drive.
+    pub fn stats(&self) -> &DiskStats {
+        &self.stats
     }
 
     /// A disk on `file`, already opened and locked.
@@ -155,6 +201,7 @@ impl Disk {
             read_only,
             capacity_sectors: size >> SECTOR_SHIFT,
             id: serial(meta.dev(), meta.ino()),
+            stats: Arc::default(),
         })
     }
 
@@ -216,6 +263,8 @@ impl Disk {
                 for d in &req.data {
                     read_into_guest(mem, d.addr, d.len as usize, &mut at)?;
                 }
+                bump(&self.stats.read_count, 1);
+                bump(&self.stats.read_bytes, req.data_len());
                 // Bounded by the chain length, itself below 2^32 (virtio-queue checks).
                 Ok(u32::try_from(req.data_len()).unwrap_or(u32::MAX))
             }
@@ -227,9 +276,12 @@ impl Disk {
                 for d in &req.data {
                     write_from_guest(mem, d.addr, d.len as usize, &mut at)?;
                 }
+                bump(&self.stats.write_count, 1);
+                bump(&self.stats.write_bytes, req.data_len());
                 Ok(0)
             }
             RequestKind::Flush => {
+                bump(&self.stats.flush_count, 1);
                 if self.read_only {
                     Ok(0)
                 } else {
@@ -485,6 +537,16 @@ mod tests {
         let mut got = vec![0u8; 1024];
         m.read_slice(&mut got, GuestAddress(0xff00)).unwrap();
         assert_eq!(got, contents[1024..2048]);
+        let st = disk.stats();
+        assert_eq!(st.read_count.load(Ordering::Relaxed), 1);
+        assert_eq!(st.read_bytes.load(Ordering::Relaxed), 1536);
+        // Another file in its place keeps counting on.
+        let other = TempImage::new(&contents);
+        let swapped = disk.reopen(other.path()).unwrap();
+        swapped
+            .execute(&m, &req(RequestKind::In, 0, &[(0x100, 512)]))
+            .unwrap();
+        assert_eq!(disk.stats().read_count.load(Ordering::Relaxed), 2);
 
         // Write two sectors at sector 6.
         m.write_slice(&[0xab; 1024], GuestAddress(0x8000)).unwrap();

@@ -243,6 +243,21 @@ impl VirtioDevice for Net {
         true
     }
 
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats.snapshot();
+        vec![
+            ("rx_packets_count", s.rx_frames),
+            ("rx_bytes_count", s.rx_bytes),
+            ("tx_packets_count", s.tx_frames),
+            ("tx_bytes_count", s.tx_bytes),
+            (
+                "rx_fails",
+                s.rx_bad_chains + s.rx_dropped_too_big + s.rx_dropped_malformed,
+            ),
+            ("tx_fails", s.tx_bad_chains + s.tx_errors),
+        ]
+    }
+
     fn flush(&mut self) {
         info!(
             "{} (eth{}, {}): {}",

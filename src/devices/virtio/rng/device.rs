@@ -84,6 +84,15 @@ impl VirtioDevice for Rng {
         })
     }
 
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        vec![
+            ("entropy_event_count", s.requests),
+            ("entropy_bytes", s.bytes),
+            ("entropy_event_fails", s.bad),
+        ]
+    }
+
     fn flush(&mut self) {
         let s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         log::info!(

@@ -107,6 +107,19 @@ impl VirtioDevice for Vsock {
         self.reset_owed = true;
     }
 
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
+        vec![
+            ("rx_packets_count", s.rx_packets),
+            ("rx_bytes_count", s.rx_bytes),
+            ("tx_packets_count", s.tx_packets),
+            ("tx_bytes_count", s.tx_bytes),
+            ("conns_added", s.connections),
+            ("conns_killed", s.resets),
+            ("tx_fails", s.bad_packets),
+        ]
+    }
+
     fn flush(&mut self) {
         let s = self.stats();
         log::info!(
