@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::api::{call, ApiVm};
+use common::api::ApiVm;
 use common::*;
 
 fn exec(uds: &Path, args: &[&str]) -> Command {
@@ -230,15 +230,8 @@ fn exec_and_cp_through_the_agent_before_and_after_restore() {
     // Snapshot, then restore twice from it.
     let snap = dir.path("snap");
     std::fs::create_dir_all(&snap).unwrap();
-    let sock = vm.sock.clone();
-    let (st, body) = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    vm.check(st == 204, &format!("pause: {st} {body}"));
-    let req = serde_json::json!({ "snapshot_dir": snap }).to_string();
-    let (st, body) = call(&sock, "PUT", "/snapshot/create", Some(&req));
-    vm.check(st == 204, &format!("snapshot: {st} {body}"));
-    vm.terminate();
-    let st = vm.wait_exit(Duration::from_secs(60));
-    vm.check(st.and_then(|s| s.code()) == Some(143), "SIGTERM gives 143");
+    vm.pause_and_snapshot(&snap);
+    vm.stop_with_sigterm();
 
     let mut randoms = Vec::new();
     for round in 0..2 {

@@ -37,6 +37,9 @@ fn python_client_suite_passes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python client tests failed:\n{err}");
     // Skips would hide a missing binary: there must be none.
-    assert!(!err.contains("skipped"), "a python test was skipped:\n{err}");
+    assert!(
+        !err.contains("skipped"),
+        "a python test was skipped:\n{err}"
+    );
     assert!(err.contains("Ran 6 tests"), "{err}");
 }

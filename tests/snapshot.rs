@@ -18,7 +18,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -41,37 +40,6 @@ fn unix_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// One API call; a failed one fails the test with the VM's output.
-fn checked_call(vm: &mut ApiVm, method: &str, path: &str, body: &str, want: u16) {
-    let sock = vm.sock.clone();
-    let r = std::panic::catch_unwind(|| call(&sock, method, path, Some(body)));
-    let alive = !vm.child_exited();
-    vm.check(
-        matches!(&r, Ok((s, _)) if *s == want) && alive,
-        &format!("{method} {path}: {r:?} (microvm still running: {alive})"),
-    );
-}
-
-fn pause_and_snapshot(vm: &mut ApiVm, dir: &Path) {
-    checked_call(vm, "PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
-    let body = serde_json::json!({ "snapshot_dir": dir }).to_string();
-    let t = Instant::now();
-    checked_call(vm, "PUT", "/snapshot/create", &body, 204);
-    let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
-        "snapshot created in {:?}: state {} bytes, memory {} MiB",
-        t.elapsed(),
-        size("state"),
-        size("memory") >> 20
-    );
-}
-
-fn stop_with_sigterm(vm: &mut ApiVm) {
-    vm.terminate();
-    let st = vm.wait_exit(Duration::from_secs(60));
-    vm.check(st.and_then(|s| s.code()) == Some(143), "SIGTERM gives 143");
 }
 
 /// `microvm ARGS` must fail with exit 2 and a message containing `want`.
@@ -124,9 +92,9 @@ fn ticking_guest_resumes_from_a_snapshot() {
     // How far the guest's clock is behind the host's as a tick arrives
     // (seconds; about 0 on normal KVM, a few where KVM interprets the guest).
     let lag_before = unix_now() - ticks(&vm.stdout()).last().unwrap().1;
-    pause_and_snapshot(&mut vm, &snap);
+    vm.pause_and_snapshot(&snap);
     let last = ticks(&vm.stdout()).last().copied().unwrap();
-    stop_with_sigterm(&mut vm);
+    vm.stop_with_sigterm();
 
     // Time passes while saved: the restored guest's clock must move on by
     // as much, not resume at the moment it was saved.
@@ -170,7 +138,7 @@ fn ticking_guest_resumes_from_a_snapshot() {
              {lag_after} s after restore (ticks {after:?}, last before {last:?})"
         ),
     );
-    stop_with_sigterm(&mut vm);
+    vm.stop_with_sigterm();
 
     // The same files again, paused until resumed.
     let mut vm = ApiVm::start(&dir.path("api3.sock"), &[], &[]);
@@ -302,8 +270,8 @@ fn flask_vm_serves_after_restore() {
     let alive = !vm.child_exited();
     vm.check(ok && alive, "the app answers on the published port");
     eprintln!("cold boot to first HTTP response: {:?}", t.elapsed());
-    pause_and_snapshot(&mut vm, &snap);
-    stop_with_sigterm(&mut vm);
+    vm.pause_and_snapshot(&snap);
+    vm.stop_with_sigterm();
 
     for (round, word) in ["first-restore", "second-restore"].iter().enumerate() {
         let t = Instant::now();
@@ -335,7 +303,7 @@ fn flask_vm_serves_after_restore() {
             wrote,
             &format!("restore {round}: the guest writes its drive"),
         );
-        stop_with_sigterm(&mut vm);
+        vm.stop_with_sigterm();
         let image = std::fs::read(&scratch).unwrap();
         let want = format!("{word}\n");
         assert!(

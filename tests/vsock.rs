@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::api::{call, ApiVm};
+use common::api::ApiVm;
 use common::*;
 
 /// Deterministic bytes, different for each `seed`.
@@ -369,15 +369,8 @@ fn vsock_works_after_restore() {
         &format!("a second connection: {:?}", held.as_ref().err()),
     );
 
-    let sock = vm.sock.clone();
-    let (st, body) = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    vm.check(st == 204, &format!("pause: {st} {body}"));
-    let req = serde_json::json!({ "snapshot_dir": snap }).to_string();
-    let (st, body) = call(&sock, "PUT", "/snapshot/create", Some(&req));
-    vm.check(st == 204, &format!("snapshot: {st} {body}"));
-    vm.terminate();
-    let st = vm.wait_exit(Duration::from_secs(60));
-    vm.check(st.and_then(|s| s.code()) == Some(143), "SIGTERM gives 143");
+    vm.pause_and_snapshot(&snap);
+    vm.stop_with_sigterm();
     vm.check(!uds.exists(), "the socket file is removed on exit");
     if let Ok(h) = held.as_mut() {
         h.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

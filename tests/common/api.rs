@@ -155,6 +155,39 @@ impl ApiVm {
         }
         total
     }
+
+    /// One API call; a failed one fails the test with the VM's output.
+    pub fn checked_call(&mut self, method: &str, path: &str, body: &str, want: u16) {
+        let sock = self.sock.clone();
+        let r = std::panic::catch_unwind(|| call(&sock, method, path, Some(body)));
+        let alive = !self.child_exited();
+        self.check(
+            matches!(&r, Ok((s, _)) if *s == want) && alive,
+            &format!("{method} {path}: {r:?} (microvm still running: {alive})"),
+        );
+    }
+
+    /// Pause the VM and save it in `dir` (state and memory).
+    pub fn pause_and_snapshot(&mut self, dir: &Path) {
+        self.checked_call("PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+        let body = serde_json::json!({ "snapshot_dir": dir }).to_string();
+        let t = Instant::now();
+        self.checked_call("PUT", "/snapshot/create", &body, 204);
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "snapshot created in {:?}: state {} bytes, memory {} MiB",
+            t.elapsed(),
+            size("state"),
+            size("memory") >> 20
+        );
+    }
+
+    /// SIGTERM; it must exit 143.
+    pub fn stop_with_sigterm(&mut self) {
+        self.terminate();
+        let st = self.wait_exit(Duration::from_secs(60));
+        self.check(st.and_then(|s| s.code()) == Some(143), "SIGTERM gives 143");
+    }
 }
 
 impl Drop for ApiVm {
