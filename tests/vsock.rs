@@ -405,6 +405,10 @@ fn vsock_works_after_restore() {
         st.and_then(|s| s.code()) == Some(143),
         "SIGTERM gives 143 after the restore",
     );
+    vm.check(
+        !vm.stderr().contains("took no transport reset"),
+        "the guest took the transport reset before host clients were served",
+    );
     let err = vm.stderr();
     vm.check(
         !err.contains("panicked") && !err.contains("SIGSYS"),

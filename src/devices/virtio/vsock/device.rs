@@ -86,9 +86,12 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), ActivateError> {
         let (queues, queue_evts) = take_queues::<3>(queues, queue_evts)?;
         let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
-        let muxer =
+        let mut muxer =
             Muxer::new(self.guest_cid, self.uds_path(), listener).map_err(ActivateError::Worker)?;
         let reset_owed = std::mem::take(&mut self.reset_owed);
+        if reset_owed {
+            muxer.hold_clients();
+        }
         self.common.start_worker(VsockWorker {
             mem,
             queues,
@@ -96,6 +99,7 @@ impl VirtioDevice for Vsock {
             interrupt,
             muxer,
             reset_owed,
+            reset_delivered: false,
             held: None,
             scratch: vec![0u8; SCRATCH_LEN].into_boxed_slice(),
             stats: self.stats.clone(),

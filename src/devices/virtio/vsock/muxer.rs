@@ -50,6 +50,9 @@ pub const MAX_PAYLOAD: usize = 64 << 10;
 /// How long a host client may take to send its `CONNECT` line, and the
 /// guest to accept a host-initiated connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait, after a restore, for the guest to take the transport reset
+/// before host clients are served anyway.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(10);
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
 /// Replies for connections the muxer does not know, kept until the guest
@@ -334,6 +337,9 @@ pub struct Muxer {
     orphan_resets: VecDeque<Header>,
     next_token: u64,
     next_host_port: u32,
+    /// Host clients wait in the listen backlog since then (a restored guest
+    /// has not yet dropped its old connections; see [`Muxer::hold_clients`]).
+    held_since: Option<Instant>,
     stats: VsockStats,
     log: GuestLog,
 }
@@ -376,9 +382,46 @@ impl Muxer {
             orphan_resets: VecDeque::new(),
             next_token: FIRST_SOCKET_TOKEN,
             next_host_port: first_host_port(),
+            held_since: None,
             stats: VsockStats::default(),
             log: GuestLog::default(),
         })
+    }
+
+    /// Leave new host clients in the listen backlog until
+    /// [`Muxer::release_clients`] or [`HOLD_LIMIT`]: a restored guest that
+    /// has not yet handled the transport reset would reset their
+    /// connections along with the saved ones.
+    pub fn hold_clients(&mut self) {
+        if self.held_since.is_some() {
+            return;
+        }
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.listener.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        self.held_since = Some(Instant::now());
+        self.arm_timer();
+    }
+
+    /// Serve host clients again (those in the backlog first).
+    pub fn release_clients(&mut self) {
+        if self.held_since.take().is_none() {
+            return;
+        }
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            self.listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+        ) {
+            log::warn!("vsock: cannot watch the host socket again: {e}");
+        }
+    }
+
+    /// Whether host clients are held.
+    pub fn holds_clients(&self) -> bool {
+        self.held_since.is_some()
     }
 
     /// The fd the device worker watches: readable when a host socket is.
@@ -885,7 +928,17 @@ impl Muxer {
             );
             self.reset(k);
         }
-        let pending = !self.handshakes.is_empty()
+        if self
+            .held_since
+            .is_some_and(|t| now.duration_since(t) > HOLD_LIMIT)
+        {
+            log::warn!(
+                "vsock: the restored guest took no transport reset in {HOLD_LIMIT:?}; serving host clients"
+            );
+            self.release_clients();
+        }
+        let pending = self.held_since.is_some()
+            || !self.handshakes.is_empty()
             || self
                 .conns
                 .values()
@@ -1189,6 +1242,28 @@ mod tests {
         f.guest(op::RST, req.src_port, 52, &[]);
         assert_eq!(f.mux.connections(), 0);
         assert_eq!(f.mux.stats().connections, 1);
+    }
+
+    #[test]
+    fn held_clients_wait_in_the_backlog_until_released() {
+        let mut f = Fixture::new("hold");
+        f.mux.hold_clients();
+        assert!(f.mux.holds_clients());
+        let mut client = UnixStream::connect(f.uds()).unwrap();
+        client.write_all(b"CONNECT 52\n").unwrap();
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..20 {
+            f.mux.on_host_events();
+            assert!(
+                f.mux.next_rx(&mut buf).is_none(),
+                "a held client reaches the guest"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f.mux.release_clients();
+        assert!(!f.mux.holds_clients());
+        let req = f.next(&mut buf);
+        assert_eq!((req.op, req.dst_port), (op::REQUEST, 52));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub(super) struct VsockWorker {
     pub(super) muxer: Muxer,
     /// A transport reset is owed to the guest (after a restore).
     pub(super) reset_owed: bool,
+    /// The reset was written and the muxer holds host clients until the
+    /// guest posts an event buffer again: Linux does so right after it has
+    /// dropped its connections.
+    pub(super) reset_delivered: bool,
     pub(super) held: Option<Buffers>,
     pub(super) scratch: Box<[u8]>,
     pub(super) stats: Arc<Mutex<VsockStats>>,
@@ -53,8 +57,14 @@ impl VsockWorker {
         }
         let [rx, tx, event] = &mut self.queues;
         let mut used = false;
+        if self.reset_delivered && ready.contains(&TOKEN_EVENT) {
+            self.reset_delivered = false;
+            self.muxer.release_clients();
+        }
         if ready.is_empty() || ready.contains(&TOKEN_EVENT) {
+            let owed = self.reset_owed;
             used |= process_event(event, &self.mem, &mut self.reset_owed, &mut self.log)?;
+            self.reset_delivered |= owed && !self.reset_owed;
         }
         if ready.is_empty() || ready.contains(&TOKEN_HOST) {
             self.muxer.on_host_events();
