@@ -83,7 +83,9 @@ pub struct Cli {
     pub rootfs_ro: bool,
 
     /// Extra virtio block device (/dev/vdb, /dev/vdc, ... in order). Repeatable.
-    #[arg(long, value_name = "PATH[,ro]")]
+    /// ",bw=RATE" limits its bytes a second (K, M, G: powers of 1024),
+    /// ",iops=N" its requests a second.
+    #[arg(long, value_name = "PATH[,ro][,bw=RATE][,iops=N]")]
     pub drive: Vec<String>,
 
     /// virtio-net interface (eth0, eth1, ...). Repeatable. One of
@@ -92,6 +94,7 @@ pub struct Cli {
     /// 10.0.2.2), "tap=NAME[,mac=MAC]" to attach an existing TAP device, or
     /// "host=IP/PREFIX,guest=IP[,tap=NAME][,mac=MAC]" to create a TAP with the
     /// host address and configure the guest with the kernel's ip= option.
+    /// ",bw=RATE" limits each direction to RATE bytes a second.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
 

@@ -48,6 +48,9 @@ pub struct VmConfig {
     /// A virtio-rng entropy device (`--entropy`, `PUT /entropy`).
     #[serde(default)]
     pub entropy: bool,
+    /// The entropy device's rate limiter (bytes and requests).
+    #[serde(default)]
+    pub entropy_rate_limit: crate::rate_limit::RateLimitConfig,
     /// A virtio-vsock device (`--vsock`, `PUT /vsock`).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
@@ -112,6 +115,7 @@ impl VmConfig {
             timeout: None,
             console: ConsoleMode::default(),
             entropy: false,
+            entropy_rate_limit: Default::default(),
             vsock: None,
         }
     }
@@ -530,6 +534,14 @@ impl VmConfig {
             .ok_or_else(|| format!("no drive with id '{id}'"))
     }
 
+    /// The NIC with id `id`, to change it; the error names it.
+    pub fn net_mut(&mut self, id: &str) -> Result<&mut NetConfig, String> {
+        self.nets
+            .iter_mut()
+            .find(|n| n.id == id)
+            .ok_or_else(|| format!("no network interface with id '{id}'"))
+    }
+
     /// The root drive, if any.
     pub fn root_drive(&self) -> Option<&DriveConfig> {
         self.drives.iter().find(|d| d.is_root)
@@ -617,6 +629,9 @@ pub struct DriveConfig {
     pub read_only: bool,
     /// This drive is the root filesystem (`root=/dev/vda`).
     pub is_root: bool,
+    /// The guest's I/O on it is limited so (unlimited by default).
+    #[serde(default)]
+    pub rate_limit: crate::rate_limit::RateLimitConfig,
 }
 
 /// Error parsing `PATH[,ro]`.
@@ -625,15 +640,19 @@ pub enum DriveParseError {
     /// Empty path.
     #[error("drive path is empty")]
     EmptyPath,
-    /// An option other than `ro`/`rw`.
-    #[error("unknown drive option '{0}' (expected 'ro' or 'rw')")]
+    /// An option other than `ro`/`rw`/`bw=`/`iops=`.
+    #[error("unknown drive option '{0}' (expected ro, rw, bw=RATE or iops=N)")]
     UnknownOption(String),
+    /// A `bw=` or `iops=` that is not a rate.
+    #[error("drive option {0}")]
+    BadRate(String),
 }
 
 impl FromStr for DriveConfig {
     type Err = DriveParseError;
 
-    /// `PATH[,ro|,rw]`.
+    /// `PATH[,ro|,rw][,bw=RATE][,iops=N]`: `bw` bytes a second (`K`, `M`,
+    /// `G` suffixes), `iops` requests a second.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let path = parts.next().unwrap_or_default();
@@ -641,16 +660,25 @@ impl FromStr for DriveConfig {
             return Err(DriveParseError::EmptyPath);
         }
         let mut read_only = false;
+        let (mut bw, mut iops) = (None, None);
         for opt in parts {
-            match opt {
-                "ro" => read_only = true,
-                "rw" => read_only = false,
-                other => return Err(DriveParseError::UnknownOption(other.to_string())),
+            let rate = |v: &str| {
+                crate::rate_limit::parse_rate(v)
+                    .map(Some)
+                    .map_err(|e| DriveParseError::BadRate(format!("{opt}: {e}")))
+            };
+            match opt.split_once('=') {
+                None if opt == "ro" => read_only = true,
+                None if opt == "rw" => read_only = false,
+                Some(("bw", v)) => bw = rate(v)?,
+                Some(("iops", v)) => iops = rate(v)?,
+                _ => return Err(DriveParseError::UnknownOption(opt.to_string())),
             }
         }
         Ok(Self {
             path: PathBuf::from(path),
             read_only,
+            rate_limit: crate::rate_limit::per_second(bw, iops),
             ..Default::default()
         })
     }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod narrow;
 pub mod net;
 pub mod pause;
+pub mod rate_limit;
 pub mod rpc;
 pub mod seccomp;
 // The snapshot parser reads a file that may come from anywhere: the same cast

@@ -237,7 +237,7 @@ fn build_from_api(
         for r in events.wait(None)? {
             let (action, reply) = match r {
                 Ready::Signal(sig) => return Err(Fatal::Signal(sig)),
-                Ready::Event(VmEvent::Api(action, reply)) => (action, reply),
+                Ready::Event(VmEvent::Api(action, reply)) => (*action, reply),
                 // Nothing else exists before the VM does.
                 Ready::Event(_) | Ready::Activate | Ready::Timeout => continue,
             };

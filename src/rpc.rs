@@ -40,17 +40,28 @@ pub enum VmmAction {
     PutBootSource(BootSource),
     /// `PUT /drives/{id}`.
     PutDrive(DriveConfig),
-    /// `PATCH /drives/{id}`: a new backing file, if any.
+    /// `PATCH /drives/{id}`: a new backing file, new limits, or both.
     PatchDrive {
         /// The drive.
         id: String,
         /// Its new backing file.
         path: Option<PathBuf>,
+        /// Its new rate limiter.
+        rate_limit: Option<crate::rate_limit::RateLimitConfig>,
+    },
+    /// `PATCH /network-interfaces/{id}`: new rate limiters.
+    PatchNetworkInterface {
+        /// The NIC.
+        id: String,
+        /// New limits on frames to the guest.
+        rx: Option<crate::rate_limit::RateLimitConfig>,
+        /// New limits on frames from it.
+        tx: Option<crate::rate_limit::RateLimitConfig>,
     },
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface(NetConfig),
-    /// `PUT /entropy`: give the VM an entropy device.
-    PutEntropy,
+    /// `PUT /entropy`: give the VM an entropy device, limited so.
+    PutEntropy(crate::rate_limit::RateLimitConfig),
     /// `PUT /vsock`: give the VM a vsock device.
     PutVsock(crate::config::VsockConfig),
     /// `PUT /logger`: log as these settings say.
@@ -196,8 +207,9 @@ impl RunState {
                 | A::PutBootSource(_)
                 | A::PutDrive(_)
                 | A::PatchDrive { .. }
+                | A::PatchNetworkInterface { .. }
                 | A::PutNetworkInterface(_)
-                | A::PutEntropy
+                | A::PutEntropy(_)
                 | A::PutVsock(_)
                 | A::PutLogger(_)
                 | A::PutMetrics(_)
@@ -213,16 +225,21 @@ impl RunState {
                 | A::PutBootSource(_)
                 | A::PutDrive(_)
                 | A::PutNetworkInterface(_)
-                | A::PutEntropy
+                | A::PutEntropy(_)
                 | A::PutVsock(_)
                 | A::PutLogger(_)
                 | A::PutMetrics(_)
                 | A::LoadSnapshot { .. },
             ) => Err(ActionError::NotAfterStart),
             (Running | Paused, A::InstanceStart) => Err(ActionError::AlreadyRunning),
-            (Running | Paused, A::PatchDrive { .. } | A::SendCtrlAltDel | A::Pause | A::Resume) => {
-                Ok(())
-            }
+            (
+                Running | Paused,
+                A::PatchDrive { .. }
+                | A::PatchNetworkInterface { .. }
+                | A::SendCtrlAltDel
+                | A::Pause
+                | A::Resume,
+            ) => Ok(()),
             (Running, A::CreateSnapshot(_)) => Err(ActionError::NotPaused),
             (Paused, A::CreateSnapshot(_)) => Ok(()),
         }
@@ -272,7 +289,8 @@ mod tests {
             assert!(s
                 .check(&VmmAction::PatchDrive {
                     id: "a".into(),
-                    path: None
+                    path: None,
+                    rate_limit: None,
                 })
                 .is_ok());
         }

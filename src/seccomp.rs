@@ -311,6 +311,8 @@ const BLOCK_WORKER: &[i64] = &[
     libc::SYS_pwritev,
     libc::SYS_fdatasync,
     libc::SYS_fsync,
+    // The rate limiter's timer.
+    libc::SYS_timerfd_settime,
 ];
 
 /// A virtio-net worker: queue eventfds, the backend's fd, the irqfd.
@@ -325,6 +327,8 @@ const NET_WORKER: &[i64] = &[
     libc::SYS_sendto,
     // The passt backend waits briefly for its socket to drain.
     libc::SYS_poll,
+    // The rate limiter's timer.
+    libc::SYS_timerfd_settime,
 ];
 
 /// A virtio-console worker: queue and input eventfds, stdout (`write`,
@@ -343,6 +347,8 @@ const RNG_WORKER: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_read,
+    // The rate limiter's timer.
+    libc::SYS_timerfd_settime,
 ];
 
 /// A virtio-vsock worker: queue eventfds, the irqfd, its epoll and timer,

@@ -241,6 +241,50 @@ fn kata_shaped_launch_patch_metrics_and_sigterm() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // A rate limiter put on the running drive: 64 KiB/s. 512 KiB the guest
+    // has not read yet take seconds, the drive counts its throttled
+    // requests, and the VM's config shows the limiter.
+    let body = serde_json::json!({
+        "drive_id": "drive_3",
+        "rate_limiter": {"bandwidth": {"size": 65536, "refill_time": 1000}, "ops": null},
+    })
+    .to_string();
+    let (code, resp) = call(&api, "PATCH", "/drives/drive_3", Some(&body));
+    if code != 204 {
+        fail(&format!(
+            "PATCH /drives/drive_3 with a rate limiter: {code} {resp}"
+        ));
+    }
+    let t = Instant::now();
+    let out = exec_out(
+        &uds,
+        &[
+            "dd",
+            "if=/dev/vde",
+            "of=/dev/null",
+            "bs=65536",
+            "skip=4",
+            "count=8",
+        ],
+    );
+    let took = t.elapsed();
+    if out.status.code() != Some(0) || took < Duration::from_secs(2) {
+        fail(&format!(
+            "512 KiB at 64 KiB/s took {took:?} (want 2 s or more): {out:?}"
+        ));
+    }
+    let (code, resp) = call(&api, "GET", "/vm/config", None);
+    let cfg: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+    let shown = cfg["drives"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["drive_id"] == "drive_3"))
+        .map(|d| d["rate_limiter"]["bandwidth"]["size"].clone());
+    if code != 200 || shown != Some(serde_json::json!(65536)) {
+        fail(&format!(
+            "GET /vm/config does not show the limiter: {code} {resp}"
+        ));
+    }
+
     // FlushMetrics: a line that parses, time first, the drive's reads in it
     // (the line after those written so far: one a minute comes on its own).
     let before = metrics.lock().unwrap().lines().count();
@@ -283,6 +327,16 @@ fn kata_shaped_launch_patch_metrics_and_sigterm() {
         fail(&format!(
             "metrics without drive_3's reads or vCPU exits: {line}"
         ));
+    }
+    let throttled: u64 = metrics
+        .lock()
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["block_drive_3"]["rate_limiter_throttled_events"].as_u64())
+        .sum();
+    if throttled == 0 {
+        fail(&format!("drive_3's limiter held nothing back: {line}"));
     }
     if !log.lock().unwrap().contains("DEBUG") {
         fail("nothing at Debug level in the log FIFO");

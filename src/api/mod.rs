@@ -91,7 +91,8 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             let d: PartialDrive = json_body(body)?;
             id_matches(id, &d.drive_id, "drive_id")?;
             VmmAction::PatchDrive {
-                path: d.new_path()?,
+                path: d.new_path(),
+                rate_limit: d.rate_limiter,
                 id: d.drive_id,
             }
         }
@@ -100,9 +101,17 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             id_matches(id, &n.iface_id, "iface_id")?;
             VmmAction::PutNetworkInterface(n.to_config()?)
         }
+        ("PATCH", "network-interfaces", Some(id)) => {
+            let n: models::PartialNetworkInterface = json_body(body)?;
+            id_matches(id, &n.iface_id, "iface_id")?;
+            VmmAction::PatchNetworkInterface {
+                id: n.iface_id,
+                rx: n.rx_rate_limiter,
+                tx: n.tx_rate_limiter,
+            }
+        }
         ("PUT", "entropy", None) => {
-            json_body::<models::EntropyDevice>(body)?.check()?;
-            VmmAction::PutEntropy
+            VmmAction::PutEntropy(json_body::<models::EntropyDevice>(body)?.rate_limit())
         }
         ("PUT", "logger", None) => {
             VmmAction::PutLogger(json_body::<models::Logger>(body)?.settings()?)
@@ -261,6 +270,26 @@ mod tests {
         assert!(parse_request("PUT", "/drives/", d)
             .unwrap_err()
             .starts_with("Invalid request"));
+        // Rate limiters: PATCH a NIC's, PUT the entropy device's.
+        let b = br#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#;
+        match parse_request("PATCH", "/network-interfaces/eth0", b) {
+            Ok(VmmAction::PatchNetworkInterface { id, rx, tx }) => {
+                assert_eq!((id.as_str(), rx), ("eth0", None));
+                assert_eq!(tx.and_then(|t| t.ops).map(|o| o.size), Some(100));
+            }
+            other => panic!("{other:?}"),
+        }
+        let b = br#"{"rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100, "one_time_burst": 8192}}}"#;
+        match parse_request("PUT", "/entropy", b) {
+            Ok(VmmAction::PutEntropy(l)) => assert!(l.limits()),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_request(
+            "PUT",
+            "/entropy",
+            br#"{"rate_limiter": {"bandwidth": {"size": 1}}}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::config::{CacheType, DriveConfig, VmConfig};
 use crate::net::{MacAddr, NetConfig};
+use crate::rate_limit::RateLimitConfig;
 use crate::snapshot::SnapshotPaths;
 
 /// `PUT /machine-config`.
@@ -77,9 +78,9 @@ pub struct Drive {
     /// I/O engine: only "Sync".
     #[serde(default)]
     pub io_engine: Option<String>,
-    /// Rate limiting: not supported (must be absent or null).
+    /// The guest's I/O limits; absent, `null` or `{}`: unlimited.
     #[serde(default)]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimitConfig>,
 }
 
 /// `PATCH /drives/{drive_id}`.
@@ -91,9 +92,9 @@ pub struct PartialDrive {
     /// New backing file.
     #[serde(default)]
     pub path_on_host: Option<String>,
-    /// Rate limiting: not supported (must be absent or null).
+    /// New limits (buckets full again); absent: unchanged.
     #[serde(default)]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimitConfig>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
@@ -107,27 +108,42 @@ pub struct NetworkInterface {
     /// Guest MAC; random when absent.
     #[serde(default)]
     pub guest_mac: Option<String>,
-    /// Not supported (must be absent or null).
+    /// Limits on frames to the guest; absent, `null` or `{}`: unlimited.
     #[serde(default)]
-    pub rx_rate_limiter: Option<Value>,
-    /// Not supported (must be absent or null).
+    pub rx_rate_limiter: Option<RateLimitConfig>,
+    /// Limits on frames from the guest.
     #[serde(default)]
-    pub tx_rate_limiter: Option<Value>,
+    pub tx_rate_limiter: Option<RateLimitConfig>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new limits (buckets full again).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The id; must match the path.
+    pub iface_id: String,
+    /// New rx limits; absent: unchanged.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimitConfig>,
+    /// New tx limits; absent: unchanged.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimitConfig>,
 }
 
 /// `PUT /entropy`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyDevice {
-    /// Rate limiting: only unlimited (absent, null or `{}`).
+    /// Limits on the bytes and requests the guest gets; absent, `null` or
+    /// `{}`: unlimited.
     #[serde(default)]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimitConfig>,
 }
 
 impl EntropyDevice {
-    /// Check what microvm does not do.
-    pub fn check(&self) -> Result<(), String> {
-        no_rate_limiter(&self.rate_limiter)
+    /// The limits it asks for.
+    pub fn rate_limit(&self) -> RateLimitConfig {
+        self.rate_limiter.unwrap_or_default()
     }
 }
 
@@ -437,15 +453,12 @@ fn none_or(value: &Option<String>, allowed: &str, what: &str) -> Result<(), Stri
     }
 }
 
-/// A rate limiter that limits nothing: absent, `null`, `{}`, or buckets
-/// that are all `null` (what clients send for "unlimited", Kata always).
-fn no_rate_limiter(v: &Option<Value>) -> Result<(), String> {
-    match v {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Object(m)) if m.values().all(Value::is_null) => Ok(()),
-        Some(_) => Err(unsupported(
-            "a rate limiter with a bandwidth or ops bucket (null or {} mean unlimited)",
-        )),
+/// A limiter as `GET` answers show it: `null` when it limits nothing.
+fn limit_json(l: &RateLimitConfig) -> Value {
+    if l.limits() {
+        l.json()
+    } else {
+        Value::Null
     }
 }
 
@@ -504,7 +517,6 @@ impl Drive {
             return Err(unsupported("partuuid"));
         }
         none_or(&self.io_engine, "Sync", "io_engine")?;
-        no_rate_limiter(&self.rate_limiter)?;
         if self.path_on_host.is_empty() {
             return Err("path_on_host is empty".into());
         }
@@ -517,6 +529,7 @@ impl Drive {
                 None | Some(CacheTypeJson::Unsafe) => CacheType::Unsafe,
                 Some(CacheTypeJson::Writeback) => CacheType::Writeback,
             },
+            rate_limit: self.rate_limiter.unwrap_or_default(),
         })
     }
 
@@ -532,24 +545,21 @@ impl Drive {
             },
             "io_engine": "Sync",
             "partuuid": null,
-            "rate_limiter": null,
+            "rate_limiter": limit_json(&d.rate_limit),
         })
     }
 }
 
 impl PartialDrive {
-    /// Check what cannot be changed; the new path, if any.
-    pub fn new_path(&self) -> Result<Option<PathBuf>, String> {
-        no_rate_limiter(&self.rate_limiter)?;
-        Ok(self.path_on_host.as_ref().map(PathBuf::from))
+    /// The new path, if any.
+    pub fn new_path(&self) -> Option<PathBuf> {
+        self.path_on_host.as_ref().map(PathBuf::from)
     }
 }
 
 impl NetworkInterface {
     /// The NIC as microvm configures it (an existing TAP).
     pub fn to_config(&self) -> Result<NetConfig, String> {
-        no_rate_limiter(&self.rx_rate_limiter)?;
-        no_rate_limiter(&self.tx_rate_limiter)?;
         let mut n: NetConfig = format!("tap={}", self.host_dev_name)
             .parse()
             .map_err(|e: crate::net::NetConfigError| e.to_string())?;
@@ -557,6 +567,8 @@ impl NetworkInterface {
             n.mac = Some(mac.parse::<MacAddr>().map_err(|e| e.to_string())?);
         }
         n.id = self.iface_id.clone();
+        n.rx_rate_limit = self.rx_rate_limiter.unwrap_or_default();
+        n.tx_rate_limit = self.tx_rate_limiter.unwrap_or_default();
         Ok(n)
     }
 
@@ -570,8 +582,8 @@ impl NetworkInterface {
             "iface_id": n.id,
             "host_dev_name": host_dev_name,
             "guest_mac": n.mac.map(|m| m.to_string()),
-            "rx_rate_limiter": null,
-            "tx_rate_limiter": null,
+            "rx_rate_limiter": limit_json(&n.rx_rate_limit),
+            "tx_rate_limiter": limit_json(&n.tx_rate_limit),
         })
     }
 }
@@ -594,8 +606,8 @@ impl ConfigFile {
             cfg.put_net(n.to_config()?);
         }
         if let Some(e) = &self.entropy {
-            e.check()?;
             cfg.entropy = true;
+            cfg.entropy_rate_limit = e.rate_limit();
         }
         if let Some(v) = &self.vsock {
             cfg.vsock = Some(v.to_config()?);
@@ -611,7 +623,9 @@ pub fn full_config_json(cfg: &VmConfig) -> Value {
         "machine-config": MachineConfig::json(cfg),
         "drives": cfg.drives.iter().map(Drive::json).collect::<Vec<_>>(),
         "network-interfaces": cfg.nets.iter().map(NetworkInterface::json).collect::<Vec<_>>(),
-        "entropy": cfg.entropy.then(|| serde_json::json!({ "rate_limiter": null })),
+        "entropy": cfg.entropy.then(|| {
+            serde_json::json!({ "rate_limiter": limit_json(&cfg.entropy_rate_limit) })
+        }),
         "vsock": cfg.vsock.as_ref().map(VsockDevice::json),
     })
 }
@@ -667,13 +681,21 @@ mod tests {
             .to_string();
         assert_eq!(e, "vCPU count must be between 1 and 8, got 0");
         assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 1}"#).is_err());
-        let d: Drive = serde_json::from_str(
+        // A bucket needs its size and refill time, as in Firecracker.
+        assert!(serde_json::from_str::<Drive>(
             r#"{"drive_id":"a","path_on_host":"/x","is_root_device":false,"rate_limiter":{"bandwidth":{}}}"#,
         )
+        .is_err());
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id":"a","path_on_host":"/x","is_root_device":false,
+                "rate_limiter":{"bandwidth":{"size":1048576,"refill_time":100},"ops":null}}"#,
+        )
         .unwrap();
+        let c = d.to_config().unwrap();
+        assert!(c.rate_limit.limits());
         assert_eq!(
-            d.to_config().unwrap_err(),
-            "a rate limiter with a bandwidth or ops bucket (null or {} mean unlimited) is not supported by microvm"
+            Drive::json(&c)["rate_limiter"]["bandwidth"]["size"],
+            1048576
         );
         // Unlimited, the way clients say it.
         for unlimited in ["null", "{}", r#"{"bandwidth": null, "ops": null}"#] {
@@ -681,7 +703,9 @@ mod tests {
                 r#"{{"drive_id":"a","path_on_host":"/x","is_root_device":false,"rate_limiter":{unlimited}}}"#
             ))
             .unwrap();
-            assert!(d.to_config().is_ok(), "{unlimited}");
+            let c = d.to_config().unwrap();
+            assert!(!c.rate_limit.limits(), "{unlimited}");
+            assert_eq!(Drive::json(&c)["rate_limiter"], Value::Null);
         }
         let n: NetworkInterface = serde_json::from_str(
             r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"01:00:00:00:00:01"}"#,

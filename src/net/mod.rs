@@ -40,14 +40,17 @@ pub enum NetConfigError {
     #[error("empty --net value (expected user, tap=NAME or host=IP/PREFIX,guest=IP)")]
     Empty,
     /// `user` combined with a TAP key.
-    #[error("--net user takes only mac= (it needs no TAP and no host address)")]
+    #[error("--net user takes only mac= and bw= (it needs no TAP and no host address)")]
     UserWithTap,
     /// An item without `=`.
-    #[error("'{0}' is not KEY=VALUE or 'user' (keys: tap, mac, host, guest)")]
+    #[error("'{0}' is not KEY=VALUE or 'user' (keys: tap, mac, host, guest, bw)")]
     NotKeyValue(String),
     /// A key we do not know.
-    #[error("unknown --net key '{0}' (expected tap, mac, host or guest)")]
+    #[error("unknown --net key '{0}' (expected tap, mac, host, guest or bw)")]
     UnknownKey(String),
+    /// A `bw=` that is not a rate.
+    #[error("--net bw: {0}")]
+    BadRate(String),
     /// The same key twice.
     #[error("--net key '{0}' given twice")]
     DuplicateKey(String),
@@ -255,6 +258,8 @@ pub enum NetBackend {
 ///
 /// `mac=` is six hex bytes (`02:00:00:00:00:01`); without it the NIC gets a
 /// random locally administered address `02:xx:xx:xx:xx:xx`, new on each run.
+/// `bw=RATE` (any form) limits each direction to RATE bytes a second (`K`,
+/// `M`, `G`: powers of 1024).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// Name of the interface in the configuration (`iface_id` in the API);
@@ -264,6 +269,12 @@ pub struct NetConfig {
     pub backend: NetBackend,
     /// Guest MAC address; `None` for a random one.
     pub mac: Option<MacAddr>,
+    /// Frames to the guest are limited so (unlimited by default).
+    #[serde(default)]
+    pub rx_rate_limit: crate::rate_limit::RateLimitConfig,
+    /// Frames from the guest are limited so.
+    #[serde(default)]
+    pub tx_rate_limit: crate::rate_limit::RateLimitConfig,
 }
 
 impl NetConfig {
@@ -273,6 +284,8 @@ impl NetConfig {
             id: String::new(),
             backend: NetBackend::Tap { name: name.into() },
             mac: None,
+            rx_rate_limit: Default::default(),
+            tx_rate_limit: Default::default(),
         }
     }
 
@@ -282,6 +295,8 @@ impl NetConfig {
             id: String::new(),
             backend: NetBackend::User { publish },
             mac: None,
+            rx_rate_limit: Default::default(),
+            tx_rate_limit: Default::default(),
         }
     }
 
@@ -296,6 +311,8 @@ impl NetConfig {
                 prefix_len,
             },
             mac: None,
+            rx_rate_limit: Default::default(),
+            tx_rate_limit: Default::default(),
         }
     }
 
@@ -411,6 +428,7 @@ impl FromStr for NetConfig {
         let mut mac = None;
         let mut host = None;
         let mut guest = None;
+        let mut bw = None;
         let mut user = false;
         for item in s.split(',') {
             if item == "user" {
@@ -428,6 +446,7 @@ impl FromStr for NetConfig {
                 "mac" => &mut mac,
                 "host" => &mut host,
                 "guest" => &mut guest,
+                "bw" => &mut bw,
                 other => return Err(NetConfigError::UnknownKey(other.to_string())),
             };
             if slot.is_some() {
@@ -443,6 +462,12 @@ impl FromStr for NetConfig {
             validate_tap_name(name)?;
         }
         let mac = mac.map(MacAddr::from_str).transpose()?;
+        let limit = crate::rate_limit::per_second(
+            bw.map(crate::rate_limit::parse_rate)
+                .transpose()
+                .map_err(NetConfigError::BadRate)?,
+            None,
+        );
         if user {
             if tap.is_some() || host.is_some() || guest.is_some() {
                 return Err(NetConfigError::UserWithTap);
@@ -453,6 +478,8 @@ impl FromStr for NetConfig {
                     publish: Vec::new(),
                 },
                 mac,
+                rx_rate_limit: limit,
+                tx_rate_limit: limit,
             });
         }
         let tap = tap.map(str::to_string);
@@ -493,6 +520,8 @@ impl FromStr for NetConfig {
             id: String::new(),
             backend,
             mac,
+            rx_rate_limit: limit,
+            tx_rate_limit: limit,
         })
     }
 }

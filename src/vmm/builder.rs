@@ -125,7 +125,9 @@ impl Machine {
                     console_input = Some(input);
                     device
                 }
-                DeviceKind::Rng => Box::new(crate::devices::virtio::rng::Rng::new()),
+                DeviceKind::Rng => Box::new(crate::devices::virtio::rng::Rng::with_rate_limit(
+                    config.entropy_rate_limit,
+                )),
                 DeviceKind::Vsock => vsock_device(config)?,
             };
             self.devices
@@ -186,7 +188,12 @@ fn net_device(
         mac,
         Box::new(move |msg| exit_events.send(VmEvent::BackendExited(msg))),
     )?;
-    Ok(crate::devices::virtio::net::net_device(index, backend, mac))
+    Ok(crate::devices::virtio::net::net_device(
+        index,
+        backend,
+        mac,
+        [net.rx_rate_limit, net.tx_rate_limit],
+    ))
 }
 
 /// virtio-vsock, its host socket listening from now on (before any vCPU runs).

@@ -5,6 +5,7 @@
 
 use super::{RestoreOptions, Vmm};
 use crate::config::{check_file, VmConfig};
+use crate::rate_limit::RateLimitConfig;
 use crate::rpc::{ActionError, ActionResult, RunState, VmmAction, VmmData};
 use crate::snapshot::SnapshotPaths;
 use crate::vcpu::thread::{VcpuHandle, Wanted};
@@ -82,18 +83,35 @@ impl Preboot {
                     .map(|()| c.put_drive(d))
                     .map_err(|e| e.to_string())
             }
-            VmmAction::PatchDrive { id, path } => c.drive_mut(&id).and_then(|d| match path {
-                Some(path) => check_file("drive", &path)
-                    .map(|()| d.path = path)
-                    .map_err(|e| e.to_string()),
-                None => Ok(()),
+            VmmAction::PatchDrive {
+                id,
+                path,
+                rate_limit,
+            } => c.drive_mut(&id).and_then(|d| {
+                if let Some(path) = path {
+                    check_file("drive", &path).map_err(|e| e.to_string())?;
+                    d.path = path;
+                }
+                if let Some(l) = rate_limit {
+                    d.rate_limit = l;
+                }
+                Ok(())
+            }),
+            VmmAction::PatchNetworkInterface { id, rx, tx } => c.net_mut(&id).map(|n| {
+                if let Some(l) = rx {
+                    n.rx_rate_limit = l;
+                }
+                if let Some(l) = tx {
+                    n.tx_rate_limit = l;
+                }
             }),
             VmmAction::PutNetworkInterface(n) => {
                 c.put_net(n);
                 Ok(())
             }
-            VmmAction::PutEntropy => {
+            VmmAction::PutEntropy(limit) => {
                 c.entropy = true;
+                c.entropy_rate_limit = limit;
                 Ok(())
             }
             VmmAction::PutLogger(s) => {
@@ -164,7 +182,12 @@ impl Vmm {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .press_ctrl_alt_del(),
-            VmmAction::PatchDrive { id, path } => self.patch_drive(id, path.as_deref())?,
+            VmmAction::PatchDrive {
+                id,
+                path,
+                rate_limit,
+            } => self.patch_drive(id, path.as_deref(), *rate_limit)?,
+            VmmAction::PatchNetworkInterface { id, rx, tx } => self.patch_net(id, *rx, *tx)?,
             VmmAction::CreateSnapshot(paths) => {
                 self.snapshot(vcpus, *state, paths)
                     .map_err(|e| ActionError::Failed(crate::error_chain(&e)))?;
@@ -201,18 +224,49 @@ impl Vmm {
         Ok(())
     }
 
-    fn patch_drive(&mut self, id: &str, path: Option<&std::path::Path>) -> Result<(), ActionError> {
-        let Some(path) = path else {
-            return Ok(());
-        };
+    fn patch_drive(
+        &mut self,
+        id: &str,
+        path: Option<&std::path::Path>,
+        rate_limit: Option<RateLimitConfig>,
+    ) -> Result<(), ActionError> {
         let drive = self.config.drive_mut(id).map_err(ActionError::Config)?;
-        check_file("drive", path).map_err(|e| ActionError::Config(e.to_string()))?;
-        self.devices
-            .swap_drive_file(id, path)
-            .map_err(|e| ActionError::Failed(crate::error_chain(&e)))?;
-        drive.path = path.to_path_buf();
+        if let Some(path) = path {
+            check_file("drive", path).map_err(|e| ActionError::Config(e.to_string()))?;
+        }
+        if let Some(path) = path {
+            self.devices.swap_drive_file(id, path).map_err(failed)?;
+            drive.path = path.to_path_buf();
+        }
+        if let Some(l) = rate_limit {
+            self.devices.drive_rate_limit(id).map_err(failed)?.update(l);
+            drive.rate_limit = l;
+        }
         Ok(())
     }
+
+    fn patch_net(
+        &mut self,
+        id: &str,
+        rx: Option<RateLimitConfig>,
+        tx: Option<RateLimitConfig>,
+    ) -> Result<(), ActionError> {
+        let net = self.config.net_mut(id).map_err(ActionError::Config)?;
+        let [rx_limit, tx_limit] = self.devices.net_rate_limits(id).map_err(failed)?;
+        if let Some(l) = rx {
+            rx_limit.update(l);
+            net.rx_rate_limit = l;
+        }
+        if let Some(l) = tx {
+            tx_limit.update(l);
+            net.tx_rate_limit = l;
+        }
+        Ok(())
+    }
+}
+
+fn failed(e: super::device_manager::DeviceManagerError) -> ActionError {
+    ActionError::Failed(crate::error_chain(&e))
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use crate::config::{DeviceId, DeviceKind, DriveConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::virtio::block::{Block, DiskError};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::throttle::ThrottleHandle;
 use crate::devices::virtio::VirtioDevice;
 use crate::layout::{IRQ_MAX, IRQ_VIRTIO_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
@@ -100,6 +102,9 @@ pub enum DeviceManagerError {
     /// No device has this id.
     #[error("no drive with id '{0}'")]
     UnknownDrive(String),
+    /// No NIC has this id.
+    #[error("no network interface with id '{0}'")]
+    UnknownNet(String),
 }
 
 /// Where one device lives in the guest.
@@ -325,6 +330,32 @@ impl DeviceManager {
             })?;
         t.config_changed();
         Ok(())
+    }
+
+    /// The rate limiter of drive `id`.
+    pub fn drive_rate_limit(&self, id: &str) -> Result<ThrottleHandle, DeviceManagerError> {
+        let mut t = self.drive(id)?.lock().unwrap_or_else(|e| e.into_inner());
+        t.device_mut()
+            .as_any_mut()
+            .downcast_mut::<Block>()
+            .map(|b| b.rate_limit().clone())
+            .ok_or_else(|| DeviceManagerError::UnknownDrive(id.to_string()))
+    }
+
+    /// The rx and tx rate limiters of NIC `id`.
+    pub fn net_rate_limits(&self, id: &str) -> Result<[ThrottleHandle; 2], DeviceManagerError> {
+        let unknown = || DeviceManagerError::UnknownNet(id.to_string());
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.id.kind == DeviceKind::Net && d.id.id == id)
+            .ok_or_else(unknown)?;
+        let mut t = d.transport.lock().unwrap_or_else(|e| e.into_inner());
+        t.device_mut()
+            .as_any_mut()
+            .downcast_mut::<Net>()
+            .map(|n| n.rate_limits().clone())
+            .ok_or_else(unknown)
     }
 
     /// Every attached device, in attach order.

@@ -25,8 +25,9 @@ pub enum VmEvent {
     Reset,
     /// A vCPU stopped on its own.
     VcpuStopped(u8, VcpuStop),
-    /// An API action and where its answer goes.
-    Api(VmmAction, Sender<ActionResult>),
+    /// An API action (boxed: some carry whole device configurations) and
+    /// where its answer goes.
+    Api(Box<VmmAction>, Sender<ActionResult>),
     /// A NIC's backend process (passt) exited; carries the message.
     BackendExited(String),
 }
@@ -82,7 +83,7 @@ impl EventSender {
 /// The API's actions reach the main thread as events.
 impl ActionSink for EventSender {
     fn submit(&self, action: VmmAction, reply: Sender<ActionResult>) {
-        self.send(VmEvent::Api(action, reply));
+        self.send(VmEvent::Api(Box::new(action), reply));
     }
 }
 

@@ -20,6 +20,7 @@ pub mod queue_guard;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_utils;
+pub mod throttle;
 pub mod vsock;
 
 pub use common::VirtioCommon;

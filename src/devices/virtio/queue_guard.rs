@@ -158,6 +158,8 @@ pub struct Drained {
     pub lost: u32,
     /// Why the last lost chain could not be returned.
     pub lost_because: Option<virtio_queue::Error>,
+    /// [`drain_while`] stopped at a chain its `serve` put back.
+    pub stopped: bool,
 }
 
 /// Serve every chain the driver makes available: `serve` does the work of
@@ -173,12 +175,27 @@ pub fn drain<'a, M: GuestMemory>(
     mem: &'a M,
     mut serve: impl FnMut(Chain<&'a M>) -> u32,
 ) -> Result<Drained, QueueError> {
+    drain_while(queue, mem, |chain| Some(serve(chain)))
+}
+
+/// [`drain`], but `serve` may answer `None`: the chain is put back on the
+/// available ring, untouched, and the drain stops with notifications still
+/// off (a rate limiter's timer, not the guest, brings the device back).
+pub fn drain_while<'a, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'a M,
+    mut serve: impl FnMut(Chain<&'a M>) -> Option<u32>,
+) -> Result<Drained, QueueError> {
     let mut done = Drained::default();
     loop {
         disable_notification(queue, mem)?;
         while let Some(chain) = pop(queue, mem)? {
             let head = chain.head_index();
-            let len = serve(chain);
+            let Some(len) = serve(chain) else {
+                queue.go_to_previous_position();
+                done.stopped = true;
+                return Ok(done);
+            };
             match queue.add_used(mem, head, len) {
                 Ok(()) => done.used = done.used.saturating_add(1),
                 Err(e) => {

@@ -21,12 +21,14 @@ use super::request::Limits;
 use super::worker::BlockWorker;
 use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
 use crate::config::{CacheType, DriveConfig};
+use crate::devices::virtio::throttle::ThrottleHandle;
 use crate::devices::virtio::{
     read_config_bytes, take_queues, ActivateError, GuestLog, Interrupt, VirtioCommon, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
 use crate::narrow;
+use crate::rate_limit::RateLimitConfig;
 
 /// Size of the part of `struct virtio_blk_config` we fill: capacity,
 /// size_max, seg_max, geometry (unused, zero) and blk_size.
@@ -39,6 +41,7 @@ static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
 pub struct Block {
     common: VirtioCommon,
     disk: SharedDisk,
+    limit: ThrottleHandle,
     config: [u8; CONFIG_LEN],
 }
 
@@ -46,6 +49,7 @@ impl Block {
     /// Open (and lock) the drive's backing file.
     pub fn new(cfg: &DriveConfig) -> Result<Self, DiskError> {
         let mut b = Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?);
+        b.limit.update(cfg.rate_limit);
         if cfg.cache == CacheType::Unsafe {
             let f = b.common.avail_features() & !(1 << VIRTIO_BLK_F_FLUSH);
             b.common.set_avail_features(f);
@@ -73,8 +77,14 @@ impl Block {
         Self {
             common: VirtioCommon::new(VIRTIO_ID_BLOCK, label, avail_features, &[QUEUE_SIZE]),
             disk: Arc::new(Mutex::new(Arc::new(disk))),
+            limit: ThrottleHandle::new(RateLimitConfig::default()),
             config,
         }
+    }
+
+    /// The drive's rate limiter (change it with [`ThrottleHandle::update`]).
+    pub fn rate_limit(&self) -> &ThrottleHandle {
+        &self.limit
     }
 
     /// The backing file engine.
@@ -153,12 +163,15 @@ impl VirtioDevice for Block {
             disk: self.disk.clone(),
             acked_features: self.common.acked_features(),
             errors: GuestLog::default(),
+            throttle: self.limit.worker().map_err(ActivateError::Worker)?,
         };
         self.common.start_worker(handler)
     }
 
     fn metrics(&self) -> Vec<(&'static str, u64)> {
-        self.disk().stats().metrics()
+        let mut m = self.disk().stats().metrics();
+        m.push(("rate_limiter_throttled_events", self.limit.throttled()));
+        m
     }
 
     fn flush(&mut self) {

@@ -9,7 +9,7 @@ use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::{Disk, DiskError};
-use super::request::{Limits, Request};
+use super::request::{Limits, Request, RequestKind};
 use crate::devices::virtio::guest_log::GuestLog;
 use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
 use crate::memory::GuestMemoryMmap;
@@ -35,7 +35,24 @@ pub fn process_queue(
     limits: &Limits,
     errors: &mut GuestLog,
 ) -> Result<bool, QueueError> {
-    let done = queue_guard::drain(queue, mem, |chain| serve(mem, chain, disk, limits, errors))?;
+    process_queue_limited(mem, queue, disk, limits, errors, |_, _| true)
+}
+
+/// [`process_queue`] with a rate limiter: `admit(bytes, ops)` is asked
+/// before each well-formed request is served (bytes for reads and writes,
+/// one op for each); on `false` the request stays on the ring and the
+/// drain stops until the caller's limiter lets it through.
+pub fn process_queue_limited(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    disk: &Disk,
+    limits: &Limits,
+    errors: &mut GuestLog,
+    mut admit: impl FnMut(u64, u64) -> bool,
+) -> Result<bool, QueueError> {
+    let done = queue_guard::drain_while(queue, mem, |chain| {
+        serve(mem, chain, disk, limits, errors, &mut admit)
+    })?;
     if let Some(e) = &done.lost_because {
         errors.report(
             LABEL,
@@ -57,24 +74,33 @@ fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, used_any: bool, errors: &mut
 }
 
 /// Serve one chain; returns the used length (bytes written to guest memory,
-/// status byte included; 0 when the chain was dropped).
+/// status byte included; 0 when the chain was dropped), or `None` when
+/// `admit` holds it back.
 fn serve(
     mem: &GuestMemoryMmap,
     chain: Chain<&GuestMemoryMmap>,
     disk: &Disk,
     limits: &Limits,
     errors: &mut GuestLog,
-) -> u32 {
+    admit: &mut impl FnMut(u64, u64) -> bool,
+) -> Option<u32> {
     let request = match Request::parse(chain, limits) {
         Ok(r) => r,
         Err(rejected) => {
             errors.report(LABEL, "bad request", &rejected.error);
-            return match rejected.status {
+            return Some(match rejected.status {
                 Some(status) => write_status(mem, status, STATUS_IOERR, errors).map_or(0, |()| 1),
                 None => 0,
-            };
+            });
         }
     };
+    let bytes = match request.kind {
+        RequestKind::In | RequestKind::Out => request.data_len(),
+        _ => 0,
+    };
+    if !admit(bytes, 1) {
+        return None;
+    }
     let (status, written) = match disk.execute(mem, &request) {
         Ok(n) => (STATUS_OK, n),
         Err(e @ DiskError::Unsupported(_)) => {
@@ -86,10 +112,10 @@ fn serve(
             (STATUS_IOERR, 0)
         }
     };
-    match write_status(mem, request.status, status, errors) {
+    Some(match write_status(mem, request.status, status, errors) {
         Ok(()) => written.saturating_add(1),
         Err(()) => 0,
-    }
+    })
 }
 
 fn write_status(
@@ -394,6 +420,57 @@ mod tests {
         assert!(irq);
         assert_eq!(errors.count(), 1);
         assert_eq!(d.used(0), (0, 0));
+    }
+
+    #[test]
+    fn a_limiter_holds_requests_on_the_ring_in_order() {
+        let m = mem();
+        let (img, _) = image(16);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)]);
+        header(&m, HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
+        d.submit(&[desc(HDR + 0x100, 16, 0), desc(STATUS + 1, 1, W)]);
+        let mut errors = GuestLog::default();
+        let mut asked = Vec::new();
+        // The first is refused: nothing is served, the ring is as it was.
+        let irq = process_queue_limited(
+            &m,
+            &mut d.queue,
+            &disk,
+            &disk.limits(),
+            &mut errors,
+            |b, o| {
+                asked.push((b, o));
+                false
+            },
+        )
+        .unwrap();
+        assert!(!irq);
+        assert_eq!(d.used_idx(), 0);
+        // One at a time: the read, then the flush.
+        let mut budget = 1;
+        for served in [1, 2] {
+            let irq = process_queue_limited(
+                &m,
+                &mut d.queue,
+                &disk,
+                &disk.limits(),
+                &mut errors,
+                |b, o| {
+                    asked.push((b, o));
+                    std::mem::take(&mut budget) > 0
+                },
+            )
+            .unwrap();
+            assert!(irq);
+            assert_eq!(d.used_idx(), served);
+            budget = 1;
+        }
+        assert_eq!(d.used(0), (0, 1025));
+        assert_eq!(asked, vec![(1024, 1), (1024, 1), (0, 1), (0, 1)]);
+        assert_eq!(errors.count(), 0);
     }
 
     #[test]

@@ -10,13 +10,16 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{current, SharedDisk};
-use super::queue::process_queue;
+use super::queue::process_queue_limited;
+use crate::devices::virtio::throttle::Throttle;
 use crate::devices::virtio::{
     EpollHandler, GuestLog, Interrupt, QueuePosition, Served, VIRTIO_MMIO_INT_VRING,
 };
 use crate::memory::GuestMemoryMmap;
 
 const TOKEN_QUEUE: u64 = 0;
+/// The rate limiter's two fds: this token and the next.
+const TOKEN_LIMIT: u64 = 1;
 
 /// What the worker thread owns: the queue and the disk it serves.
 pub(super) struct BlockWorker {
@@ -27,6 +30,9 @@ pub(super) struct BlockWorker {
     pub(super) disk: SharedDisk,
     pub(super) acked_features: u64,
     pub(super) errors: GuestLog,
+    /// The drive's rate limiter: a refused request stays on the ring and
+    /// the worker waits on the limiter's timer.
+    pub(super) throttle: Throttle,
 }
 
 impl EpollHandler for BlockWorker {
@@ -35,24 +41,40 @@ impl EpollHandler for BlockWorker {
     }
 
     fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
-        vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)]
+        let mut w = vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)];
+        w.extend(self.throttle.watch(TOKEN_LIMIT));
+        w
     }
 
     fn queue_positions(&self) -> Vec<QueuePosition> {
         vec![QueuePosition::of(&self.queue)]
     }
 
-    fn serve(&mut self, _ready: &[u64]) -> Served {
-        // The only fd is the queue's: whether kicked or at start, drain it.
-        // Non-blocking: EAGAIN just means another kick was merged.
+    fn serve(&mut self, ready: &[u64]) -> Served {
+        // Kicked, at start, or the limiter lets more through: drain the
+        // queue. Non-blocking: EAGAIN just means another kick was merged.
         let _ = self.queue_evt.read();
+        self.throttle.woke(ready, TOKEN_LIMIT);
         let disk = current(&self.disk);
         let limits = disk.negotiated_limits(self.acked_features);
-        match process_queue(&self.mem, &mut self.queue, &disk, &limits, &mut self.errors) {
+        let throttle = &mut self.throttle;
+        match process_queue_limited(
+            &self.mem,
+            &mut self.queue,
+            &disk,
+            &limits,
+            &mut self.errors,
+            |bytes, ops| throttle.admit(bytes, ops),
+        ) {
             Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
             Err(e) => {
-                return Served::broken_ring("virtio-blk", &e, &self.interrupt, vec![TOKEN_QUEUE])
+                return Served::broken_ring(
+                    "virtio-blk",
+                    &e,
+                    &self.interrupt,
+                    vec![TOKEN_QUEUE, TOKEN_LIMIT, TOKEN_LIMIT + 1],
+                )
             }
         }
         Served::default()

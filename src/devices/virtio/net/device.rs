@@ -30,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{NetStats, NetStatsSnapshot, RxPath, TxPath};
 use super::worker::Worker;
+use crate::devices::virtio::throttle::ThrottleHandle;
 use crate::devices::virtio::{
     read_config_bytes, take_queues, ActivateError, Interrupt, VirtioCommon, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -37,6 +38,7 @@ use crate::devices::virtio::{
 use crate::memory::GuestMemoryMmap;
 use crate::narrow;
 use crate::net::{FrameBackend, MacAddr};
+use crate::rate_limit::RateLimitConfig;
 
 /// virtio device ID of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -123,6 +125,8 @@ pub struct Net {
     backend: Arc<dyn FrameBackend>,
     mac: MacAddr,
     stats: Arc<NetStats>,
+    /// Rate limiters: frames to the guest, frames from it.
+    limits: [ThrottleHandle; 2],
 }
 
 impl Net {
@@ -140,7 +144,16 @@ impl Net {
             backend,
             mac,
             stats: Arc::new(NetStats::default()),
+            limits: [
+                ThrottleHandle::new(RateLimitConfig::default()),
+                ThrottleHandle::new(RateLimitConfig::default()),
+            ],
         }
+    }
+
+    /// The rx and tx rate limiters (change them with [`ThrottleHandle::update`]).
+    pub fn rate_limits(&self) -> &[ThrottleHandle; 2] {
+        &self.limits
     }
 
     /// Guest MAC address.
@@ -228,6 +241,8 @@ impl VirtioDevice for Net {
             stats: Arc::clone(&self.stats),
             rx_more: false,
             tx_more: false,
+            rx_throttle: self.limits[0].worker().map_err(ActivateError::Worker)?,
+            tx_throttle: self.limits[1].worker().map_err(ActivateError::Worker)?,
         };
         self.common.start_worker(worker)?;
         info!(
@@ -255,6 +270,8 @@ impl VirtioDevice for Net {
                 s.rx_bad_chains + s.rx_dropped_too_big + s.rx_dropped_malformed,
             ),
             ("tx_fails", s.tx_bad_chains + s.tx_errors),
+            ("rx_rate_limiter_throttled", self.limits[0].throttled()),
+            ("tx_rate_limiter_throttled", self.limits[1].throttled()),
         ]
     }
 

@@ -22,13 +22,18 @@ use std::sync::Arc;
 
 use super::VirtioDevice;
 use crate::net::{FrameBackend, MacAddr};
+use crate::rate_limit::RateLimitConfig;
 
 /// The device for the `index`-th NIC (`eth<index>` in the guest) with MAC
-/// `mac`, on the `backend` set up for it.
+/// `mac`, on the `backend` set up for it, its rx and tx limited so.
 pub fn net_device(
     index: usize,
     backend: Arc<dyn FrameBackend>,
     mac: MacAddr,
+    [rx, tx]: [RateLimitConfig; 2],
 ) -> Box<dyn VirtioDevice> {
-    Box::new(Net::new(index, backend, mac))
+    let net = Net::new(index, backend, mac);
+    net.rate_limits()[0].update(rx);
+    net.rate_limits()[1].update(tx);
+    Box::new(net)
 }

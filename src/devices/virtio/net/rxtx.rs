@@ -16,7 +16,7 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::devices::virtio::guest_log::GuestLog;
@@ -222,6 +222,8 @@ pub struct TxBatch {
     pub used: u32,
     /// Stopped at the batch limit with chains left.
     pub more: bool,
+    /// Stopped at a frame the rate limiter holds back (left on the ring).
+    pub throttled: bool,
 }
 
 /// Guest-to-host path.
@@ -281,12 +283,34 @@ impl TxPath {
         sink: &mut S,
         stats: &NetStats,
     ) -> Result<TxBatch, QueueError> {
+        self.process_limited(queue, mem, sink, stats, |_| true)
+    }
+
+    /// [`TxPath::process`] with a rate limiter: `admit(bytes)` is asked for
+    /// each well-formed frame (its bytes past the vnet header; one op); on
+    /// `false` the chain stays on the ring and the batch ends throttled.
+    pub fn process_limited<M: GuestMemory, S: FrameSink + ?Sized>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        sink: &mut S,
+        stats: &NetStats,
+        mut admit: impl FnMut(u64) -> bool,
+    ) -> Result<TxBatch, QueueError> {
         let mut batch = TxBatch::default();
         let limit = u32::from(queue.size()).max(1);
         let mut handled = 0u32;
         while let Some(chain) = queue_guard::pop(queue, mem)? {
             let head = chain.head_index();
-            match self.gather(mem, chain) {
+            let gathered = self.gather(mem, chain);
+            if let Ok(len) = gathered {
+                if !admit((len - VNET_HDR_LEN) as u64) {
+                    queue.go_to_previous_position();
+                    batch.throttled = true;
+                    break;
+                }
+            }
+            match gathered {
                 Ok(len) => match sink.send_frame(&self.buf[..len]) {
                     Ok(()) => {
                         bump(&stats.tx_frames, 1);
@@ -382,6 +406,8 @@ pub enum RxStop {
     NeedBuffers,
     /// The batch limit was reached; call again.
     Budget,
+    /// A frame is pending until the rate limiter lets it through.
+    Throttled,
 }
 
 /// Result of one [`RxPath::process`] call.
@@ -410,6 +436,8 @@ pub struct RxPath {
     frame: Box<[u8]>,
     /// Length of the frame in `frame` still to deliver.
     pending: Option<usize>,
+    /// The pending frame was charged to the rate limiter already.
+    pending_paid: bool,
     /// Chains taken off the ring for the pending frame, or left over after a
     /// frame too big for them was dropped; used before popping new ones.
     reserved: VecDeque<RxBuffer>,
@@ -427,6 +455,7 @@ impl RxPath {
             label: label.into(),
             frame: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
             pending: None,
+            pending_paid: false,
             reserved: VecDeque::new(),
             mrg_rxbuf,
             guest_csum,
@@ -450,6 +479,21 @@ impl RxPath {
         stats: &NetStats,
         budget: u32,
     ) -> Result<RxBatch, QueueError> {
+        self.process_limited(queue, mem, source, stats, budget, |_| true)
+    }
+
+    /// [`RxPath::process`] with a rate limiter: `admit(bytes)` is asked
+    /// for each frame (its bytes past the vnet header; one op); on `false`
+    /// the frame stays pending and the batch ends [`RxStop::Throttled`].
+    pub fn process_limited<M: GuestMemory, S: FrameSource + ?Sized>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        source: &mut S,
+        stats: &NetStats,
+        budget: u32,
+        mut admit: impl FnMut(u64) -> bool,
+    ) -> Result<RxBatch, QueueError> {
         let mut batch = RxBatch {
             used: 0,
             frames: 0,
@@ -457,6 +501,7 @@ impl RxPath {
         };
         let mut handled = 0u32;
         while handled < budget {
+            let paid = std::mem::take(&mut self.pending_paid);
             let len = match self.pending.take() {
                 Some(len) => len,
                 None => match source.recv_frame(&mut self.frame) {
@@ -479,6 +524,11 @@ impl RxPath {
                 bump(&stats.rx_dropped_malformed, 1);
                 continue;
             }
+            if !paid && !admit((len - VNET_HDR_LEN) as u64) {
+                self.pending = Some(len);
+                batch.stop = RxStop::Throttled;
+                return Ok(batch);
+            }
             match self.deliver(queue, mem, len, stats, &mut batch.used) {
                 Deliver::Done => {
                     batch.frames += 1;
@@ -487,6 +537,7 @@ impl RxPath {
                 }
                 Deliver::NoBuffers => {
                     self.pending = Some(len);
+                    self.pending_paid = true;
                     bump(&stats.rx_deferred, 1);
                     batch.stop = RxStop::NeedBuffers;
                     return Ok(batch);
@@ -853,7 +904,8 @@ pub(crate) mod tests {
             batch,
             TxBatch {
                 used: 1,
-                more: false
+                more: false,
+                throttled: false,
             }
         );
         assert_eq!(sink.0, vec![frame]);
@@ -1177,6 +1229,72 @@ pub(crate) mod tests {
             .process(&mut q, &mem, &mut src, &NetStats::default(), 8)
             .unwrap();
         assert_eq!(read(&mem, BUF_BASE, 1)[0], 0);
+    }
+
+    #[test]
+    fn a_throttled_frame_waits_and_is_charged_once() {
+        // TX: the chain stays on the ring until the limiter admits it.
+        let mem = memory();
+        let mut drv = Driver::new(&mem, 0, 16);
+        let mut q = drv.queue();
+        let frame = hdr_and(&pattern(60, 1));
+        mem.write_slice(&frame, GuestAddress(BUF_BASE)).unwrap();
+        let head = drv.add_chain(&[(BUF_BASE, len32(frame.len()), false)]);
+        let stats = NetStats::default();
+        let mut sink = VecSink(Vec::new());
+        let mut tx = TxPath::new("t");
+        let mut charged = Vec::new();
+        let batch = tx
+            .process_limited(&mut q, &mem, &mut sink, &stats, |b| {
+                charged.push(b);
+                false
+            })
+            .unwrap();
+        assert!(batch.throttled && batch.used == 0 && sink.0.is_empty());
+        let batch = tx
+            .process_limited(&mut q, &mem, &mut sink, &stats, |b| {
+                charged.push(b);
+                true
+            })
+            .unwrap();
+        assert_eq!((batch.used, batch.throttled), (1, false));
+        assert_eq!(sink.0, vec![frame]);
+        assert_eq!(drv.take_used(), vec![(head, 0)]);
+        assert_eq!(charged, vec![60, 60]);
+
+        // RX: held back, then out of buffers: charged once, delivered once.
+        let mem = memory();
+        let mut drv = Driver::new(&mem, 0, 16);
+        let mut q = drv.queue();
+        let frame = hdr_and(&pattern(100, 2));
+        let mut src = VecSource(VecDeque::from([frame.clone()]));
+        let mut rx = RxPath::new("t", false, true);
+        let mut charges = 0;
+        let b = rx
+            .process_limited(&mut q, &mem, &mut src, &stats, 8, |_| {
+                charges += 1;
+                false
+            })
+            .unwrap();
+        assert_eq!(b.stop, RxStop::Throttled);
+        assert!(rx.has_pending() && src.0.is_empty());
+        let b = rx
+            .process_limited(&mut q, &mem, &mut src, &stats, 8, |_| {
+                charges += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(b.stop, RxStop::NeedBuffers, "no buffers posted yet");
+        let head = drv.add_chain(&[(BUF_BASE, 2048, true)]);
+        let b = rx
+            .process_limited(&mut q, &mem, &mut src, &stats, 8, |_| {
+                charges += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!((b.frames, b.stop), (1, RxStop::SourceEmpty));
+        assert_eq!(drv.take_used(), vec![(head, len32(frame.len()))]);
+        assert_eq!(charges, 2, "refused once, paid once");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::rxtx::{FrameSink, FrameSource, NetStats, RxPath, RxStop, TxPath};
 use crate::devices::virtio::queue_guard::{self, QueueError};
+use crate::devices::virtio::throttle::Throttle;
 use crate::devices::virtio::{EpollHandler, Interrupt, Served, VIRTIO_MMIO_INT_VRING};
 use crate::memory::GuestMemoryMmap;
 use crate::net::backend::{recv_with_vnet_hdr, send_with_vnet_hdr};
@@ -34,6 +35,10 @@ use crate::net::FrameBackend;
 const TOKEN_BACKEND: u64 = 0;
 const TOKEN_RX_QUEUE: u64 = 1;
 const TOKEN_TX_QUEUE: u64 = 2;
+/// The rx rate limiter's two fds: this token and the next.
+const TOKEN_RX_LIMIT: u64 = 3;
+/// The tx rate limiter's two fds: this token and the next.
+const TOKEN_TX_LIMIT: u64 = 5;
 
 /// Frames moved to the guest before it is interrupted and TX gets a turn.
 const RX_BUDGET: u32 = 128;
@@ -72,6 +77,9 @@ pub(super) struct Worker {
     pub(super) rx_more: bool,
     /// The TX queue may hold more chains than the last batch took.
     pub(super) tx_more: bool,
+    /// Rate limiters: a held-back frame waits on its limiter's timer.
+    pub(super) rx_throttle: Throttle,
+    pub(super) tx_throttle: Throttle,
 }
 
 impl EpollHandler for Worker {
@@ -97,6 +105,10 @@ impl EpollHandler for Worker {
             (self.rx_evt.as_raw_fd(), TOKEN_RX_QUEUE, EventSet::IN),
             (self.tx_evt.as_raw_fd(), TOKEN_TX_QUEUE, EventSet::IN),
         ]
+        .into_iter()
+        .chain(self.rx_throttle.watch(TOKEN_RX_LIMIT))
+        .chain(self.tx_throttle.watch(TOKEN_TX_LIMIT))
+        .collect()
     }
 
     /// Frames may have reached the backend, and the driver may have queued TX,
@@ -121,6 +133,12 @@ impl EpollHandler for Worker {
                 _ => {}
             }
         }
+        if self.rx_throttle.woke(ready, TOKEN_RX_LIMIT) {
+            self.rx_more = true;
+        }
+        if self.tx_throttle.woke(ready, TOKEN_TX_LIMIT) {
+            self.tx_more = true;
+        }
         match self.serve_queues() {
             Ok(()) => Served {
                 more: self.rx_more || self.tx_more,
@@ -135,7 +153,15 @@ impl EpollHandler for Worker {
                     &self.label,
                     &e,
                     &self.interrupt,
-                    vec![TOKEN_BACKEND, TOKEN_RX_QUEUE, TOKEN_TX_QUEUE],
+                    vec![
+                        TOKEN_BACKEND,
+                        TOKEN_RX_QUEUE,
+                        TOKEN_TX_QUEUE,
+                        TOKEN_RX_LIMIT,
+                        TOKEN_RX_LIMIT + 1,
+                        TOKEN_TX_LIMIT,
+                        TOKEN_TX_LIMIT + 1,
+                    ],
                 )
             }
         }
@@ -165,14 +191,20 @@ impl Worker {
     fn handle_tx(&mut self) -> Result<bool, QueueError> {
         for _ in 0..TX_PASSES {
             queue_guard::disable_notification(&mut self.tx_queue, &self.mem)?;
-            let batch = self.tx.process(
+            let throttle = &mut self.tx_throttle;
+            let batch = self.tx.process_limited(
                 &mut self.tx_queue,
                 &self.mem,
                 &mut BackendIo(self.backend.as_ref()),
                 &self.stats,
+                |bytes| throttle.admit(bytes, 1),
             )?;
             if batch.used > 0 {
                 Self::signal(&self.interrupt, &mut self.tx_queue, &self.mem);
+            }
+            if batch.throttled {
+                // Notifications stay off: the limiter's timer brings us back.
+                return Ok(false);
             }
             if batch.more {
                 continue;
@@ -188,12 +220,14 @@ impl Worker {
 
     /// Move one batch of frames to the guest; true if the backend may have more.
     fn handle_rx(&mut self) -> Result<bool, QueueError> {
-        let batch = self.rx.process(
+        let throttle = &mut self.rx_throttle;
+        let batch = self.rx.process_limited(
             &mut self.rx_queue,
             &self.mem,
             &mut BackendIo(self.backend.as_ref()),
             &self.stats,
             RX_BUDGET,
+            |bytes| throttle.admit(bytes, 1),
         )?;
         if batch.used > 0 {
             Self::signal(&self.interrupt, &mut self.rx_queue, &self.mem);

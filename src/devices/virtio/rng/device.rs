@@ -9,16 +9,19 @@ use vmm_sys_util::eventfd::EventFd;
 use super::queue::RngStats;
 use super::worker::RngWorker;
 use super::{QUEUE_SIZE, VIRTIO_ID_RNG};
+use crate::devices::virtio::throttle::ThrottleHandle;
 use crate::devices::virtio::{
     take_queues, ActivateError, GuestLog, Interrupt, VirtioCommon, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMemoryMmap;
+use crate::rate_limit::RateLimitConfig;
 
 /// An entropy device.
 pub struct Rng {
     common: VirtioCommon,
     /// What the workers did, kept across resets for the final log line.
     stats: Arc<Mutex<RngStats>>,
+    limit: ThrottleHandle,
 }
 
 impl Rng {
@@ -32,7 +35,20 @@ impl Rng {
                 &[QUEUE_SIZE],
             ),
             stats: Arc::default(),
+            limit: ThrottleHandle::new(RateLimitConfig::default()),
         }
+    }
+
+    /// The device limited so.
+    pub fn with_rate_limit(limit: RateLimitConfig) -> Self {
+        let r = Self::new();
+        r.limit.update(limit);
+        r
+    }
+
+    /// Its rate limiter.
+    pub fn rate_limit(&self) -> &ThrottleHandle {
+        &self.limit
     }
 
     /// Whether a worker serves the queue.
@@ -81,6 +97,7 @@ impl VirtioDevice for Rng {
             interrupt,
             stats: self.stats.clone(),
             log: GuestLog::default(),
+            throttle: self.limit.worker().map_err(ActivateError::Worker)?,
         })
     }
 
@@ -90,6 +107,7 @@ impl VirtioDevice for Rng {
             ("entropy_event_count", s.requests),
             ("entropy_bytes", s.bytes),
             ("entropy_event_fails", s.bad),
+            ("entropy_rate_limiter_throttled", self.limit.throttled()),
         ]
     }
 

@@ -37,7 +37,24 @@ pub fn process_queue<M: GuestMemory>(
     stats: &mut RngStats,
     log: &mut GuestLog,
 ) -> Result<bool, QueueError> {
-    let done = queue_guard::drain(queue, mem, |chain| {
+    process_queue_limited(queue, mem, source, stats, log, |_, _| true)
+}
+
+/// [`process_queue`] with a rate limiter: `admit(bytes, 1)` is asked for
+/// each chain (the bytes it asks for, at most [`MAX_BYTES_PER_CHAIN`]); on
+/// `false` the chain stays on the ring and the drain stops.
+pub fn process_queue_limited<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    source: Source<'_>,
+    stats: &mut RngStats,
+    log: &mut GuestLog,
+    mut admit: impl FnMut(u64, u64) -> bool,
+) -> Result<bool, QueueError> {
+    let done = queue_guard::drain_while(queue, mem, |chain| {
+        if !admit(u64::from(requested(chain.clone())), 1) {
+            return None;
+        }
         let (len, res) = fill(mem, chain, source);
         stats.requests += 1;
         stats.bytes += u64::from(len);
@@ -45,13 +62,29 @@ pub fn process_queue<M: GuestMemory>(
             stats.bad += 1;
             log.warn("virtio-rng", format_args!("{why} ({} so far)", stats.bad));
         }
-        len
+        Some(len)
     })?;
     if done.lost > 0 {
         stats.bad += u64::from(done.lost);
         log.warn("virtio-rng", format_args!("head index past the queue"));
     }
     Ok(done.used > 0)
+}
+
+/// The bytes a chain asks for, as [`fill`] counts them (its writable
+/// descriptors up to the first bad one, at most [`MAX_BYTES_PER_CHAIN`]).
+fn requested<M: GuestMemory>(chain: Chain<&M>) -> u32 {
+    let mut n: u32 = 0;
+    for desc in chain {
+        match desc {
+            Ok(d) if d.is_write_only() => n = n.saturating_add(d.len()),
+            _ => break,
+        }
+        if n >= MAX_BYTES_PER_CHAIN {
+            return MAX_BYTES_PER_CHAIN;
+        }
+    }
+    n
 }
 
 /// Fill one chain; the bytes written and why the chain was cut short.
