@@ -89,7 +89,7 @@ fn api_refuses_what_it_must() {
         "/machine-config",
         Some(r#"{"vcpu_count": 64, "mem_size_mib": 128}"#),
     ));
-    assert!(msg.contains("between 1 and 8"), "{msg}");
+    assert!(msg.contains("between 1 and 32"), "{msg}");
     // A kernel, initrd or drive file that does not exist is refused at
     // once, as Firecracker does, and nothing is configured.
     let msg = fault(&call(

@@ -679,7 +679,7 @@ mod tests {
             .set_machine(cpus, mem)
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "vCPU count must be between 1 and 8, got 0");
+        assert_eq!(e, "vCPU count must be between 1 and 32, got 0");
         assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 1}"#).is_err());
         // A bucket needs its size and refill time, as in Firecracker.
         assert!(serde_json::from_str::<Drive>(

@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn checksums_and_counts() {
-        for cpus in [1u8, 2, 8] {
+        for cpus in [1u8, 2, 8, 32] {
             let t = build(cpus, MPTABLE_START).unwrap();
             assert_eq!(&t[0..4], b"_MP_");
             assert_eq!(sum(&t[0..16]), 0, "floating pointer checksum");
@@ -194,8 +194,13 @@ mod tests {
     #[test]
     fn fits_below_ram_end() {
         let mem = crate::memory::create_guest_memory(1).unwrap();
-        setup(&mem, 8).unwrap();
-        let t = build(8, MPTABLE_START).unwrap();
-        assert!(MPTABLE_START + t.len() as u64 <= 0xA0000);
+        let max = crate::config::MAX_CPUS;
+        setup(&mem, max).unwrap();
+        let t = build(max, MPTABLE_START).unwrap();
+        assert!(
+            MPTABLE_START + t.len() as u64 <= 0xA0000,
+            "{} bytes",
+            t.len()
+        );
     }
 }
