@@ -107,3 +107,66 @@ pub fn random(buf: &mut [u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Write to stderr and ignore the outcome: stderr may be closed, or a pipe
+/// whose reader is gone (`tee` ended by the same Ctrl-C), and `eprintln!`
+/// panics then. Use through [`crate::say!`].
+pub fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_fmt(args);
+}
+
+/// `eprintln!` that never panics: see [`say`].
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::host::say(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// The exit status of a process in which a thread panicked.
+pub const PANIC_EXIT: i32 = 101;
+
+/// On any thread's panic: write the message to fd 2 with plain `write(2)`
+/// (every seccomp filter of ours allows it), run `before_exit` (the
+/// terminal's mode back), and end the process with [`PANIC_EXIT`]. A thread
+/// that dies takes the VM with it instead of leaving it running headless,
+/// and nothing after the message (unwinding, backtraces, destructors) can
+/// meet a call a filter forbids.
+pub fn install_panic_hook(before_exit: fn()) {
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let msg = format!(
+            "microvm: thread '{}' panicked{at}: {payload}\nmicrovm: the VM is stopped (exit {PANIC_EXIT}); this is a bug in microvm\n",
+            thread.name().unwrap_or("unnamed")
+        );
+        write_fd_all(2, msg.as_bytes());
+        before_exit();
+        // SAFETY: _exit(2) ends the process at once; nothing is used after it.
+        unsafe { libc::_exit(PANIC_EXIT) }
+    }));
+}
+
+/// `write(2)` all of `buf` to `fd`, giving up on an error.
+fn write_fd_all(fd: i32, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live byte slice of its length for the call.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => buf = &buf[n.min(buf.len())..],
+            _ if n < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
+}

@@ -118,11 +118,11 @@ fn main() -> ExitCode {
     {
         Ok(code) => code,
         Err(Fatal::Signal(sig)) => {
-            eprintln!("microvm: stopped by signal {sig}");
+            microvm::say!("microvm: stopped by signal {sig}");
             signal_exit(sig)
         }
         Err(e) => {
-            eprintln!("microvm: error: {}", microvm::error_chain(&e));
+            microvm::say!("microvm: error: {}", microvm::error_chain(&e));
             e.exit_code()
         }
     };
@@ -144,11 +144,7 @@ fn init_logger(s: &microvm::logger::LogSettings) -> Result<(), Fatal> {
 /// Build the VM the command line asks for, run it, and say how it ended.
 fn run(cli: cli::Cli, process_start: Instant) -> Result<u8, Fatal> {
     let launch = cli.into_launch()?;
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        terminal::restore();
-        default_hook(info);
-    }));
+    microvm::host::install_panic_hook(terminal::restore);
     microvm::seccomp::set_enabled(launch.seccomp);
     microvm::seccomp::limit_malloc_arenas();
     if launch.seccomp {
@@ -198,28 +194,28 @@ fn outcome_exit_code(outcome: Outcome) -> u8 {
     match outcome {
         Outcome::GuestExit(status) => status,
         Outcome::NoExitStatus => {
-            eprintln!(
+            microvm::say!(
                 "microvm: error: the guest stopped without reporting the command's exit status"
             );
             EXIT_VMM_FAILURE
         }
         Outcome::BackendExited(why) => {
-            eprintln!("microvm: error: {why}; VM stopped");
+            microvm::say!("microvm: error: {why}; VM stopped");
             EXIT_VMM_FAILURE
         }
         Outcome::GuestCrash(why) => {
-            eprintln!("microvm: error: {why}");
+            microvm::say!("microvm: error: {why}");
             EXIT_VMM_FAILURE
         }
         Outcome::Timeout(t) => {
-            eprintln!(
+            microvm::say!(
                 "microvm: error: timed out after {:.1} s; VM stopped",
                 t.as_secs_f64()
             );
             EXIT_TIMEOUT
         }
         Outcome::Signal(sig) => {
-            eprintln!("microvm: stopped by signal {sig}");
+            microvm::say!("microvm: stopped by signal {sig}");
             signal_exit(sig)
         }
     }

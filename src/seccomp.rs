@@ -378,12 +378,27 @@ const MALLOC_ARENAS: libc::c_int = 4;
 /// worker or API connection thread: with drives, a NIC and the console a
 /// VM has that many threads, and an API connection died of SIGSYS on it.
 /// Fewer arenas is also less memory for a VMM whose threads mostly wait.
+///
+/// The same class: the first time `free()` shrinks a thread arena's heap,
+/// glibc opens /proc/sys/vm/overcommit_memory (`check_may_shrink_heap`), so
+/// a filtered worker freeing its buffers died of SIGSYS. Heaps are only
+/// shrunk past the trim threshold, so a threshold larger than any heap (64
+/// MiB) means glibc never does; freed memory stays for reuse instead of
+/// going back to the kernel, and buffers of 128 KiB or more are mmap'd
+/// and unmapped on free as before.
 pub fn limit_malloc_arenas() {
     // SAFETY: mallopt only changes malloc's tuning; called before threads exist.
     if unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) } != 1 {
         log::warn!("cannot limit malloc arenas; a thread may die of SIGSYS on openat");
     }
+    // SAFETY: as above.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) } != 1 {
+        log::warn!("cannot set malloc's trim threshold; a thread may die of SIGSYS on openat");
+    }
 }
+
+/// Larger than glibc's largest thread heap (64 MiB): no heap is shrunk.
+const MALLOC_TRIM_THRESHOLD: libc::c_int = 1 << 30;
 
 /// The BPF program for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {

@@ -125,7 +125,7 @@ fn parse<T: Parser>(args: impl IntoIterator<Item = std::ffi::OsString>) -> Resul
 }
 
 fn failed(e: &AgentError) -> ExitCode {
-    eprintln!("microvm: error: {}", crate::error_chain(e));
+    crate::say!("microvm: error: {}", crate::error_chain(e));
     ExitCode::from(EXIT_FAILURE)
 }
 
@@ -137,7 +137,7 @@ pub fn exec_main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
         Err(code) => return code,
     };
     if let Some(bad) = cli.env.iter().find(|kv| !kv.contains('=')) {
-        eprintln!("microvm: error: --env '{bad}': expected KEY=VALUE");
+        crate::say!("microvm: error: --env '{bad}': expected KEY=VALUE");
         return ExitCode::from(EXIT_USAGE);
     }
     let opts = ExecOptions {
@@ -162,7 +162,7 @@ pub fn cp_main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let dir = match direction(&cli.src, &cli.dst) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("microvm: error: {e}");
+            crate::say!("microvm: error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };

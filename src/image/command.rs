@@ -67,7 +67,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
         quiet,
     } = cli.cmd;
     if size == Some(0) {
-        eprintln!("microvm: error: --size must be at least 1 MiB");
+        crate::say!("microvm: error: --size must be at least 1 MiB");
         return ExitCode::from(2);
     }
     let opts = super::BuildOptions {
@@ -80,7 +80,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     match super::build(&opts) {
         Ok(b) => {
             if !quiet {
-                eprintln!(
+                crate::say!(
                     "microvm: {} layer(s) -> {} ({} MiB); runs {:?}",
                     b.layers,
                     opts.output.display(),
@@ -91,7 +91,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("microvm: error: {}", crate::error_chain(&e));
+            crate::say!("microvm: error: {}", crate::error_chain(&e));
             ExitCode::from(if e.is_usage_error() { 2 } else { 1 })
         }
     }

@@ -165,7 +165,7 @@ struct Progress {
 impl Progress {
     fn say(&self, msg: &str) {
         if self.on {
-            eprintln!("[image {:6.1}s] {msg}", self.start.elapsed().as_secs_f64());
+            crate::say!("[image {:6.1}s] {msg}", self.start.elapsed().as_secs_f64());
         }
     }
 }
