@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use microvm::devices::virtio::block::{process_queue, Disk};
+use microvm::devices::virtio::block::{process_queue, process_queue_limited, Disk};
 use microvm::devices::virtio::GuestLog;
 use microvm_fuzz::{guest_memory, QueueSetup};
 
@@ -44,9 +44,20 @@ fuzz_target!(|data: &[u8]| {
         limits.size_max = u32::MAX;
     }
     let mut errors = GuestLog::default();
-    // Two kicks: the second must see the state the first left.
-    for _ in 0..2 {
-        if process_queue(&mem, &mut queue, disk, &limits, &mut errors).is_err() {
+    // Three kicks: each must see the state the last left. With flag 2,
+    // a rate limiter that admits one request in three: held-back chains go
+    // back on the ring and are served by a later kick.
+    let mut n = 0u32;
+    for _ in 0..3 {
+        let r = if setup.flags & 2 != 0 {
+            process_queue_limited(&mem, &mut queue, disk, &limits, &mut errors, |_, _| {
+                n += 1;
+                n % 3 == 0
+            })
+        } else {
+            process_queue(&mem, &mut queue, disk, &limits, &mut errors)
+        };
+        if r.is_err() {
             return;
         }
     }

@@ -18,7 +18,7 @@ mod worker;
 
 pub use device::Block;
 pub use disk::{Disk, DiskError};
-pub use queue::process_queue;
+pub use queue::{process_queue, process_queue_limited};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
