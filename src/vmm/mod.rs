@@ -419,11 +419,16 @@ fn spawn_vcpu(
     }
     let c = control.clone();
     let t0 = (index == 0).then_some(process_start);
+    // The thread says it runs (its name is set by then), so the API, which
+    // is answered only after every vCPU is spawned, never reports Running
+    // while /proc still shows an unnamed thread (Kata reads the names then).
+    let (started, has_started) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         // Firecracker's name: Kata finds vCPU threads (for its cgroups) by
         // the `fc_vcpu` prefix.
         .name(format!("fc_vcpu {index}"))
         .spawn(move || {
+            let _ = started.send(());
             // Before the first KVM_RUN: from then on the guest drives this thread.
             if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
                 c.set_gone();
@@ -438,5 +443,8 @@ fn spawn_vcpu(
             events.send(VmEvent::VcpuStopped(index, stop));
         })
         .map_err(host_err("vCPU thread"))?;
+    if has_started.recv_timeout(Duration::from_secs(5)).is_err() {
+        log::warn!("vcpu{index}: its thread did not start within 5 s");
+    }
     Ok(VcpuHandle::new(index, control, thread, saved))
 }
