@@ -80,7 +80,22 @@ fn config_file_boots_the_flask_vm() {
         Some(r#"{"action_type": "SendCtrlAltDel"}"#),
     );
     vm.check(r.0 == 204, &format!("SendCtrlAltDel: {r:?}"));
-    let st = vm.wait_exit(Duration::from_secs(120));
+    // Python can swallow a SIGINT that lands in an import-lock callback
+    // ("Exception ignored in: <function _get_module_lock...>", seen once in
+    // the nested lane): press again if the app is still up, as a user would.
+    let mut st = vm.wait_exit(Duration::from_secs(30));
+    if st.is_none() && vm.stdout().contains("Exception ignored") {
+        let r = call(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        );
+        vm.check(r.0 == 204, &format!("second SendCtrlAltDel: {r:?}"));
+    }
+    if st.is_none() {
+        st = vm.wait_exit(Duration::from_secs(120));
+    }
     vm.check(
         st.is_some() && vm.stdout().contains("microvm-init: exit status"),
         "Ctrl-Alt-Del stops the app and the init reboots",
