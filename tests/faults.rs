@@ -17,14 +17,19 @@ use common::*;
 
 const HELLO: &str = "microvm-test-init: hello from userspace";
 
-fn waiting_vm(kernel: &std::path::Path, initrd: &std::path::Path) -> Command {
-    let mut c = Command::new(microvm_bin());
-    c.args(["--kernel", kernel.to_str().unwrap()])
+/// The test initramfs ticking until stopped, stdout and stderr piped to us.
+fn waiting_vm(kernel: &std::path::Path, initrd: &std::path::Path) -> Vm {
+    let child = Command::new(microvm_bin())
+        .args(["--kernel", kernel.to_str().unwrap()])
         .args(["--initrd", initrd.to_str().unwrap()])
         .args(["--cmdline", "microvm.test=wait", "--timeout", "1800"])
         .env("RUST_LOG", "info")
-        .stdin(Stdio::null());
-    c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Vm(child)
 }
 
 /// Read `r` line by line until one contains `what` (or the deadline).
@@ -54,12 +59,7 @@ fn signal(pid: u32, sig: &str) {
 fn sigint_with_stderr_into_a_dead_pipe_gives_130() {
     let Some(kernel) = boot_prereqs() else { return };
     let Some(initrd) = test_initrd() else { return };
-    let child = waiting_vm(&kernel, &initrd)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut vm = Vm(child);
+    let mut vm = waiting_vm(&kernel, &initrd);
     let mut out = BufReader::new(vm.0.stdout.take().unwrap());
     let boot = boot_deadline(Duration::from_secs(60), Duration::from_secs(900));
     assert!(read_until(&mut out, HELLO, boot), "the guest booted");
@@ -79,12 +79,7 @@ fn sigint_with_stderr_into_a_dead_pipe_gives_130() {
 fn stdout_into_a_dead_pipe_drops_the_console_and_the_vm_runs_on() {
     let Some(kernel) = boot_prereqs() else { return };
     let Some(initrd) = test_initrd() else { return };
-    let child = waiting_vm(&kernel, &initrd)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut vm = Vm(child);
+    let mut vm = waiting_vm(&kernel, &initrd);
     let stderr = pump(vm.0.stderr.take().unwrap());
     let mut out = BufReader::new(vm.0.stdout.take().unwrap());
     let boot = boot_deadline(Duration::from_secs(60), Duration::from_secs(900));
