@@ -96,6 +96,9 @@ def block_seeds():
         write(target, "too-long", header(flags=1) + too_long)
         write(target, "avail-index", header() + broken)
         write(target, "wrapping", header(start=0xffff) + requests)
+    # The io_uring engine (block_queue's flag 4).
+    write("block_queue", "requests-async", header(flags=4) + requests)
+    write("block_queue", "indirect-async", header(flags=4) + indirect)
 
 
 def net_seeds():

@@ -84,8 +84,9 @@ pub struct Cli {
 
     /// Extra virtio block device (/dev/vdb, /dev/vdc, ... in order). Repeatable.
     /// ",bw=RATE" limits its bytes a second (K, M, G: powers of 1024),
-    /// ",iops=N" its requests a second.
-    #[arg(long, value_name = "PATH[,ro][,bw=RATE][,iops=N]")]
+    /// ",iops=N" its requests a second; ",io=async" serves it through an
+    /// io_uring (default ",io=sync").
+    #[arg(long, value_name = "PATH[,ro][,bw=RATE][,iops=N][,io=sync|async]")]
     pub drive: Vec<String>,
 
     /// virtio-net interface (eth0, eth1, ...). Repeatable. One of

@@ -617,6 +617,17 @@ pub enum CacheType {
     Writeback,
 }
 
+/// How a drive's requests reach its backing file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum IoEngine {
+    /// The worker thread does each transfer itself (`preadv`/`pwritev`).
+    #[default]
+    Sync,
+    /// The worker submits transfers to an io_uring and serves the queue on
+    /// while the kernel does them (up to a queue of requests in flight).
+    Async,
+}
+
 /// One virtio block device backed by a regular file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DriveConfig {
@@ -634,6 +645,9 @@ pub struct DriveConfig {
     /// The guest's I/O on it is limited so (unlimited by default).
     #[serde(default)]
     pub rate_limit: crate::rate_limit::RateLimitConfig,
+    /// Sync (the default) or an io_uring.
+    #[serde(default)]
+    pub io_engine: IoEngine,
 }
 
 /// Error parsing `PATH[,ro]`.
@@ -642,8 +656,8 @@ pub enum DriveParseError {
     /// Empty path.
     #[error("drive path is empty")]
     EmptyPath,
-    /// An option other than `ro`/`rw`/`bw=`/`iops=`.
-    #[error("unknown drive option '{0}' (expected ro, rw, bw=RATE or iops=N)")]
+    /// An option other than `ro`/`rw`/`bw=`/`iops=`/`io=`.
+    #[error("unknown drive option '{0}' (expected ro, rw, bw=RATE, iops=N, io=sync or io=async)")]
     UnknownOption(String),
     /// A `bw=` or `iops=` that is not a rate.
     #[error("drive option {0}")]
@@ -653,8 +667,9 @@ pub enum DriveParseError {
 impl FromStr for DriveConfig {
     type Err = DriveParseError;
 
-    /// `PATH[,ro|,rw][,bw=RATE][,iops=N]`: `bw` bytes a second (`K`, `M`,
-    /// `G` suffixes), `iops` requests a second.
+    /// `PATH[,ro|,rw][,bw=RATE][,iops=N][,io=sync|async]`: `bw` bytes a
+    /// second (`K`, `M`, `G` suffixes), `iops` requests a second, `io` the
+    /// engine.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut parts = s.split(',');
         let path = parts.next().unwrap_or_default();
@@ -662,6 +677,7 @@ impl FromStr for DriveConfig {
             return Err(DriveParseError::EmptyPath);
         }
         let mut read_only = false;
+        let mut io_engine = IoEngine::Sync;
         let (mut bw, mut iops) = (None, None);
         for opt in parts {
             let rate = |v: &str| {
@@ -674,6 +690,8 @@ impl FromStr for DriveConfig {
                 None if opt == "rw" => read_only = false,
                 Some(("bw", v)) => bw = rate(v)?,
                 Some(("iops", v)) => iops = rate(v)?,
+                Some(("io", "sync")) => io_engine = IoEngine::Sync,
+                Some(("io", "async")) => io_engine = IoEngine::Async,
                 _ => return Err(DriveParseError::UnknownOption(opt.to_string())),
             }
         }
@@ -681,6 +699,7 @@ impl FromStr for DriveConfig {
             path: PathBuf::from(path),
             read_only,
             rate_limit: crate::rate_limit::per_second(bw, iops),
+            io_engine,
             ..Default::default()
         })
     }
@@ -695,6 +714,13 @@ mod tests {
         let d: DriveConfig = "/tmp/a.ext4,ro".parse().unwrap();
         assert_eq!(d.path, PathBuf::from("/tmp/a.ext4"));
         assert!(d.read_only);
+        assert_eq!(d.io_engine, IoEngine::Sync);
+        let d: DriveConfig = "/x,io=async,rw".parse().unwrap();
+        assert_eq!(d.io_engine, IoEngine::Async);
+        assert_eq!(
+            "/x,io=uring".parse::<DriveConfig>(),
+            Err(DriveParseError::UnknownOption("io=uring".into()))
+        );
         assert!(!"/x".parse::<DriveConfig>().unwrap().read_only);
         assert_eq!("".parse::<DriveConfig>(), Err(DriveParseError::EmptyPath));
         assert_eq!(

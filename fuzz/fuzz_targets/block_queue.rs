@@ -1,5 +1,6 @@
 //! The virtio-blk queue loop over fuzzed guest RAM and a small disk: every
-//! kick ends, and a broken ring is reported, never spun on.
+//! kick ends, and a broken ring is reported, never spun on; through the
+//! Sync engine, a rate limiter, or (flag 4) the io_uring engine.
 
 #![no_main]
 
@@ -7,13 +8,17 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use microvm::devices::virtio::block::{process_queue, process_queue_limited, Disk};
+use std::sync::Arc;
+
+use microvm::devices::virtio::block::{
+    process_queue, process_queue_async_once, process_queue_limited, Disk,
+};
 use microvm::devices::virtio::GuestLog;
 use microvm_fuzz::{guest_memory, QueueSetup};
 
 /// A 16-sector disk in RAM-backed storage, shared by every input.
-fn disk() -> &'static Disk {
-    static DISK: OnceLock<Disk> = OnceLock::new();
+fn disk() -> &'static Arc<Disk> {
+    static DISK: OnceLock<Arc<Disk>> = OnceLock::new();
     DISK.get_or_init(|| {
         let dir = PathBuf::from("/dev/shm");
         let dir = if dir.is_dir() {
@@ -26,7 +31,7 @@ fn disk() -> &'static Disk {
         let disk = Disk::open(&path, false).expect("opening the fuzz disk");
         // The open file is all the target needs.
         let _ = std::fs::remove_file(&path);
-        disk
+        Arc::new(disk)
     })
 }
 
@@ -49,7 +54,11 @@ fuzz_target!(|data: &[u8]| {
     // back on the ring and are served by a later kick.
     let mut n = 0u32;
     for _ in 0..3 {
-        let r = if setup.flags & 2 != 0 {
+        let r = if setup.flags & 4 != 0 {
+            // The io_uring engine: the same answers, completed later.
+            process_queue_async_once(&mem, &mut queue, disk, &limits, &mut errors)
+                .expect("an io_uring on the fuzzing host")
+        } else if setup.flags & 2 != 0 {
             process_queue_limited(&mem, &mut queue, disk, &limits, &mut errors, |_, _| {
                 n += 1;
                 n % 3 == 0

@@ -231,6 +231,7 @@ pub fn load_config_file(path: &Path) -> Result<VmConfig, ConfigFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::IoEngine;
 
     #[test]
     fn the_version_names_the_api_first() {
@@ -270,6 +271,20 @@ mod tests {
         assert!(parse_request("PUT", "/drives/", d)
             .unwrap_err()
             .starts_with("Invalid request"));
+        // io_engine: Sync (the default) or Async, nothing else.
+        for (engine, want) in [("Sync", IoEngine::Sync), ("Async", IoEngine::Async)] {
+            let body = format!(
+                r#"{{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "io_engine": "{engine}"}}"#
+            );
+            match parse_request("PUT", "/drives/rootfs", body.as_bytes()) {
+                Ok(VmmAction::PutDrive(c)) => assert_eq!(c.io_engine, want),
+                other => panic!("{engine}: {other:?}"),
+            }
+        }
+        let body = br#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "io_engine": "Uring"}"#;
+        assert!(parse_request("PUT", "/drives/rootfs", body)
+            .unwrap_err()
+            .contains("io_engine 'Uring'"));
         // Rate limiters: PATCH a NIC's, PUT the entropy device's.
         let b = br#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}"#;
         match parse_request("PATCH", "/network-interfaces/eth0", b) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{CacheType, DriveConfig, VmConfig};
+use crate::config::{CacheType, DriveConfig, IoEngine, VmConfig};
 use crate::net::{MacAddr, NetConfig};
 use crate::rate_limit::RateLimitConfig;
 use crate::snapshot::SnapshotPaths;
@@ -516,7 +516,11 @@ impl Drive {
         if self.partuuid.is_some() {
             return Err(unsupported("partuuid"));
         }
-        none_or(&self.io_engine, "Sync", "io_engine")?;
+        let io_engine = match self.io_engine.as_deref() {
+            None | Some("Sync") => IoEngine::Sync,
+            Some("Async") => IoEngine::Async,
+            Some(other) => return Err(format!("io_engine '{other}' is not one of Sync and Async")),
+        };
         if self.path_on_host.is_empty() {
             return Err("path_on_host is empty".into());
         }
@@ -530,6 +534,7 @@ impl Drive {
                 Some(CacheTypeJson::Writeback) => CacheType::Writeback,
             },
             rate_limit: self.rate_limiter.unwrap_or_default(),
+            io_engine,
         })
     }
 
@@ -543,7 +548,10 @@ impl Drive {
                 CacheType::Unsafe => "Unsafe",
                 CacheType::Writeback => "Writeback",
             },
-            "io_engine": "Sync",
+            "io_engine": match d.io_engine {
+                IoEngine::Sync => "Sync",
+                IoEngine::Async => "Async",
+            },
             "partuuid": null,
             "rate_limiter": limit_json(&d.rate_limit),
         })

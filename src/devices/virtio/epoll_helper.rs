@@ -67,6 +67,11 @@ pub trait EpollHandler: Send + 'static {
     fn queue_positions(&self) -> Vec<QueuePosition> {
         Vec::new()
     }
+    /// Finish the work in flight (a device whose requests complete later:
+    /// the io_uring block engine) before the worker parks or exits, so a
+    /// paused device has nothing outstanding and its queue positions say
+    /// all it did.
+    fn quiesce(&mut self) {}
 }
 
 /// How far a device got in one queue: the next available entry it will
@@ -219,10 +224,12 @@ fn run(
                 // EAGAIN: merged with an earlier request.
                 let _ = wake.read();
                 let park = || {
+                    handler.quiesce();
                     *positions.lock().unwrap_or_else(|e| e.into_inner()) =
                         handler.queue_positions();
                 };
                 if !control.may_run_with(park) {
+                    handler.quiesce();
                     return Ok(());
                 }
             } else {

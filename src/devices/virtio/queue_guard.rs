@@ -186,27 +186,64 @@ pub fn drain_while<'a, M: GuestMemory>(
     mem: &'a M,
     mut serve: impl FnMut(Chain<&'a M>) -> Option<u32>,
 ) -> Result<Drained, QueueError> {
+    drain_taking(queue, mem, |chain| match serve(chain) {
+        Some(len) => Disposition::Used(len),
+        None => Disposition::Hold,
+    })
+}
+
+/// What the `serve` of [`drain_taking`] did with one chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done: it goes on the used ring with this length.
+    Used(u32),
+    /// Not now: it goes back on the available ring, untouched, and the
+    /// drain stops (as [`drain_while`]'s `None`).
+    Hold,
+    /// Taken away, in flight: the caller puts it on the used ring itself
+    /// when its work completes (by its head index).
+    Taken,
+}
+
+/// [`drain_while`] for a device that completes chains later: `serve` may
+/// also keep a chain ([`Disposition::Taken`]).
+pub fn drain_taking<'a, M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &'a M,
+    mut serve: impl FnMut(Chain<&'a M>) -> Disposition,
+) -> Result<Drained, QueueError> {
     let mut done = Drained::default();
     loop {
         disable_notification(queue, mem)?;
         while let Some(chain) = pop(queue, mem)? {
             let head = chain.head_index();
-            let Some(len) = serve(chain) else {
-                queue.go_to_previous_position();
-                done.stopped = true;
-                return Ok(done);
-            };
-            match queue.add_used(mem, head, len) {
-                Ok(()) => done.used = done.used.saturating_add(1),
-                Err(e) => {
-                    done.lost = done.lost.saturating_add(1);
-                    done.lost_because = Some(e);
+            let len = match serve(chain) {
+                Disposition::Used(len) => len,
+                Disposition::Taken => continue,
+                Disposition::Hold => {
+                    queue.go_to_previous_position();
+                    done.stopped = true;
+                    return Ok(done);
                 }
-            }
+            };
+            done.count(queue.add_used(mem, head, len));
         }
         // More may have arrived while notifications were off.
         if !enable_notification(queue, mem)? {
             return Ok(done);
+        }
+    }
+}
+
+impl Drained {
+    /// Count the result of one `add_used`.
+    pub fn count(&mut self, added: Result<(), virtio_queue::Error>) {
+        match added {
+            Ok(()) => self.used = self.used.saturating_add(1),
+            Err(e) => {
+                self.lost = self.lost.saturating_add(1);
+                self.lost_because = Some(e);
+            }
         }
     }
 }

@@ -18,9 +18,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::disk::{current, Disk, DiskError, SharedDisk};
 #[cfg(test)]
 use super::request::Limits;
+use super::uring::Uring;
 use super::worker::BlockWorker;
 use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_ID_BLOCK};
-use crate::config::{CacheType, DriveConfig};
+use crate::config::{CacheType, DriveConfig, IoEngine};
 use crate::devices::virtio::throttle::ThrottleHandle;
 use crate::devices::virtio::{
     read_config_bytes, take_queues, ActivateError, GuestLog, Interrupt, VirtioCommon, VirtioDevice,
@@ -42,6 +43,7 @@ pub struct Block {
     common: VirtioCommon,
     disk: SharedDisk,
     limit: ThrottleHandle,
+    io_engine: IoEngine,
     config: [u8; CONFIG_LEN],
 }
 
@@ -50,6 +52,11 @@ impl Block {
     pub fn new(cfg: &DriveConfig) -> Result<Self, DiskError> {
         let mut b = Self::with_disk(Disk::open(&cfg.path, cfg.read_only)?);
         b.limit.update(cfg.rate_limit);
+        if cfg.io_engine == IoEngine::Async {
+            // Found out now, not when the guest activates the drive.
+            Uring::new(b.disk()).map_err(DiskError::Uring)?;
+            b.io_engine = IoEngine::Async;
+        }
         if cfg.cache == CacheType::Unsafe {
             let f = b.common.avail_features() & !(1 << VIRTIO_BLK_F_FLUSH);
             b.common.set_avail_features(f);
@@ -78,6 +85,7 @@ impl Block {
             common: VirtioCommon::new(VIRTIO_ID_BLOCK, label, avail_features, &[QUEUE_SIZE]),
             disk: Arc::new(Mutex::new(Arc::new(disk))),
             limit: ThrottleHandle::new(RateLimitConfig::default()),
+            io_engine: IoEngine::Sync,
             config,
         }
     }
@@ -155,7 +163,12 @@ impl VirtioDevice for Block {
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         let ([queue], [queue_evt]) = take_queues::<1>(queues, queue_evts)?;
+        let uring = match self.io_engine {
+            IoEngine::Sync => None,
+            IoEngine::Async => Some(Uring::new(self.disk()).map_err(ActivateError::Worker)?),
+        };
         let handler = BlockWorker {
+            uring,
             mem,
             queue,
             queue_evt,

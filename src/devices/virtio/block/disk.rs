@@ -83,6 +83,9 @@ pub enum DiskError {
     /// fdatasync failed.
     #[error("cannot flush the disk image")]
     Flush(#[source] io::Error),
+    /// The io_uring engine cannot be set up.
+    #[error("io_engine Async: cannot set up an io_uring on this host")]
+    Uring(#[source] io::Error),
     /// The device has no backing file to swap.
     #[error("this device has no backing file")]
     NoBackingFile,
@@ -249,6 +252,25 @@ impl Disk {
         }
     }
 
+    /// The backing file's descriptor (the io_uring engine registers it).
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Count one served request of `kind` that moved `bytes`.
+    pub(super) fn count_done(&self, kind: RequestKind, bytes: u64) {
+        let (count, total) = match kind {
+            RequestKind::In => (&self.stats.read_count, Some(&self.stats.read_bytes)),
+            RequestKind::Out => (&self.stats.write_count, Some(&self.stats.write_bytes)),
+            RequestKind::Flush => (&self.stats.flush_count, None),
+            RequestKind::GetId | RequestKind::Unsupported(_) => return,
+        };
+        bump(count, 1);
+        if let Some(total) = total {
+            bump(total, bytes);
+        }
+    }
+
     /// Make written data durable (fdatasync).
     pub fn flush(&self) -> Result<(), DiskError> {
         self.file.sync_data().map_err(DiskError::Flush)
@@ -263,8 +285,7 @@ impl Disk {
                 for d in &req.data {
                     read_into_guest(mem, d.addr, d.len as usize, &mut at)?;
                 }
-                bump(&self.stats.read_count, 1);
-                bump(&self.stats.read_bytes, req.data_len());
+                self.count_done(req.kind, req.data_len());
                 // Bounded by the chain length, itself below 2^32 (virtio-queue checks).
                 Ok(u32::try_from(req.data_len()).unwrap_or(u32::MAX))
             }
@@ -276,12 +297,11 @@ impl Disk {
                 for d in &req.data {
                     write_from_guest(mem, d.addr, d.len as usize, &mut at)?;
                 }
-                bump(&self.stats.write_count, 1);
-                bump(&self.stats.write_bytes, req.data_len());
+                self.count_done(req.kind, req.data_len());
                 Ok(0)
             }
             RequestKind::Flush => {
-                bump(&self.stats.flush_count, 1);
+                self.count_done(req.kind, 0);
                 if self.read_only {
                     Ok(0)
                 } else {

@@ -5,6 +5,8 @@
 //! - [`disk`]: the file engine (open + lock, pread/pwrite straight into guest
 //!   memory, fdatasync, serial);
 //! - [`queue`]: the queue loop that ties both together, usable without KVM;
+//! - `uring`: the io_uring engine of an `Async` drive (requests in flight
+//!   while the worker serves on);
 //! - [`device`]: the [`crate::devices::virtio::VirtioDevice`] (features, config
 //!   space, activation, the backing file);
 //! - `worker`: what the worker thread owns and does on each kick of the
@@ -14,11 +16,12 @@ pub mod device;
 pub mod disk;
 pub mod queue;
 pub mod request;
+mod uring;
 mod worker;
 
 pub use device::Block;
 pub use disk::{Disk, DiskError};
-pub use queue::{process_queue, process_queue_limited};
+pub use queue::{process_queue, process_queue_async_once, process_queue_limited};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

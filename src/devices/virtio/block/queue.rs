@@ -5,13 +5,14 @@
 //! it is tested with virtio-queue's mock driver.
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::disk::{Disk, DiskError};
 use super::request::{Limits, Request, RequestKind};
+use super::uring::{Completion, Uring};
 use crate::devices::virtio::guest_log::GuestLog;
-use crate::devices::virtio::queue_guard::{self, Chain, QueueError};
+use crate::devices::virtio::queue_guard::{self, Chain, Disposition, Drained, QueueError};
 use crate::memory::GuestMemoryMmap;
 use crate::narrow;
 
@@ -53,6 +54,109 @@ pub fn process_queue_limited(
     let done = queue_guard::drain_while(queue, mem, |chain| {
         serve(mem, chain, disk, limits, errors, &mut admit)
     })?;
+    report_lost(&done, errors);
+    Ok(finish(mem, queue, done.used > 0, errors))
+}
+
+/// [`process_queue_limited`] through the io_uring engine: first the
+/// requests the kernel finished go on the used ring, then the new ones are
+/// parsed and admitted as there, and those the engine runs are handed to
+/// the kernel instead of served on the spot. A full engine leaves chains on
+/// the available ring: the next completion brings the worker back.
+pub(super) fn process_queue_async(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    uring: &mut Uring,
+    limits: &Limits,
+    errors: &mut GuestLog,
+    mut admit: impl FnMut(u64, u64) -> bool,
+) -> Result<bool, QueueError> {
+    let mut done = complete(mem, queue, uring.reap(), errors);
+    let disk = uring.disk().clone();
+    let drained = queue_guard::drain_taking(queue, mem, |chain| {
+        if uring.is_full() {
+            return Disposition::Hold;
+        }
+        let head = chain.head_index();
+        let request = match parse(mem, chain, limits, errors) {
+            Ok(r) => r,
+            Err(len) => return Disposition::Used(len),
+        };
+        if !admit(admitted_bytes(&request), 1) {
+            return Disposition::Hold;
+        }
+        if !uring.runs(&request) {
+            return Disposition::Used(execute(mem, &request, &disk, errors));
+        }
+        match uring.push(mem, head, &request) {
+            Ok(()) => Disposition::Taken,
+            Err(e) => {
+                errors.report(LABEL, &format!("{:?} request", request.kind), &e);
+                Disposition::Used(status_len(mem, request.status, STATUS_IOERR, 0, errors))
+            }
+        }
+    })?;
+    done.used = done.used.saturating_add(drained.used);
+    done.lost = done.lost.saturating_add(drained.lost);
+    done.lost_because = drained.lost_because.or(done.lost_because);
+    if let Err(e) = uring.submit() {
+        // The entries stay queued and go with the next submit.
+        errors.report(LABEL, "cannot submit to the io_uring", &e);
+    }
+    report_lost(&done, errors);
+    Ok(finish(mem, queue, done.used > 0, errors))
+}
+
+/// One kick through a fresh io_uring engine on `disk`, waiting for all it
+/// put in flight: what the fuzz target drives (a worker keeps its engine).
+pub fn process_queue_async_once(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    disk: &std::sync::Arc<Disk>,
+    limits: &Limits,
+    errors: &mut GuestLog,
+) -> std::io::Result<Result<bool, QueueError>> {
+    let mut uring = Uring::new(disk.clone())?;
+    let r = process_queue_async(mem, queue, &mut uring, limits, errors, |_, _| true);
+    let rest = uring.wait_idle();
+    let irq = complete_and_finish(mem, queue, rest, errors);
+    Ok(r.map(|i| i || irq))
+}
+
+/// Put `completions` on the used ring, each with its status byte.
+pub(super) fn complete(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    completions: Vec<Completion>,
+    errors: &mut GuestLog,
+) -> Drained {
+    let mut done = Drained::default();
+    for c in completions {
+        let len = match c.result {
+            Ok(n) => status_len(mem, c.status, STATUS_OK, n, errors),
+            Err(e) => {
+                errors.report(LABEL, "request", &e);
+                status_len(mem, c.status, STATUS_IOERR, 0, errors)
+            }
+        };
+        done.count(queue.add_used(mem, c.head, len));
+    }
+    done
+}
+
+/// [`complete`], then whether the driver wants an interrupt for them.
+pub(super) fn complete_and_finish(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    completions: Vec<Completion>,
+    errors: &mut GuestLog,
+) -> bool {
+    let done = complete(mem, queue, completions, errors);
+    report_lost(&done, errors);
+    finish(mem, queue, done.used > 0, errors)
+}
+
+fn report_lost(done: &Drained, errors: &mut GuestLog) {
     if let Some(e) = &done.lost_because {
         errors.report(
             LABEL,
@@ -60,7 +164,6 @@ pub fn process_queue_limited(
             e,
         );
     }
-    Ok(finish(mem, queue, done.used > 0, errors))
 }
 
 fn finish(mem: &GuestMemoryMmap, queue: &mut Queue, used_any: bool, errors: &mut GuestLog) -> bool {
@@ -84,24 +187,44 @@ fn serve(
     errors: &mut GuestLog,
     admit: &mut impl FnMut(u64, u64) -> bool,
 ) -> Option<u32> {
-    let request = match Request::parse(chain, limits) {
+    let request = match parse(mem, chain, limits, errors) {
         Ok(r) => r,
-        Err(rejected) => {
-            errors.report(LABEL, "bad request", &rejected.error);
-            return Some(match rejected.status {
-                Some(status) => write_status(mem, status, STATUS_IOERR, errors).map_or(0, |()| 1),
-                None => 0,
-            });
-        }
+        Err(len) => return Some(len),
     };
-    let bytes = match request.kind {
-        RequestKind::In | RequestKind::Out => request.data_len(),
-        _ => 0,
-    };
-    if !admit(bytes, 1) {
+    if !admit(admitted_bytes(&request), 1) {
         return None;
     }
-    let (status, written) = match disk.execute(mem, &request) {
+    Some(execute(mem, &request, disk, errors))
+}
+
+/// The request in `chain`, or the used length of a chain that is not one
+/// (its status byte, if any, says IOERR).
+fn parse(
+    mem: &GuestMemoryMmap,
+    chain: Chain<&GuestMemoryMmap>,
+    limits: &Limits,
+    errors: &mut GuestLog,
+) -> Result<Request, u32> {
+    Request::parse(chain, limits).map_err(|rejected| {
+        errors.report(LABEL, "bad request", &rejected.error);
+        match rejected.status {
+            Some(status) => status_len(mem, status, STATUS_IOERR, 0, errors),
+            None => 0,
+        }
+    })
+}
+
+/// What a rate limiter charges for `request` (besides one op).
+fn admitted_bytes(request: &Request) -> u64 {
+    match request.kind {
+        RequestKind::In | RequestKind::Out => request.data_len(),
+        _ => 0,
+    }
+}
+
+/// Serve `request` on the spot; returns its used length.
+fn execute(mem: &GuestMemoryMmap, request: &Request, disk: &Disk, errors: &mut GuestLog) -> u32 {
+    let (status, written) = match disk.execute(mem, request) {
         Ok(n) => (STATUS_OK, n),
         Err(e @ DiskError::Unsupported(_)) => {
             errors.report(LABEL, "request", &e);
@@ -112,10 +235,22 @@ fn serve(
             (STATUS_IOERR, 0)
         }
     };
-    Some(match write_status(mem, request.status, status, errors) {
+    status_len(mem, request.status, status, written, errors)
+}
+
+/// Write `status` at `addr`: the used length is then `written` plus the
+/// status byte, or 0 when the byte cannot be written.
+fn status_len(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    status: u8,
+    written: u32,
+    errors: &mut GuestLog,
+) -> u32 {
+    match write_status(mem, addr, status, errors) {
         Ok(()) => written.saturating_add(1),
         Err(()) => 0,
-    })
+    }
 }
 
 fn write_status(
@@ -140,9 +275,12 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::Address;
 
+    use std::sync::Arc;
+
     use super::super::test_utils::TempImage;
     use super::super::{ID_BYTES, QUEUE_SIZE};
     use super::*;
+    use crate::config::IoEngine;
     use crate::devices::virtio::test_utils::{
         cpu_time_of, full_queue_of_one_chain, used_idx, KICK_CPU_BUDGET,
     };
@@ -523,6 +661,7 @@ mod tests {
     fn kick_full_queue(
         descs: &[(u64, u32, u16)],
         indirect_at: Option<GuestAddress>,
+        engine: IoEngine,
     ) -> (
         std::time::Duration,
         Result<bool, QueueError>,
@@ -531,12 +670,31 @@ mod tests {
     ) {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let (img, _) = image(4);
-        let disk = Disk::open(img.path(), false).unwrap();
+        let disk = Arc::new(Disk::open(img.path(), false).unwrap());
         let vq = MockSplitQueue::create(&m, GuestAddress(0), QUEUE_SIZE);
         let mut queue = full_queue_of_one_chain(&vq, &m, QUEUE_SIZE, descs, indirect_at, USED_RING);
         let mut errors = GuestLog::default();
-        let (cpu, r) =
-            cpu_time_of(|| process_queue(&m, &mut queue, &disk, &disk.limits(), &mut errors));
+        let limits = disk.limits();
+        let (cpu, r) = match engine {
+            IoEngine::Sync => {
+                cpu_time_of(|| process_queue(&m, &mut queue, &disk, &limits, &mut errors))
+            }
+            IoEngine::Async => {
+                let mut u = Uring::new(disk.clone()).unwrap();
+                cpu_time_of(|| {
+                    let r = process_queue_async(
+                        &m,
+                        &mut queue,
+                        &mut u,
+                        &limits,
+                        &mut errors,
+                        |_, _| true,
+                    );
+                    let rest = u.wait_idle();
+                    r.map(|irq| complete_and_finish(&m, &mut queue, rest, &mut errors) || irq)
+                })
+            }
+        };
         // Every chain is handed back.
         assert_eq!(used_idx(&m, USED_RING), QUEUE_SIZE);
         (cpu, r, errors, m)
@@ -549,13 +707,16 @@ mod tests {
         let mut descs = vec![(HDR, 16, 0)];
         descs.extend((2..u16::MAX).map(|_| (DATA, 0, W)));
         descs.push((STATUS, 1, W));
-        let (cpu, r, errors, _) = kick_full_queue(&descs, Some(GuestAddress(0x10_0000)));
-        eprintln!(
-            "virtio-blk: one kick, {QUEUE_SIZE} pointers to a 65,535-entry table: {cpu:?} CPU"
-        );
-        assert_eq!(r, Ok(true));
-        assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
-        assert_eq!(errors.count(), u64::from(QUEUE_SIZE));
+        for engine in [IoEngine::Sync, IoEngine::Async] {
+            let (cpu, r, errors, _) =
+                kick_full_queue(&descs, Some(GuestAddress(0x10_0000)), engine);
+            eprintln!(
+                "virtio-blk ({engine:?}): one kick, {QUEUE_SIZE} pointers to a 65,535-entry table: {cpu:?} CPU"
+            );
+            assert_eq!(r, Ok(true));
+            assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
+            assert_eq!(errors.count(), u64::from(QUEUE_SIZE));
+        }
     }
 
     /// The CPU-per-kick check: a full queue of the longest chains the spec
@@ -568,14 +729,127 @@ mod tests {
         descs.push((STATUS, 1, W));
         assert_eq!(descs.len(), usize::from(QUEUE_SIZE));
         // The header is left all zero: VIRTIO_BLK_T_IN of sector 0.
-        let (cpu, r, errors, m) = kick_full_queue(&descs, None);
-        eprintln!(
-            "virtio-blk: one kick, {QUEUE_SIZE} chains of {QUEUE_SIZE} descriptors: {cpu:?} CPU"
+        for engine in [IoEngine::Sync, IoEngine::Async] {
+            let (cpu, r, errors, m) = kick_full_queue(&descs, None, engine);
+            eprintln!(
+                "virtio-blk ({engine:?}): one kick, {QUEUE_SIZE} chains of {QUEUE_SIZE} descriptors: {cpu:?} CPU"
+            );
+            assert_eq!(r, Ok(true));
+            assert_eq!(errors.count(), 0);
+            assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), STATUS_OK);
+            assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
+        }
+    }
+
+    /// The io_uring engine answers what the Sync engine does: the same
+    /// used lengths and status bytes (in completion order), the same data
+    /// in guest memory and on disk, the same counters.
+    #[test]
+    fn async_engine_serves_as_sync_does() {
+        let mut results = Vec::new();
+        for engine in [IoEngine::Sync, IoEngine::Async] {
+            let m = mem();
+            let (img, contents) = image(16);
+            let disk = Arc::new(Disk::open(img.path(), false).unwrap());
+            let mut d = Driver::new(&m);
+            // 0: read sectors 2..4 into two buffers; 1: write sector 10;
+            // 2: flush; 3: get-id; 4: read past the end.
+            header(&m, HDR, VIRTIO_BLK_T_IN, 2);
+            d.submit(&[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA + 0x1000, 512, W),
+                desc(STATUS, 1, W),
+            ]);
+            header(&m, HDR + 0x100, VIRTIO_BLK_T_OUT, 10);
+            m.write_slice(&[0x5a; 512], GuestAddress(DATA + 0x2000))
+                .unwrap();
+            d.submit(&[
+                desc(HDR + 0x100, 16, 0),
+                desc(DATA + 0x2000, 512, 0),
+                desc(STATUS + 1, 1, W),
+            ]);
+            header(&m, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
+            d.submit(&[desc(HDR + 0x200, 16, 0), desc(STATUS + 2, 1, W)]);
+            header(&m, HDR + 0x300, VIRTIO_BLK_T_GET_ID, 0);
+            d.submit(&[
+                desc(HDR + 0x300, 16, 0),
+                desc(DATA + 0x3000, 20, W),
+                desc(STATUS + 3, 1, W),
+            ]);
+            header(&m, HDR + 0x400, VIRTIO_BLK_T_IN, 16);
+            d.submit(&[
+                desc(HDR + 0x400, 16, 0),
+                desc(DATA, 512, W),
+                desc(STATUS + 4, 1, W),
+            ]);
+            m.write_slice(&[0xff; 5], GuestAddress(STATUS)).unwrap();
+            let mut errors = GuestLog::default();
+            let limits = disk.limits();
+            let irq = match engine {
+                IoEngine::Sync => {
+                    process_queue(&m, &mut d.queue, &disk, &limits, &mut errors).unwrap()
+                }
+                IoEngine::Async => {
+                    let mut u = Uring::new(disk.clone()).unwrap();
+                    let irq = process_queue_async(
+                        &m,
+                        &mut d.queue,
+                        &mut u,
+                        &limits,
+                        &mut errors,
+                        |_, _| true,
+                    )
+                    .unwrap();
+                    let rest = u.wait_idle();
+                    assert_eq!(u.in_flight(), 0);
+                    complete_and_finish(&m, &mut d.queue, rest, &mut errors) || irq
+                }
+            };
+            assert!(irq);
+            assert_eq!(d.used_idx(), 5, "{engine:?}");
+            let mut used: Vec<(u32, u32)> = (0..5).map(|i| d.used(i)).collect();
+            used.sort_unstable();
+            let statuses: Vec<u8> = (0..5).map(|i| d.status(STATUS + i)).collect();
+            let mut got = vec![0u8; 1024];
+            m.read_slice(&mut got[..512], GuestAddress(DATA)).unwrap();
+            m.read_slice(&mut got[512..], GuestAddress(DATA + 0x1000))
+                .unwrap();
+            assert_eq!(got, contents[1024..2048], "{engine:?}");
+            let on_disk = std::fs::read(img.path()).unwrap();
+            assert!(on_disk[10 * 512..11 * 512].iter().all(|&b| b == 0x5a));
+            results.push((used, statuses, errors.count(), disk.stats().metrics()));
+        }
+        assert_eq!(results[0], results[1]);
+        assert_eq!(
+            results[0].1,
+            vec![STATUS_OK, STATUS_OK, STATUS_OK, STATUS_OK, STATUS_IOERR]
         );
-        assert_eq!(r, Ok(true));
+    }
+
+    /// A rate limiter holds requests back under the io_uring engine too,
+    /// in order, and nothing is in flight for a held request.
+    #[test]
+    fn async_engine_holds_what_the_limiter_refuses() {
+        let m = mem();
+        let (img, _) = image(16);
+        let disk = Arc::new(Disk::open(img.path(), false).unwrap());
+        let mut u = Uring::new(disk.clone()).unwrap();
+        let mut d = Driver::new(&m);
+        header(&m, HDR, VIRTIO_BLK_T_IN, 0);
+        d.submit(&[desc(HDR, 16, 0), desc(DATA, 1024, W), desc(STATUS, 1, W)]);
+        let mut errors = GuestLog::default();
+        let limits = disk.limits();
+        let irq = process_queue_async(&m, &mut d.queue, &mut u, &limits, &mut errors, |_, _| false)
+            .unwrap();
+        assert!(!irq);
+        assert_eq!(u.in_flight(), 0);
+        assert_eq!(d.used_idx(), 0);
+        process_queue_async(&m, &mut d.queue, &mut u, &limits, &mut errors, |_, _| true).unwrap();
+        let rest = u.wait_idle();
+        complete_and_finish(&m, &mut d.queue, rest, &mut errors);
+        assert_eq!(d.used(0), (0, 1025));
         assert_eq!(errors.count(), 0);
-        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), STATUS_OK);
-        assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! stop watching the queue until the driver resets the device.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{current, SharedDisk};
-use super::queue::process_queue_limited;
+use super::queue::{complete_and_finish, process_queue_async, process_queue_limited};
+use super::uring::Uring;
 use crate::devices::virtio::throttle::Throttle;
 use crate::devices::virtio::{
     EpollHandler, GuestLog, Interrupt, QueuePosition, Served, VIRTIO_MMIO_INT_VRING,
@@ -20,9 +22,14 @@ use crate::memory::GuestMemoryMmap;
 const TOKEN_QUEUE: u64 = 0;
 /// The rate limiter's two fds: this token and the next.
 const TOKEN_LIMIT: u64 = 1;
+/// The io_uring engine's completions (after the limiter's two).
+const TOKEN_DONE: u64 = 3;
 
 /// What the worker thread owns: the queue and the disk it serves.
 pub(super) struct BlockWorker {
+    /// The io_uring engine, for an `Async` drive. First, so it is dropped
+    /// (it waits for the kernel) before anything else goes.
+    pub(super) uring: Option<Uring>,
     pub(super) mem: GuestMemoryMmap,
     pub(super) queue: Queue,
     pub(super) queue_evt: EventFd,
@@ -43,7 +50,19 @@ impl EpollHandler for BlockWorker {
     fn watch(&self) -> Vec<(RawFd, u64, EventSet)> {
         let mut w = vec![(self.queue_evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)];
         w.extend(self.throttle.watch(TOKEN_LIMIT));
+        if let Some(u) = &self.uring {
+            w.push((u.done_fd(), TOKEN_DONE, EventSet::IN));
+        }
         w
+    }
+
+    fn quiesce(&mut self) {
+        if let Some(u) = &mut self.uring {
+            let done = u.wait_idle();
+            if complete_and_finish(&self.mem, &mut self.queue, done, &mut self.errors) {
+                self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+            }
+        }
     }
 
     fn queue_positions(&self) -> Vec<QueuePosition> {
@@ -57,15 +76,36 @@ impl EpollHandler for BlockWorker {
         self.throttle.woke(ready, TOKEN_LIMIT);
         let disk = current(&self.disk);
         let limits = disk.negotiated_limits(self.acked_features);
-        let throttle = &mut self.throttle;
-        match process_queue_limited(
-            &self.mem,
-            &mut self.queue,
-            &disk,
-            &limits,
-            &mut self.errors,
-            |bytes, ops| throttle.admit(bytes, ops),
-        ) {
+        let served = match self.uring.take() {
+            None => {
+                let throttle = &mut self.throttle;
+                process_queue_limited(
+                    &self.mem,
+                    &mut self.queue,
+                    &disk,
+                    &limits,
+                    &mut self.errors,
+                    |bytes, ops| throttle.admit(bytes, ops),
+                )
+            }
+            Some(mut u) => {
+                if !Arc::ptr_eq(u.disk(), &disk) {
+                    self.swap_disk(&mut u, disk);
+                }
+                let throttle = &mut self.throttle;
+                let r = process_queue_async(
+                    &self.mem,
+                    &mut self.queue,
+                    &mut u,
+                    &limits,
+                    &mut self.errors,
+                    |bytes, ops| throttle.admit(bytes, ops),
+                );
+                self.uring = Some(u);
+                r
+            }
+        };
+        match served {
             Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
             Err(e) => {
@@ -73,10 +113,26 @@ impl EpollHandler for BlockWorker {
                     "virtio-blk",
                     &e,
                     &self.interrupt,
-                    vec![TOKEN_QUEUE, TOKEN_LIMIT, TOKEN_LIMIT + 1],
+                    vec![TOKEN_QUEUE, TOKEN_LIMIT, TOKEN_LIMIT + 1, TOKEN_DONE],
                 )
             }
         }
         Served::default()
+    }
+}
+
+impl BlockWorker {
+    /// A PATCH gave the drive a new file: let what the old one is doing
+    /// finish, then register the new one with the ring.
+    fn swap_disk(&mut self, u: &mut Uring, disk: Arc<super::Disk>) {
+        let done = u.wait_idle();
+        if complete_and_finish(&self.mem, &mut self.queue, done, &mut self.errors) {
+            self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+        }
+        if let Err(e) = u.swap_disk(disk) {
+            log::error!(
+                "virtio-blk: io_uring: cannot use the new backing file (requests go to the old one): {e}"
+            );
+        }
     }
 }
