@@ -23,6 +23,9 @@ EXAMPLES:
   Turn a container image (OCI layout or archive, docker save) into a root filesystem:
     microvm image build app-image.tar -o app.ext4     (see microvm image build --help)
 
+  Lay a Diff snapshot's memory over its base (Firecracker's rebase-snap):
+    microvm snapshot rebase --base-file full/memory --diff-file diff/memory
+
   Run a command in a running VM, copy files in and out (its guest agent, docs/AGENT.md):
     microvm exec --vsock /tmp/vm.vsock -- uname -a     (see microvm exec --help)
     microvm cp --vsock /tmp/vm.vsock ./site VM:/srv/site
@@ -151,6 +154,12 @@ pub struct Cli {
     /// the host's getrandom (Firecracker's `entropy`).
     #[arg(long)]
     pub entropy: bool,
+
+    /// Have KVM log the pages the guest writes, so PUT /snapshot/create can
+    /// take a "Diff" snapshot (Firecracker's `track_dirty_pages`; also with
+    /// --restore, for diffs of the restored VM).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
 
     /// Give the guest a virtio-vsock device with context id N; host
     /// programs connect to the Unix socket PATH and write `CONNECT <port>`,
@@ -340,6 +349,7 @@ impl Cli {
         config.command = self.command;
         config.console = self.console;
         config.entropy |= self.entropy;
+        config.track_dirty_pages |= self.track_dirty_pages;
         if let Some(v) = self.vsock {
             config.vsock = Some(v);
         }

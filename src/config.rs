@@ -56,6 +56,10 @@ pub struct VmConfig {
     /// A virtio-vsock device (`--vsock`, `PUT /vsock`).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// KVM logs the pages the guest writes, so a snapshot can be a diff
+    /// (Firecracker's `track_dirty_pages`).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// The guest's vsock device and its host side (Firecracker's hybrid form:
@@ -119,6 +123,7 @@ impl VmConfig {
             entropy: false,
             entropy_rate_limit: Default::default(),
             vsock: None,
+            track_dirty_pages: false,
         }
     }
 }

@@ -91,6 +91,10 @@ fn main() -> ExitCode {
         let _ = init_logger(&microvm::logger::LogSettings::default());
         return microvm::image::command::main(std::env::args_os().skip(1));
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "snapshot") {
+        let _ = init_logger(&microvm::logger::LogSettings::default());
+        return microvm::snapshot::command::main(std::env::args_os().skip(1));
+    }
     // The agent's client: a running VM's guest, not a VM of our own.
     match std::env::args_os().nth(1) {
         Some(a) if a == "exec" => {
@@ -165,6 +169,7 @@ fn run(cli: cli::Cli, process_start: Instant) -> Result<u8, Fatal> {
             resume: true,
             timeout: launch.config.timeout,
             net_overrides: Vec::new(),
+            track_dirty_pages: launch.config.track_dirty_pages,
         };
         Vmm::restore(
             &SnapshotPaths::in_dir(dir),

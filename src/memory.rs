@@ -1,13 +1,20 @@
 //! Guest RAM: regions laid out around the 32-bit MMIO gap, and their KVM slots.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START, RAM_START};
 
-/// The guest memory type used throughout the VMM.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type used throughout the VMM. Each region carries a
+/// bitmap of the pages the VMM itself wrote (device buffers, used rings):
+/// KVM's dirty log sees only the guest's writes, and a diff snapshot needs
+/// both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Granule of the dirty bitmaps (KVM's and ours).
+pub const DIRTY_PAGE: usize = 4096;
 
 /// Errors while creating or registering guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +27,15 @@ pub enum MemoryError {
         /// Cause.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM cannot say which pages the guest wrote.
+    #[error("cannot read KVM's dirty page log of memory slot {slot}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
     },
     /// KVM refused a memory slot.
     #[error("cannot register guest memory slot {slot} with KVM")]
@@ -51,8 +67,13 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_ranges(&regions).map_err(|source| MemoryError::Allocate { mib, source })
 }
 
-/// Register every RAM region as a KVM memory slot.
-pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Register every RAM region as a KVM memory slot; with `track_dirty`,
+/// KVM logs the pages the guest writes ([`take_dirty_pages`]).
+pub fn register_with_kvm(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    track_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let host = mem
@@ -60,7 +81,11 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
             .expect("region start is inside guest memory") as u64;
         let kvm_region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if track_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host,
@@ -71,6 +96,55 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
             .map_err(|source| MemoryError::SetSlot { slot, source })?;
     }
     Ok(())
+}
+
+/// Each region's pages written since the last call (or since the slots
+/// were registered with tracking), one bit per [`DIRTY_PAGE`] in 64-bit
+/// words: KVM's log of the guest's writes ORed with the VMM's own bitmap.
+/// Both are cleared. Call with every vCPU and device worker parked.
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MemoryError> {
+    let mut out = take_vmm_dirty_pages(mem);
+    for (slot, (region, bits)) in mem.iter().zip(out.iter_mut()).enumerate() {
+        let slot = slot as u32;
+        let kvm = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+        for (w, k) in bits.iter_mut().zip(kvm) {
+            *w |= k;
+        }
+    }
+    Ok(out)
+}
+
+/// [`take_dirty_pages`] of the VMM's own writes alone (what a device put in
+/// guest memory through `vm-memory`), and the bitmaps cleared.
+pub fn take_vmm_dirty_pages(mem: &GuestMemoryMmap) -> Vec<Vec<u64>> {
+    mem.iter()
+        .map(|region| {
+            let pages = (region.len() as usize).div_ceil(DIRTY_PAGE);
+            let ours: &AtomicBitmap = vm_memory::MmapRegion::bitmap(region);
+            let mut bits = vec![0u64; pages.div_ceil(64)];
+            for page in (0..pages).filter(|&p| ours.is_bit_set(p)) {
+                bits[page / 64] |= 1 << (page % 64);
+            }
+            ours.reset();
+            bits
+        })
+        .collect()
+}
+
+/// Mark `dirty` (as [`take_dirty_pages`] gave it) dirty again in the VMM's
+/// bitmaps: a diff snapshot that failed must not lose them for the next.
+pub fn restore_dirty_pages(mem: &GuestMemoryMmap, dirty: &[Vec<u64>]) {
+    use vm_memory::bitmap::Bitmap;
+    for (region, bits) in mem.iter().zip(dirty) {
+        for (w, word) in bits.iter().enumerate() {
+            for b in (0..64).filter(|b| word & (1 << b) != 0) {
+                vm_memory::MmapRegion::bitmap(region)
+                    .mark_dirty((w * 64 + b) * DIRTY_PAGE, DIRTY_PAGE);
+            }
+        }
+    }
 }
 
 /// Last address (exclusive) of guest RAM below the MMIO gap.

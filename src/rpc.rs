@@ -35,6 +35,8 @@ pub enum VmmAction {
         cpus: u64,
         /// Guest RAM in MiB.
         memory_mib: u64,
+        /// Log dirty pages (for diff snapshots).
+        track_dirty_pages: bool,
     },
     /// `PUT /boot-source`.
     PutBootSource(BootSource),
@@ -79,7 +81,12 @@ pub enum VmmAction {
     /// `PATCH /vm` Resumed.
     Resume,
     /// `PUT /snapshot/create`.
-    CreateSnapshot(SnapshotPaths),
+    CreateSnapshot {
+        /// Where the two files go.
+        paths: SnapshotPaths,
+        /// Only the pages written since the last snapshot (`Diff`).
+        diff: bool,
+    },
     /// `PUT /snapshot/load`.
     LoadSnapshot {
         /// The snapshot's files.
@@ -88,6 +95,8 @@ pub enum VmmAction {
         resume: bool,
         /// NICs attached to other host devices: (iface_id, host_dev_name).
         net_overrides: Vec<(String, String)>,
+        /// Log dirty pages in the restored VM (for its diff snapshots).
+        track_dirty_pages: bool,
     },
 }
 
@@ -217,7 +226,7 @@ impl RunState {
                 | A::LoadSnapshot { .. },
             ) => Ok(()),
             (NotStarted, A::Pause | A::Resume) => Err(ActionError::NotStartedPause),
-            (NotStarted, A::CreateSnapshot(_)) => Err(ActionError::NotStartedSnapshot),
+            (NotStarted, A::CreateSnapshot { .. }) => Err(ActionError::NotStartedSnapshot),
             (NotStarted, A::SendCtrlAltDel) => Err(ActionError::NotStartedCtrlAltDel),
             (
                 Running | Paused,
@@ -240,8 +249,8 @@ impl RunState {
                 | A::Pause
                 | A::Resume,
             ) => Ok(()),
-            (Running, A::CreateSnapshot(_)) => Err(ActionError::NotPaused),
-            (Paused, A::CreateSnapshot(_)) => Ok(()),
+            (Running, A::CreateSnapshot { .. }) => Err(ActionError::NotPaused),
+            (Paused, A::CreateSnapshot { .. }) => Ok(()),
         }
     }
 
@@ -269,7 +278,10 @@ mod tests {
     #[test]
     fn the_state_table_allows_and_refuses_as_firecracker() {
         use RunState::*;
-        let snap = VmmAction::CreateSnapshot(paths());
+        let snap = VmmAction::CreateSnapshot {
+            paths: paths(),
+            diff: false,
+        };
         assert!(matches!(
             NotStarted.check(&VmmAction::Pause),
             Err(ActionError::NotStartedPause)
@@ -300,6 +312,7 @@ mod tests {
             paths: paths(),
             resume,
             net_overrides: vec![],
+            track_dirty_pages: false,
         };
         assert_eq!(NotStarted.after(&load(false)), Paused);
         assert_eq!(NotStarted.after(&load(true)), Running);

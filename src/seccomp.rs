@@ -86,8 +86,9 @@ impl ThreadKind {
 /// KVM ioctl request numbers the vCPU threads issue (`linux/kvm.h`).
 mod kvm_nr {
     use kvm_bindings::{
-        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-        kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+        kvm_xsave,
     };
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -110,6 +111,7 @@ mod kvm_nr {
     ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
     ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
     ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
     /// What a vCPU thread needs: run, and finish instructions an
     /// interpreting KVM refuses (read registers, advance RIP, inject a vector).
@@ -141,6 +143,8 @@ mod kvm_nr {
             KVM_GET_IRQCHIP(),
             KVM_GET_PIT2(),
             KVM_GET_CLOCK(),
+            // A VM that tracks dirty pages: which the guest wrote.
+            KVM_GET_DIRTY_LOG(),
         ]
         .to_vec()
     }

@@ -8,6 +8,8 @@
 //!   `PATCH /vm`), and bad files (a memory file of the wrong size, a state
 //!   file of another version, a drive whose size changed) are refused with
 //!   exit 2 and a message, nothing started.
+//! - `diff_snapshot_over_its_base_restores_the_later_guest`: a Full, then a
+//!   Diff snapshot of a `--track-dirty-pages` VM, rebased and restored.
 //! - `flask_vm_serves_after_restore`: the Flask rootfs with user networking
 //!   and a published port, snapshotted once it answers; two restores one
 //!   after the other each answer `Hello, World!` on the same port, and a line
@@ -199,6 +201,115 @@ fn ticking_guest_resumes_from_a_snapshot() {
         &["--restore", dir.path("nowhere").to_str().unwrap()],
         "No such file",
     );
+}
+
+/// Diff snapshots: a ticking guest booted with `--track-dirty-pages` is
+/// saved in full, runs a few ticks more and is saved as a Diff. The diff
+/// holds a small part of the memory the full one does; laid over the full
+/// one's memory (`microvm snapshot rebase`) and restored with the diff's
+/// state, the guest goes on from the diff's moment: its first tick follows
+/// the last one before the diff (a diff that missed pages the guest wrote
+/// restores a guest that crashes or ticks from the wrong count). A VM that
+/// does not track dirty pages refuses a Diff with a message.
+#[test]
+fn diff_snapshot_over_its_base_restores_the_later_guest() {
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    let dir = TempDir::new("snapshot-diff");
+    let (full, diff, merged) = (dir.path("full"), dir.path("diff"), dir.path("merged"));
+    for d in [&full, &diff, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let boot = boot_deadline(Duration::from_secs(60), Duration::from_secs(600));
+    let mut vm = ApiVm::start(
+        &dir.path("api.sock"),
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "microvm.test=wait",
+            "--track-dirty-pages",
+        ],
+        &[("RUST_LOG", "info")],
+    );
+    let ok = vm.wait_for(boot, |vm| {
+        ticks(&vm.stdout()).len() >= 2 || vm.child_exited()
+    });
+    vm.check(ok, "the guest ticks");
+    let (_, mc) = call(&vm.sock, "GET", "/machine-config", None);
+    vm.check(
+        mc.contains(r#""track_dirty_pages":true"#),
+        &format!("GET /machine-config: {mc}"),
+    );
+    vm.pause_and_snapshot(&full);
+    let at_full = ticks(&vm.stdout()).len();
+    vm.checked_call("PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    let ok = vm.wait_for(boot, |vm| ticks(&vm.stdout()).len() >= at_full + 2);
+    vm.check(ok, "the guest ticks on after the full snapshot");
+    vm.checked_call("PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let body = serde_json::json!({ "snapshot_type": "Diff", "snapshot_dir": diff }).to_string();
+    vm.checked_call("PUT", "/snapshot/create", &body, 204);
+    let last = ticks(&vm.stdout()).last().copied().unwrap();
+    vm.stop_with_sigterm();
+
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    let (full_bytes, diff_bytes) = (
+        allocated(&full.join("memory")),
+        allocated(&diff.join("memory")),
+    );
+    eprintln!(
+        "memory files: full {} KiB, diff {} KiB on disk (same apparent size)",
+        full_bytes >> 10,
+        diff_bytes >> 10
+    );
+    assert!(
+        diff_bytes > 0 && diff_bytes * 4 < full_bytes,
+        "the diff holds the pages written since the full snapshot, not all: \
+         {diff_bytes} vs {full_bytes} bytes"
+    );
+
+    let out = Command::new(common::microvm_bin())
+        .args(["snapshot", "rebase", "--base-file"])
+        .arg(full.join("memory"))
+        .arg("--diff-file")
+        .arg(diff.join("memory"))
+        .output()
+        .expect("run microvm snapshot rebase");
+    assert!(
+        out.status.success(),
+        "rebase: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(full.join("memory"), merged.join("memory")).unwrap();
+    std::fs::copy(diff.join("state"), merged.join("state")).unwrap();
+    let mut vm = ApiVm::start(
+        &dir.path("api2.sock"),
+        &["--restore", merged.to_str().unwrap()],
+        &[("RUST_LOG", "info")],
+    );
+    let ok = vm.wait_for(Duration::from_secs(120), |vm| {
+        ticks(&vm.stdout()).len() >= 2 || vm.child_exited()
+    });
+    let after = ticks(&vm.stdout());
+    vm.check(ok, "the rebased snapshot's guest ticks");
+    vm.check(
+        after[0].0 == last.0 + 1,
+        &format!("the first tick after restore follows the diff's last {last:?}: {after:?}"),
+    );
+    // This VM was restored without tracking: a Diff is refused, it runs on.
+    vm.checked_call("PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let body =
+        serde_json::json!({ "snapshot_type": "Diff", "snapshot_dir": dir.path("no") }).to_string();
+    let (code, msg) = call(&vm.sock, "PUT", "/snapshot/create", Some(&body));
+    vm.check(
+        code == 400 && msg.contains("track_dirty_pages"),
+        &format!("a Diff without tracking: {code} {msg}"),
+    );
+    vm.checked_call("PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    vm.stop_with_sigterm();
 }
 
 fn free_port() -> u16 {

@@ -76,8 +76,13 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
         ("GET", "machine-config", None) => VmmAction::GetMachineConfig,
         ("GET", "vm", Some("config")) => VmmAction::GetVmConfig,
         ("PUT", "machine-config", None) => {
-            let (cpus, memory_mib) = json_body::<MachineConfig>(body)?.settings()?;
-            VmmAction::PutMachineConfig { cpus, memory_mib }
+            let m = json_body::<MachineConfig>(body)?;
+            let (cpus, memory_mib) = m.settings()?;
+            VmmAction::PutMachineConfig {
+                cpus,
+                memory_mib,
+                track_dirty_pages: m.track_dirty_pages,
+            }
         }
         ("PUT", "boot-source", None) => {
             VmmAction::PutBootSource(json_body::<BootSource>(body)?.to_boot_source())
@@ -132,7 +137,11 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
             VmStateValue::Resumed => VmmAction::Resume,
         },
         ("PUT", "snapshot", Some("create")) => {
-            VmmAction::CreateSnapshot(json_body::<models::SnapshotCreate>(body)?.files()?)
+            let c: models::SnapshotCreate = json_body(body)?;
+            VmmAction::CreateSnapshot {
+                paths: c.files()?,
+                diff: c.is_diff()?,
+            }
         }
         ("PUT", "snapshot", Some("load")) => {
             let l: models::SnapshotLoad = json_body(body)?;
@@ -140,6 +149,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<VmmAction,
                 paths: l.files()?,
                 resume: l.resume_vm,
                 net_overrides: l.overrides(),
+                track_dirty_pages: l.enable_diff_snapshots || l.track_dirty_pages,
             }
         }
         _ => {
@@ -339,11 +349,17 @@ mod tests {
                 "/snapshot/create",
                 br#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#
             ),
-            Ok(VmmAction::CreateSnapshot(files("/s", "/m")))
+            Ok(VmmAction::CreateSnapshot {
+                paths: files("/s", "/m"),
+                diff: false
+            })
         );
         assert_eq!(
             parse_request("PUT", "/snapshot/create", br#"{"snapshot_dir": "/d"}"#),
-            Ok(VmmAction::CreateSnapshot(files("/d/state", "/d/memory")))
+            Ok(VmmAction::CreateSnapshot {
+                paths: files("/d/state", "/d/memory"),
+                diff: false
+            })
         );
         assert_eq!(
             parse_request(
@@ -355,6 +371,7 @@ mod tests {
                 paths: files("/s", "/m"),
                 resume: true,
                 net_overrides: vec![],
+                track_dirty_pages: false,
             })
         );
         assert_eq!(
@@ -367,6 +384,7 @@ mod tests {
                 paths: files("/s", "/m"),
                 resume: false,
                 net_overrides: vec![],
+                track_dirty_pages: false,
             })
         );
         // What Firecracker clients send on load: overrides and clock_realtime.
@@ -381,14 +399,37 @@ mod tests {
                 paths: files("/s", "/m"),
                 resume: false,
                 net_overrides: vec![("eth0".into(), "tap9".into())],
+                track_dirty_pages: false,
             })
         );
         let e = |path: &str, body: &[u8]| parse_request("PUT", path, body).unwrap_err();
+        // Diff snapshots, and a load that tracks dirty pages from then on.
+        assert_eq!(
+            parse_request(
+                "PUT",
+                "/snapshot/create",
+                br#"{"snapshot_type": "Diff", "snapshot_dir": "/d"}"#
+            ),
+            Ok(VmmAction::CreateSnapshot {
+                paths: files("/d/state", "/d/memory"),
+                diff: true
+            })
+        );
+        for field in ["enable_diff_snapshots", "track_dirty_pages"] {
+            let body = format!(r#"{{"snapshot_dir": "/d", "{field}": true}}"#);
+            assert!(matches!(
+                parse_request("PUT", "/snapshot/load", body.as_bytes()),
+                Ok(VmmAction::LoadSnapshot {
+                    track_dirty_pages: true,
+                    ..
+                })
+            ));
+        }
         assert!(e(
             "/snapshot/create",
-            br#"{"snapshot_type": "Diff", "snapshot_dir": "/d"}"#
+            br#"{"snapshot_type": "Partial", "snapshot_dir": "/d"}"#
         )
-        .contains("only Full"));
+        .contains("Full or Diff"));
         assert!(e("/snapshot/create", br#"{"snapshot_path": "/s"}"#).contains("memory file"));
         assert!(e(
             "/snapshot/create",
@@ -400,11 +441,6 @@ mod tests {
             br#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#
         )
         .contains("only File"));
-        assert!(e(
-            "/snapshot/load",
-            br#"{"snapshot_dir": "/d", "enable_diff_snapshots": true}"#
-        )
-        .contains("not supported"));
         assert!(
             e("/snapshot/load", br#"{"snapshot_dir": "/d", "bogus": 1}"#).contains("unknown field")
         );

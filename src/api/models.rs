@@ -22,7 +22,7 @@ pub struct MachineConfig {
     /// Simultaneous multithreading: only `false` (one thread per core).
     #[serde(default)]
     pub smt: bool,
-    /// Dirty page tracking (for snapshots): only `false`.
+    /// KVM logs the pages the guest writes, so snapshots can be diffs.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// CPU template: only absent or "None".
@@ -267,7 +267,8 @@ pub struct VmStateRequest {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
-    /// Only "Full" (the default); "Diff" is refused.
+    /// "Full" (the default) or "Diff" (the pages written since the last
+    /// snapshot; needs `track_dirty_pages`).
     #[serde(default)]
     pub snapshot_type: Option<String>,
     /// Where the state goes.
@@ -302,12 +303,17 @@ fn snapshot_files(
 }
 
 impl SnapshotCreate {
-    /// The state and memory file paths, after checking the type.
-    pub fn files(&self) -> Result<SnapshotPaths, String> {
+    /// Whether the snapshot is a diff.
+    pub fn is_diff(&self) -> Result<bool, String> {
         match self.snapshot_type.as_deref() {
-            None | Some("Full") => {}
-            Some(t) => return Err(format!("snapshot_type '{t}' is not supported; only Full")),
+            None | Some("Full") => Ok(false),
+            Some("Diff") => Ok(true),
+            Some(t) => Err(format!("snapshot_type '{t}' is not one of Full or Diff")),
         }
+    }
+
+    /// The state and memory file paths.
+    pub fn files(&self) -> Result<SnapshotPaths, String> {
         snapshot_files(
             &self.snapshot_dir,
             &self.snapshot_path,
@@ -345,10 +351,11 @@ pub struct SnapshotLoad {
     /// Run the VM at once (default: stay paused, as in Firecracker).
     #[serde(default)]
     pub resume_vm: bool,
-    /// Only `false`.
+    /// The restored VM logs dirty pages (Firecracker's older name of
+    /// `track_dirty_pages`).
     #[serde(default)]
     pub enable_diff_snapshots: bool,
-    /// Only `false`.
+    /// The restored VM logs dirty pages, for its diff snapshots.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// NICs to attach to other host devices than the saved ones.
@@ -382,9 +389,6 @@ impl SnapshotLoad {
 
     /// The state and memory file paths.
     pub fn files(&self) -> Result<SnapshotPaths, String> {
-        if self.enable_diff_snapshots || self.track_dirty_pages {
-            return Err("diff snapshots and dirty page tracking are not supported".into());
-        }
         let memory = match (&self.mem_file_path, &self.mem_backend) {
             (Some(_), Some(_)) => return Err("give mem_file_path or mem_backend, not both".into()),
             (Some(p), None) => Some(p.clone()),
@@ -470,9 +474,6 @@ impl MachineConfig {
         if self.smt {
             return Err(unsupported("smt: true"));
         }
-        if self.track_dirty_pages {
-            return Err(unsupported("track_dirty_pages: true"));
-        }
         none_or(&self.cpu_template, "None", "cpu_template")?;
         none_or(&self.huge_pages, "None", "huge_pages")?;
         Ok((self.vcpu_count, self.mem_size_mib))
@@ -484,7 +485,7 @@ impl MachineConfig {
             "vcpu_count": cfg.cpus,
             "mem_size_mib": cfg.memory_mib,
             "smt": false,
-            "track_dirty_pages": false,
+            "track_dirty_pages": cfg.track_dirty_pages,
             "huge_pages": "None",
         })
     }
@@ -606,6 +607,7 @@ impl ConfigFile {
             let (cpus, memory_mib) = m.settings()?;
             cfg.set_machine(cpus, memory_mib)
                 .map_err(|e| e.to_string())?;
+            cfg.track_dirty_pages = m.track_dirty_pages;
         }
         for d in &self.drives {
             cfg.put_drive(d.to_config()?);

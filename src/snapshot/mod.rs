@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
@@ -346,10 +347,16 @@ impl Snapshot {
 }
 
 /// Write guest RAM to a new sparse file at `path`, region after region;
-/// returns the regions and how many bytes were not zero.
+/// returns the regions and how many bytes were written. With `dirty` (one
+/// bitmap per region, a bit per [`PAGE`], as
+/// [`crate::memory::take_dirty_pages`] gives them) the file is a diff:
+/// exactly the pages marked, zero or not, and holes for the rest, to be
+/// laid over its base ([`rebase`]); without, every page that is not all
+/// zero.
 pub fn save_memory(
     mem: &GuestMemoryMmap,
     path: &Path,
+    dirty: Option<&[Vec<u64>]>,
 ) -> Result<(Vec<MemoryRegion>, u64), SnapshotError> {
     let file = OpenOptions::new()
         .write(true)
@@ -361,9 +368,17 @@ pub fn save_memory(
     let mut offset = 0u64;
     let mut written = 0u64;
     let mut buf = vec![0u8; CHUNK];
-    for region in mem.iter() {
+    for (index, region) in mem.iter().enumerate() {
         let size = region.len();
         let start = region.start_addr();
+        let marked = dirty.map(|d| d.get(index).map_or(&[][..], Vec::as_slice));
+        let wanted = |page: u64, bytes: &[u8]| match marked {
+            None => bytes.iter().any(|&b| b != 0),
+            Some(bits) => usize::try_from(page / 64)
+                .ok()
+                .and_then(|w| bits.get(w))
+                .is_some_and(|w| w & (1 << (page % 64)) != 0),
+        };
         let mut done = 0u64;
         while done < size {
             let n = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
@@ -374,9 +389,9 @@ pub fn save_memory(
                 })?
                 .copy_to(&mut buf[..n]);
             for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                if page.iter().any(|&b| b != 0) {
-                    file.write_all_at(page, offset + done + (i * PAGE) as u64)
-                        .map_err(io_err(path))?;
+                let at = done + (i * PAGE) as u64;
+                if wanted(at / PAGE as u64, page) {
+                    file.write_all_at(page, offset + at).map_err(io_err(path))?;
                     written += page.len() as u64;
                 }
             }
@@ -392,6 +407,69 @@ pub fn save_memory(
     // The holes at the end are part of the file too.
     file.set_len(offset).map_err(io_err(path))?;
     Ok((regions, written))
+}
+
+/// Lay the diff memory file `diff` over its base `base`: every data extent
+/// of `diff` (`SEEK_DATA`/`SEEK_HOLE`: what [`save_memory`] wrote) is copied
+/// to the same offset of `base`. Both are the same size: the same guest.
+/// Firecracker's `rebase-snap` does the same for its files. Returns the
+/// bytes copied.
+pub fn rebase(base: &Path, diff: &Path) -> Result<u64, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    let src = File::open(diff).map_err(io_err(diff))?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(io_err(base))?;
+    let len = src.metadata().map_err(io_err(diff))?.len();
+    let base_len = dst.metadata().map_err(io_err(base))?.len();
+    if len != base_len {
+        return Err(SnapshotError::BadMemory {
+            path: diff.to_path_buf(),
+            reason: format!(
+                "{len} bytes, its base '{}' has {base_len}: not the same guest",
+                base.display()
+            ),
+        });
+    }
+    let seek = |at: u64, whence: i32| -> Result<Option<u64>, SnapshotError> {
+        let Ok(at) = libc::off_t::try_from(at) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek only reads its integer arguments; the fd is `src`'s.
+        let r = unsafe { libc::lseek(src.as_raw_fd(), at, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(io_err(diff)(e))
+            };
+        }
+        Ok(u64::try_from(r).ok())
+    };
+    let mut copied = 0u64;
+    let mut at = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    while at < len {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let mut pos = data;
+        while pos < end {
+            let n = usize::try_from((end - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
+            src.read_exact_at(&mut buf[..n], pos)
+                .map_err(io_err(diff))?;
+            dst.write_all_at(&buf[..n], pos).map_err(io_err(base))?;
+            pos += n as u64;
+            copied += n as u64;
+        }
+        at = end;
+    }
+    dst.sync_all().map_err(io_err(base))?;
+    Ok(copied)
 }
 
 /// Map the memory file at `path` as guest RAM laid out as `regions`,
@@ -415,7 +493,9 @@ pub fn map_memory(path: &Path, regions: &[MemoryRegion]) -> Result<GuestMemoryMm
     for r in regions {
         let size = usize::try_from(r.size).map_err(|_| bad("region too large".into()))?;
         let fd = file.try_clone().map_err(io_err(path))?;
-        let region = MmapRegionBuilder::new(size)
+        // A bitmap as long as the region: the VMM's writes are tracked as
+        // in a booted VM (a builder's default bitmap is empty).
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(fd, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -433,5 +513,6 @@ pub fn map_memory(path: &Path, regions: &[MemoryRegion]) -> Result<GuestMemoryMm
     GuestMemoryMmap::from_regions(mapped).map_err(|e| bad(e.to_string()))
 }
 
+pub mod command;
 #[cfg(test)]
 mod tests;

@@ -185,7 +185,7 @@ fn memory_file_is_sparse_round_trips_and_is_copy_on_write() {
     mem.write_slice(b"world", GuestAddress((16 << 20) - 5))
         .unwrap();
     let path = dir.path("memory");
-    let (regions, data) = save_memory(&mem, &path).unwrap();
+    let (regions, data) = save_memory(&mem, &path, None).unwrap();
     assert_eq!(
         regions,
         vec![MemoryRegion {
@@ -223,6 +223,51 @@ fn memory_file_is_sparse_round_trips_and_is_copy_on_write() {
     let again = map_memory(&path, &regions).unwrap();
     again.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
     assert_eq!(&buf, b"hello");
+}
+
+/// A diff holds exactly the pages written since the last snapshot (a page
+/// that went back to zero too), and laid over its base it gives the memory
+/// a full snapshot would.
+#[test]
+fn a_diff_over_its_base_is_the_full_memory() {
+    use crate::memory::take_vmm_dirty_pages;
+    let dir = TempDir::new("diff");
+    let mem = crate::memory::create_guest_memory(16).unwrap();
+    mem.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
+    mem.write_slice(b"world", GuestAddress(0x8000)).unwrap();
+    let base = dir.path("base");
+    save_memory(&mem, &base, None).unwrap();
+    let _ = take_vmm_dirty_pages(&mem);
+    // After the base: one page changed, one back to zero, one new.
+    mem.write_slice(b"HELLO", GuestAddress(0x1000)).unwrap();
+    mem.write_slice(&[0u8; 5], GuestAddress(0x8000)).unwrap();
+    mem.write_slice(b"new", GuestAddress((16 << 20) - 3))
+        .unwrap();
+    let dirty = take_vmm_dirty_pages(&mem);
+    let diff = dir.path("diff");
+    let (regions, data) = save_memory(&mem, &diff, Some(&dirty)).unwrap();
+    assert_eq!(data, 3 * PAGE as u64, "the three written pages, no more");
+    assert_eq!(std::fs::metadata(&diff).unwrap().len(), 16 << 20);
+    // Nothing written since: an empty diff.
+    let empty = take_vmm_dirty_pages(&mem);
+    assert!(empty.iter().flatten().all(|&w| w == 0));
+
+    let full = dir.path("full");
+    save_memory(&mem, &full, None).unwrap();
+    assert_eq!(rebase(&base, &diff).unwrap(), 3 * PAGE as u64);
+    let (a, b) = (
+        map_memory(&base, &regions).unwrap(),
+        map_memory(&full, &regions).unwrap(),
+    );
+    let (mut x, mut y) = (vec![0u8; 16 << 20], vec![0u8; 16 << 20]);
+    a.read_slice(&mut x, GuestAddress(0)).unwrap();
+    b.read_slice(&mut y, GuestAddress(0)).unwrap();
+    assert!(x == y, "rebased base differs from the full snapshot");
+    // A diff of another guest's size is refused.
+    let other = dir.path("other");
+    std::fs::write(&other, vec![1u8; 4096]).unwrap();
+    let e = rebase(&base, &other).unwrap_err();
+    assert!(crate::error_chain(&e).contains("not the same guest"), "{e}");
 }
 
 #[test]

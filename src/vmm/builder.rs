@@ -77,12 +77,13 @@ impl Machine {
         events: &EventLoop,
         process_start: Instant,
         saved: Option<&PlatformState>,
+        track_dirty: bool,
     ) -> Result<Self, VmmError> {
         let build_start = Instant::now();
         let (kvm, emulated_kvm) = open_kvm()?;
         let mem = memory()?;
         let vm = create_vm(&kvm)?;
-        memory::register_with_kvm(&vm, &mem)?;
+        memory::register_with_kvm(&vm, &mem, track_dirty)?;
         let mut devices = DeviceManager::with_activate_evt(
             events
                 .activate_evt()
@@ -244,6 +245,7 @@ impl Vmm {
             &events,
             process_start,
             None,
+            config.track_dirty_pages,
         )?;
         let kernel = boot::load_kernel(&m.mem, &config.kernel)?;
         let initrd = match &config.initrd {
@@ -305,6 +307,9 @@ impl Vmm {
             ..
         } = snap;
         config.timeout = opts.timeout;
+        // As in Firecracker: the restored VM logs dirty pages (for its
+        // next diff snapshot) when the load asks, whatever the saved one did.
+        config.track_dirty_pages = opts.track_dirty_pages;
         for (iface, dev) in &opts.net_overrides {
             config.override_net(iface, dev)?;
         }
@@ -313,6 +318,7 @@ impl Vmm {
             &events,
             process_start,
             Some(&saved_platform),
+            config.track_dirty_pages,
         )?;
         check_xsave_size(&m.vm).map_err(restore_part(RestoredPart::Vcpus))?;
         // The guest read its command line at boot; the entries the devices

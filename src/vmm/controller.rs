@@ -60,9 +60,14 @@ impl Preboot {
         }
         let c = &mut self.config;
         let result = match action {
-            VmmAction::PutMachineConfig { cpus, memory_mib } => {
-                c.set_machine(cpus, memory_mib).map_err(|e| e.to_string())
-            }
+            VmmAction::PutMachineConfig {
+                cpus,
+                memory_mib,
+                track_dirty_pages,
+            } => c
+                .set_machine(cpus, memory_mib)
+                .map(|()| c.track_dirty_pages = track_dirty_pages)
+                .map_err(|e| e.to_string()),
             // Files are checked as they are named, as Firecracker does (and
             // again when the VM starts).
             VmmAction::PutBootSource(b) => check_file("kernel", &b.kernel)
@@ -132,6 +137,7 @@ impl Preboot {
                 paths,
                 resume,
                 net_overrides,
+                track_dirty_pages,
             } => {
                 return PrebootStep::Restore(
                     paths,
@@ -139,6 +145,7 @@ impl Preboot {
                         resume,
                         timeout: c.timeout,
                         net_overrides,
+                        track_dirty_pages,
                     },
                 )
             }
@@ -188,8 +195,8 @@ impl Vmm {
                 rate_limit,
             } => self.patch_drive(id, path.as_deref(), *rate_limit)?,
             VmmAction::PatchNetworkInterface { id, rx, tx } => self.patch_net(id, *rx, *tx)?,
-            VmmAction::CreateSnapshot(paths) => {
-                self.snapshot(vcpus, *state, paths)
+            VmmAction::CreateSnapshot { paths, diff } => {
+                self.snapshot(vcpus, *state, paths, *diff)
                     .map_err(|e| ActionError::Failed(crate::error_chain(&e)))?;
             }
             VmmAction::FlushMetrics => self.flush_metrics(),

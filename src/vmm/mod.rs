@@ -138,6 +138,8 @@ pub struct RestoreOptions {
     pub timeout: Option<Duration>,
     /// NICs attached to other host devices: (iface_id, host_dev_name).
     pub net_overrides: Vec<(String, String)>,
+    /// Log dirty pages from now on, for a diff snapshot of the restored VM.
+    pub track_dirty_pages: bool,
 }
 
 /// How the VM ended; `main` turns it into an exit code.

@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::{vm_state, Vmm, VmmError};
 use crate::config::DeviceId;
 use crate::host::unix_now_ns;
+use crate::memory;
 use crate::rpc::RunState;
 use crate::snapshot::{
     self, DiskIdentity, PlatformState, SavedDevice, Snapshot, SnapshotError, SnapshotPaths, FORMAT,
@@ -127,16 +128,26 @@ pub(super) fn check_disks(snap: &Snapshot) -> Result<(), SnapshotError> {
 impl Vmm {
     /// Write the paused VM to `paths`. Every vCPU and device worker is
     /// parked, so what they recorded when they parked is current.
+    /// With `diff`, the memory file holds only the pages written since
+    /// the last snapshot (or since the VM started tracking them).
     pub(super) fn snapshot(
         &self,
         vcpus: &[VcpuHandle],
         state: RunState,
         paths: &SnapshotPaths,
+        diff: bool,
     ) -> Result<SnapshotStats, VmmError> {
         let not_saveable = |e: String| VmmError::Snapshot(SnapshotError::NotSaveable(e));
         if state != RunState::Paused {
             return Err(not_saveable(
                 "the microVM must be paused to create a snapshot".into(),
+            ));
+        }
+        if diff && !self.config.track_dirty_pages {
+            return Err(not_saveable(
+                "a Diff snapshot needs dirty page tracking: track_dirty_pages: true in \
+                 PUT /machine-config (or enable_diff_snapshots when loading a snapshot)"
+                    .into(),
             ));
         }
         let t0 = Instant::now();
@@ -198,7 +209,26 @@ impl Vmm {
             exit_status: self.platform.exit_status.load(Ordering::SeqCst),
         };
         let vm = vm_state::read(&self.vm)?;
-        let (memory, memory_data_bytes) = snapshot::save_memory(&self.mem, &paths.memory)?;
+        // Every snapshot of a tracking VM starts the next diff afresh.
+        let dirty = if self.config.track_dirty_pages {
+            Some(
+                memory::take_dirty_pages(&self.vm, &self.mem)
+                    .map_err(|e| not_saveable(crate::error_chain(&e)))?,
+            )
+        } else {
+            None
+        };
+        let saved =
+            snapshot::save_memory(&self.mem, &paths.memory, dirty.as_deref().filter(|_| diff));
+        let (memory, memory_data_bytes) = match saved {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(d) = &dirty {
+                    memory::restore_dirty_pages(&self.mem, d);
+                }
+                return Err(e.into());
+            }
+        };
         let snap = Snapshot {
             format: FORMAT.into(),
             version: VERSION,
@@ -213,7 +243,11 @@ impl Vmm {
             platform,
             virtio,
         };
-        let state_bytes = snap.write(&paths.state)?;
+        let state_bytes = snap.write(&paths.state).inspect_err(|_| {
+            if let Some(d) = &dirty {
+                memory::restore_dirty_pages(&self.mem, d);
+            }
+        })?;
         let stats = SnapshotStats {
             state_bytes,
             memory_bytes: snap.memory_bytes(),

@@ -349,7 +349,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::write_linked_table;
 
-    type Mem = GuestMemoryMmap<()>;
+    type Mem = crate::memory::GuestMemoryMmap;
     const NEXT: u16 = narrow::u16_of(VRING_DESC_F_NEXT);
 
     fn mem() -> Mem {

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use io_uring::register::Restriction;
 use io_uring::types::{Fixed, FsyncFlags};
 use io_uring::{opcode, squeue, IoUring};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -311,6 +312,11 @@ fn iovecs(mem: &GuestMemoryMmap, req: &Request) -> Result<Vec<libc::iovec>, Disk
             .map_err(DiskError::GuestMemory)?
         {
             let slice = slice.map_err(DiskError::GuestMemory)?;
+            if req.kind == RequestKind::In {
+                // The kernel writes it, not vm-memory: mark it for a diff
+                // snapshot now (a snapshot waits for the completion).
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
             out.push(libc::iovec {
                 iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
                 iov_len: slice.len(),

@@ -692,6 +692,9 @@ impl RxPath {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::devices::virtio::test_utils::{
+        cpu_time_of, full_queue_of_one_chain, used_idx, KICK_CPU_BUDGET,
+    };
     use std::collections::VecDeque;
     use std::time::Duration;
     use virtio_bindings::virtio_ring::{
@@ -699,13 +702,8 @@ pub(crate) mod tests {
     };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
 
-    use crate::devices::virtio::test_utils::{
-        cpu_time_of, full_queue_of_one_chain, used_idx, KICK_CPU_BUDGET,
-    };
-
-    pub(crate) type Mem = GuestMemoryMmap<()>;
+    pub(crate) type Mem = crate::memory::GuestMemoryMmap;
 
     pub(crate) const MEM_SIZE: usize = 16 << 20;
     const F_WRITE: u16 = crate::narrow::u16_of(VRING_DESC_F_WRITE);
@@ -721,7 +719,7 @@ pub(crate) mod tests {
     pub(crate) const BUF_BASE: u64 = 0x10_0000;
 
     pub(crate) fn memory() -> Mem {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+        Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
     }
 
     /// A driver-side view of one queue.
