@@ -236,6 +236,14 @@ pub fn drain_taking<'a, M: GuestMemory>(
 }
 
 impl Drained {
+    /// Add what `other` did to this.
+    pub fn absorb(&mut self, other: Drained) {
+        self.used = self.used.saturating_add(other.used);
+        self.lost = self.lost.saturating_add(other.lost);
+        self.lost_because = other.lost_because.or(self.lost_because.take());
+        self.stopped |= other.stopped;
+    }
+
     /// Count the result of one `add_used`.
     pub fn count(&mut self, added: Result<(), virtio_queue::Error>) {
         match added {

@@ -96,13 +96,14 @@ pub(super) fn process_queue_async(
             }
         }
     })?;
-    done.used = done.used.saturating_add(drained.used);
-    done.lost = done.lost.saturating_add(drained.lost);
-    done.lost_because = drained.lost_because.or(done.lost_because);
+    done.absorb(drained);
     if let Err(e) = uring.submit() {
         // The entries stay queued and go with the next submit.
         errors.report(LABEL, "cannot submit to the io_uring", &e);
     }
+    // What the kernel finished inside the submit (reads the page cache
+    // holds complete there): answered now, not after another wake-up.
+    done.absorb(complete(mem, queue, uring.reap(), errors));
     report_lost(&done, errors);
     Ok(finish(mem, queue, done.used > 0, errors))
 }
