@@ -291,8 +291,12 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
                 libc::SYS_shutdown,
                 libc::SYS_wait4,
                 libc::SYS_waitid,
-                // PUT /snapshot/create: the sparse memory file's length.
+                // PUT /snapshot/create: the sparse memory file's length,
+                // both files renamed into place once whole.
                 libc::SYS_ftruncate,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
                 // Activating a vsock device: its muxer's connect timer.
                 libc::SYS_timerfd_create,
                 // Activating an io_engine Async drive: its ring.

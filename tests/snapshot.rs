@@ -9,7 +9,9 @@
 //!   file of another version, a drive whose size changed) are refused with
 //!   exit 2 and a message, nothing started.
 //! - `diff_snapshot_over_its_base_restores_the_later_guest`: a Full, then a
-//!   Diff snapshot of a `--track-dirty-pages` VM, rebased and restored.
+//!   Diff snapshot of a `--track-dirty-pages` VM, rebased and restored; a
+//!   Diff of a VM that does not track is refused, and a snapshot onto a
+//!   full disk fails, leaves no file behind, and the VM resumes.
 //! - `flask_vm_serves_after_restore`: the Flask rootfs with user networking
 //!   and a published port, snapshotted once it answers; two restores one
 //!   after the other each answer `Hello, World!` on the same port, and a line
@@ -308,7 +310,41 @@ fn diff_snapshot_over_its_base_restores_the_later_guest() {
         code == 400 && msg.contains("track_dirty_pages"),
         &format!("a Diff without tracking: {code} {msg}"),
     );
+    // A snapshot onto a full disk fails with the reason and leaves no file
+    // behind (both are written under temporary names, renamed once whole);
+    // the VM stays paused and resumes.
+    let small = dir.path("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "microvm-test"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if mounted || common::missing("a 4 MiB tmpfs for the full-disk snapshot (mount needs root)") {
+        let body = serde_json::json!({ "snapshot_dir": small }).to_string();
+        let (code, msg) = call(&vm.sock, "PUT", "/snapshot/create", Some(&body));
+        let left: Vec<_> = std::fs::read_dir(&small)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let _ = Command::new("umount").arg(&small).status();
+        vm.check(
+            code == 400 && msg.contains("No space left"),
+            &format!("a snapshot onto a full disk: {code} {msg}"),
+        );
+        vm.check(left.is_empty(), &format!("files left behind: {left:?}"));
+        let (_, info) = call(&vm.sock, "GET", "/", None);
+        vm.check(
+            info.contains(r#""state":"Paused""#),
+            &format!("GET /: {info}"),
+        );
+    }
+    let before = ticks(&vm.stdout()).len();
     vm.checked_call("PATCH", "/vm", r#"{"state": "Resumed"}"#, 204);
+    let ok = vm.wait_for(Duration::from_secs(60), |vm| {
+        ticks(&vm.stdout()).len() > before
+    });
+    vm.check(ok, "the guest ticks on after the failed snapshot");
     vm.stop_with_sigterm();
 }
 

@@ -409,6 +409,21 @@ pub fn save_memory(
     Ok((regions, written))
 }
 
+/// Where a snapshot file is written before it is renamed to `path`:
+/// `.NAME.partial` beside it (the same file system, so the rename is atomic).
+pub fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// Rename the finished file `from` to `to`.
+pub fn rename_into_place(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+    std::fs::rename(from, to).map_err(io_err(to))
+}
+
 /// Lay the diff memory file `diff` over its base `base`: every data extent
 /// of `diff` (`SEEK_DATA`/`SEEK_HOLE`: what [`save_memory`] wrote) is copied
 /// to the same offset of `base`. Both are the same size: the same guest.

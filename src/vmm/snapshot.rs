@@ -218,36 +218,51 @@ impl Vmm {
         } else {
             None
         };
-        let saved =
-            snapshot::save_memory(&self.mem, &paths.memory, dirty.as_deref().filter(|_| diff));
-        let (memory, memory_data_bytes) = match saved {
-            Ok(s) => s,
+        // Both files are written under temporary names beside their own
+        // and renamed into place (memory, then state) only once both are
+        // whole: a snapshot that fails (a full disk) leaves no half files
+        // a restore could take for whole, and an older snapshot at the
+        // same paths as it was.
+        let partial = SnapshotPaths {
+            state: snapshot::partial_path(&paths.state),
+            memory: snapshot::partial_path(&paths.memory),
+        };
+        let written = (|| {
+            let (memory, memory_data_bytes) = snapshot::save_memory(
+                &self.mem,
+                &partial.memory,
+                dirty.as_deref().filter(|_| diff),
+            )?;
+            let snap = Snapshot {
+                format: FORMAT.into(),
+                version: VERSION,
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+                saved_at_unix_ns: unix_now_ns(),
+                config: self.config.clone(),
+                cmdline: self.cmdline.clone(),
+                disks,
+                memory,
+                vm,
+                vcpus: vcpu_states,
+                platform,
+                virtio,
+            };
+            let state_bytes = snap.write(&partial.state)?;
+            snapshot::rename_into_place(&partial.memory, &paths.memory)?;
+            snapshot::rename_into_place(&partial.state, &paths.state)?;
+            Ok::<_, SnapshotError>((snap, state_bytes, memory_data_bytes))
+        })();
+        let (snap, state_bytes, memory_data_bytes) = match written {
+            Ok(w) => w,
             Err(e) => {
+                let _ = std::fs::remove_file(&partial.memory);
+                let _ = std::fs::remove_file(&partial.state);
                 if let Some(d) = &dirty {
                     memory::restore_dirty_pages(&self.mem, d);
                 }
                 return Err(e.into());
             }
         };
-        let snap = Snapshot {
-            format: FORMAT.into(),
-            version: VERSION,
-            vmm_version: env!("CARGO_PKG_VERSION").into(),
-            saved_at_unix_ns: unix_now_ns(),
-            config: self.config.clone(),
-            cmdline: self.cmdline.clone(),
-            disks,
-            memory,
-            vm,
-            vcpus: vcpu_states,
-            platform,
-            virtio,
-        };
-        let state_bytes = snap.write(&paths.state).inspect_err(|_| {
-            if let Some(d) = &dirty {
-                memory::restore_dirty_pages(&self.mem, d);
-            }
-        })?;
         let stats = SnapshotStats {
             state_bytes,
             memory_bytes: snap.memory_bytes(),
