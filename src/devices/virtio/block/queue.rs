@@ -386,23 +386,17 @@ mod tests {
         (irq, errors)
     }
 
-    #[test]
-    fn read_write_flush_get_id() {
-        let m = mem();
-        let (img, contents) = image(16);
-        let disk = Disk::open(img.path(), false).unwrap();
-        let mut d = Driver::new(&m);
-
-        // 0: read sectors 2..4 into two buffers.
-        header(&m, HDR, VIRTIO_BLK_T_IN, 2);
+    /// 0: read sectors 2..4 into two buffers; 1: write sector 10 (0x5a);
+    /// 2: flush; 3: get-id; status bytes at STATUS + i.
+    fn submit_read_write_flush_get_id(m: &GuestMemoryMmap, d: &mut Driver<'_>) {
+        header(m, HDR, VIRTIO_BLK_T_IN, 2);
         d.submit(&[
             desc(HDR, 16, 0),
             desc(DATA, 512, W),
             desc(DATA + 0x1000, 512, W),
             desc(STATUS, 1, W),
         ]);
-        // 1: write one sector at sector 10.
-        header(&m, HDR + 0x100, VIRTIO_BLK_T_OUT, 10);
+        header(m, HDR + 0x100, VIRTIO_BLK_T_OUT, 10);
         m.write_slice(&[0x5a; 512], GuestAddress(DATA + 0x2000))
             .unwrap();
         d.submit(&[
@@ -410,16 +404,23 @@ mod tests {
             desc(DATA + 0x2000, 512, 0),
             desc(STATUS + 1, 1, W),
         ]);
-        // 2: flush.
-        header(&m, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
+        header(m, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
         d.submit(&[desc(HDR + 0x200, 16, 0), desc(STATUS + 2, 1, W)]);
-        // 3: get-id.
-        header(&m, HDR + 0x300, VIRTIO_BLK_T_GET_ID, 0);
+        header(m, HDR + 0x300, VIRTIO_BLK_T_GET_ID, 0);
         d.submit(&[
             desc(HDR + 0x300, 16, 0),
             desc(DATA + 0x3000, 20, W),
             desc(STATUS + 3, 1, W),
         ]);
+    }
+
+    #[test]
+    fn read_write_flush_get_id() {
+        let m = mem();
+        let (img, contents) = image(16);
+        let disk = Disk::open(img.path(), false).unwrap();
+        let mut d = Driver::new(&m);
+        submit_read_write_flush_get_id(&m, &mut d);
         m.write_slice(&[0xff; 4], GuestAddress(STATUS)).unwrap();
 
         let (irq, errors) = run(&mut d, &disk);
@@ -753,31 +754,8 @@ mod tests {
             let (img, contents) = image(16);
             let disk = Arc::new(Disk::open(img.path(), false).unwrap());
             let mut d = Driver::new(&m);
-            // 0: read sectors 2..4 into two buffers; 1: write sector 10;
-            // 2: flush; 3: get-id; 4: read past the end.
-            header(&m, HDR, VIRTIO_BLK_T_IN, 2);
-            d.submit(&[
-                desc(HDR, 16, 0),
-                desc(DATA, 512, W),
-                desc(DATA + 0x1000, 512, W),
-                desc(STATUS, 1, W),
-            ]);
-            header(&m, HDR + 0x100, VIRTIO_BLK_T_OUT, 10);
-            m.write_slice(&[0x5a; 512], GuestAddress(DATA + 0x2000))
-                .unwrap();
-            d.submit(&[
-                desc(HDR + 0x100, 16, 0),
-                desc(DATA + 0x2000, 512, 0),
-                desc(STATUS + 1, 1, W),
-            ]);
-            header(&m, HDR + 0x200, VIRTIO_BLK_T_FLUSH, 0);
-            d.submit(&[desc(HDR + 0x200, 16, 0), desc(STATUS + 2, 1, W)]);
-            header(&m, HDR + 0x300, VIRTIO_BLK_T_GET_ID, 0);
-            d.submit(&[
-                desc(HDR + 0x300, 16, 0),
-                desc(DATA + 0x3000, 20, W),
-                desc(STATUS + 3, 1, W),
-            ]);
+            // The four of read_write_flush_get_id, then a read past the end.
+            submit_read_write_flush_get_id(&m, &mut d);
             header(&m, HDR + 0x400, VIRTIO_BLK_T_IN, 16);
             d.submit(&[
                 desc(HDR + 0x400, 16, 0),
