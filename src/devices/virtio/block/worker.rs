@@ -58,10 +58,13 @@ impl EpollHandler for BlockWorker {
 
     fn quiesce(&mut self) {
         if let Some(u) = &mut self.uring {
-            let done = u.wait_idle();
-            if complete_and_finish(&self.mem, &mut self.queue, done, &mut self.errors) {
-                self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
-            }
+            finish_in_flight(
+                u,
+                &self.mem,
+                &mut self.queue,
+                &mut self.errors,
+                &self.interrupt,
+            );
         }
     }
 
@@ -76,33 +79,41 @@ impl EpollHandler for BlockWorker {
         self.throttle.woke(ready, TOKEN_LIMIT);
         let disk = current(&self.disk);
         let limits = disk.negotiated_limits(self.acked_features);
-        let served = match self.uring.take() {
-            None => {
-                let throttle = &mut self.throttle;
-                process_queue_limited(
+        let throttle = &mut self.throttle;
+        let served = match &mut self.uring {
+            None => process_queue_limited(
+                &self.mem,
+                &mut self.queue,
+                &disk,
+                &limits,
+                &mut self.errors,
+                |bytes, ops| throttle.admit(bytes, ops),
+            ),
+            Some(u) => {
+                if !Arc::ptr_eq(u.disk(), &disk) {
+                    // A PATCH gave the drive a new file: let what the old
+                    // one is doing finish, then register the new one.
+                    finish_in_flight(
+                        u,
+                        &self.mem,
+                        &mut self.queue,
+                        &mut self.errors,
+                        &self.interrupt,
+                    );
+                    if let Err(e) = u.swap_disk(disk) {
+                        log::error!(
+                            "virtio-blk: io_uring: cannot use the new backing file (requests go to the old one): {e}"
+                        );
+                    }
+                }
+                process_queue_async(
                     &self.mem,
                     &mut self.queue,
-                    &disk,
+                    u,
                     &limits,
                     &mut self.errors,
                     |bytes, ops| throttle.admit(bytes, ops),
                 )
-            }
-            Some(mut u) => {
-                if !Arc::ptr_eq(u.disk(), &disk) {
-                    self.swap_disk(&mut u, disk);
-                }
-                let throttle = &mut self.throttle;
-                let r = process_queue_async(
-                    &self.mem,
-                    &mut self.queue,
-                    &mut u,
-                    &limits,
-                    &mut self.errors,
-                    |bytes, ops| throttle.admit(bytes, ops),
-                );
-                self.uring = Some(u);
-                r
             }
         };
         match served {
@@ -121,18 +132,17 @@ impl EpollHandler for BlockWorker {
     }
 }
 
-impl BlockWorker {
-    /// A PATCH gave the drive a new file: let what the old one is doing
-    /// finish, then register the new one with the ring.
-    fn swap_disk(&mut self, u: &mut Uring, disk: Arc<super::Disk>) {
-        let done = u.wait_idle();
-        if complete_and_finish(&self.mem, &mut self.queue, done, &mut self.errors) {
-            self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
-        }
-        if let Err(e) = u.swap_disk(disk) {
-            log::error!(
-                "virtio-blk: io_uring: cannot use the new backing file (requests go to the old one): {e}"
-            );
-        }
+/// Wait for everything in flight on `u` and put it on the used ring,
+/// interrupting the driver if it wants that.
+fn finish_in_flight(
+    u: &mut Uring,
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    errors: &mut GuestLog,
+    interrupt: &Interrupt,
+) {
+    let done = u.wait_idle();
+    if complete_and_finish(mem, queue, done, errors) {
+        interrupt.trigger(VIRTIO_MMIO_INT_VRING);
     }
 }
