@@ -681,21 +681,9 @@ mod tests {
             IoEngine::Sync => {
                 cpu_time_of(|| process_queue(&m, &mut queue, &disk, &limits, &mut errors))
             }
-            IoEngine::Async => {
-                let mut u = Uring::new(disk.clone()).unwrap();
-                cpu_time_of(|| {
-                    let r = process_queue_async(
-                        &m,
-                        &mut queue,
-                        &mut u,
-                        &limits,
-                        &mut errors,
-                        |_, _| true,
-                    );
-                    let rest = u.wait_idle();
-                    r.map(|irq| complete_and_finish(&m, &mut queue, rest, &mut errors) || irq)
-                })
-            }
+            IoEngine::Async => cpu_time_of(|| {
+                process_queue_async_once(&m, &mut queue, &disk, &limits, &mut errors).unwrap()
+            }),
         };
         // Every chain is handed back.
         assert_eq!(used_idx(&m, USED_RING), QUEUE_SIZE);
