@@ -549,10 +549,8 @@ impl Drive {
                 CacheType::Unsafe => "Unsafe",
                 CacheType::Writeback => "Writeback",
             },
-            "io_engine": match d.io_engine {
-                IoEngine::Sync => "Sync",
-                IoEngine::Async => "Async",
-            },
+            // Serialized by its variant's name: "Sync" or "Async".
+            "io_engine": d.io_engine,
             "partuuid": null,
             "rate_limiter": limit_json(&d.rate_limit),
         })
