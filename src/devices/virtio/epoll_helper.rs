@@ -55,8 +55,8 @@ pub trait EpollHandler: Send + 'static {
     /// The fds to watch, with a token (not `u64::MAX`) and the events.
     fn watch(&self) -> Vec<(RawFd, u64, EventSet)>;
     /// Serve the tokens that are ready. Called once with none at start (for
-    /// work queued before the worker existed) and again with none while the
-    /// last call returned `more`.
+    /// work queued before the worker existed), after each pause, and again
+    /// with none while the last call returned `more`.
     fn serve(&mut self, ready: &[u64]) -> Served;
     /// The seccomp filter the worker thread installs before it serves.
     fn seccomp_kind(&self) -> Option<crate::seccomp::ThreadKind> {
@@ -232,6 +232,10 @@ fn run(
                     handler.quiesce();
                     return Ok(());
                 }
+                // Serve once more after a pause: parking finished what was
+                // in flight, and requests held back for it (a full io_uring
+                // engine) have no other event to bring the worker back.
+                more = true;
             } else {
                 ready.push(ev.data());
             }

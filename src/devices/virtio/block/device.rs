@@ -213,6 +213,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_utils::TempImage;
+    use super::super::MAX_REQUEST_BYTES;
     use super::*;
     use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -247,7 +248,7 @@ mod tests {
         assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
         let c = config(&b);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 10);
-        assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), 1 << 20);
+        assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), SIZE_MAX);
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
 
@@ -376,6 +377,100 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(irqfd.read().is_err());
         b.flush();
+    }
+
+    /// Issue 25's first hostile-guest finding: one kick of a full queue of
+    /// the largest reads the device takes (256 x 254 x 64 KiB, 4 GiB of
+    /// copying). Pause (what a snapshot starts with) and reset (what a vCPU
+    /// thread waits for) are answered after the worker's current pass, not
+    /// after the kick: both within tens of milliseconds.
+    #[test]
+    fn pause_and_reset_are_answered_within_a_pass_of_a_huge_kick() {
+        use crate::devices::virtio::test_utils::{full_queue_of_one_chain, used_idx};
+        const HDR: u64 = 0x4_0000;
+        const STATUS: u64 = 0x4_1000;
+        const DATA: u64 = 0x5_0000;
+        const USED: GuestAddress = GuestAddress(0x3_0000);
+        let w = narrow::u16_of(VRING_DESC_F_WRITE);
+        let mut descs = vec![(HDR, 16, 0)];
+        descs.extend((0..SEG_MAX).map(|_| (DATA, SIZE_MAX, w)));
+        descs.push((STATUS, 1, w));
+        let bound = Duration::from_millis(250);
+        for engine in [IoEngine::Sync, IoEngine::Async] {
+            let img = TempImage::new(&[]);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(img.path())
+                .unwrap()
+                .set_len(MAX_REQUEST_BYTES)
+                .unwrap();
+            let cfg = DriveConfig {
+                path: img.path().to_owned(),
+                io_engine: engine,
+                ..Default::default()
+            };
+            let mut b = Block::new(&cfg).unwrap();
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+            let vq = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
+            // Header all zero: a read of sector 0, all of the disk.
+            let queue = full_queue_of_one_chain(&vq, &mem, QUEUE_SIZE, &descs, None, USED);
+            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+            let interrupt = Interrupt::new(
+                Arc::new(AtomicU32::new(0)),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            );
+            b.activate(
+                mem.clone(),
+                interrupt,
+                vec![queue],
+                vec![kick.try_clone().unwrap()],
+            )
+            .unwrap();
+            let wait_used = |above: u16| {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while used_idx(&mem, USED) <= above {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{engine:?}: the kick is not served: used {}",
+                        used_idx(&mem, USED)
+                    );
+                    std::thread::yield_now();
+                }
+            };
+
+            let start = Instant::now();
+            kick.write(1).unwrap();
+            wait_used(0);
+            let t = Instant::now();
+            assert!(b.pause());
+            let paused = t.elapsed();
+            let at = used_idx(&mem, USED);
+            b.resume();
+            wait_used(QUEUE_SIZE - 1);
+            let kick_took = start.elapsed();
+
+            // A second kick of the same 256 requests, reset in the middle.
+            vq.avail().idx().store(2 * QUEUE_SIZE);
+            kick.write(1).unwrap();
+            wait_used(QUEUE_SIZE);
+            let t = Instant::now();
+            assert!(b.reset());
+            let reset = t.elapsed();
+            eprintln!(
+                "virtio-blk ({engine:?}): a kick of 256 x {MAX_REQUEST_BYTES}-byte reads took {kick_took:?}; \
+                 pause answered in {paused:?} (at request {at} of 256), reset in {reset:?}"
+            );
+            assert!(
+                at < QUEUE_SIZE,
+                "{engine:?}: the pause came after the whole kick"
+            );
+            assert!(paused < bound, "{engine:?}: pause took {paused:?}");
+            assert!(reset < bound, "{engine:?}: reset took {reset:?}");
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+                narrow::u8_of(VIRTIO_BLK_S_OK)
+            );
+        }
     }
 
     #[test]

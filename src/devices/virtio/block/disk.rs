@@ -2,10 +2,10 @@
 //!
 //! The backing file is opened read-write or read-only and `flock`ed
 //! (exclusive for read-write, shared for read-only) so that two VMMs cannot
-//! write one image at once. Data moves with `pread`/`pwrite` straight between
-//! the file and guest memory, without a bounce buffer. All methods take
-//! `&self`: positioned I/O needs no seek state, so the worker thread and the
-//! VMM's final flush can share one [`Disk`].
+//! write one image at once. Data moves with one `preadv`/`pwritev` per
+//! request straight between the file and guest memory, without a bounce
+//! buffer. All methods take `&self`: positioned I/O needs no seek state, so
+//! the worker thread and the VMM's final flush can share one [`Disk`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -15,11 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    Bytes, GuestMemory, Permissions, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
-};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::request::{Limits, Request, RequestKind};
 use super::{ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
@@ -281,10 +278,7 @@ impl Disk {
     pub fn execute(&self, mem: &GuestMemoryMmap, req: &Request) -> Result<u32, DiskError> {
         match req.kind {
             RequestKind::In => {
-                let mut at = FileAt::new(&self.file, req.sector << SECTOR_SHIFT);
-                for d in &req.data {
-                    read_into_guest(mem, d.addr, d.len as usize, &mut at)?;
-                }
+                self.transfer(mem, req)?;
                 self.count_done(req.kind, req.data_len());
                 // Bounded by the chain length, itself below 2^32 (virtio-queue checks).
                 Ok(u32::try_from(req.data_len()).unwrap_or(u32::MAX))
@@ -293,10 +287,7 @@ impl Disk {
                 if self.read_only {
                     return Err(DiskError::ReadOnly);
                 }
-                let mut at = FileAt::new(&self.file, req.sector << SECTOR_SHIFT);
-                for d in &req.data {
-                    write_from_guest(mem, d.addr, d.len as usize, &mut at)?;
-                }
+                self.transfer(mem, req)?;
                 self.count_done(req.kind, req.data_len());
                 Ok(0)
             }
@@ -326,6 +317,109 @@ impl Disk {
             RequestKind::Unsupported(t) => Err(DiskError::Unsupported(t)),
         }
     }
+
+    /// Move a read's or write's data between the file and guest memory:
+    /// one `preadv`/`pwritev` for the whole request (more only when the
+    /// kernel moves less than asked), at the request's offset, never
+    /// touching the shared file position.
+    fn transfer(&self, mem: &GuestMemoryMmap, req: &Request) -> Result<(), DiskError> {
+        let write = req.kind == RequestKind::Out;
+        let mut iov = guest_iovecs(mem, req)?;
+        let mut offset = req.sector << SECTOR_SHIFT;
+        let mut first = 0;
+        while first < iov.len() {
+            let io = |source| DiskError::Io { offset, source };
+            let at = libc::off_t::try_from(offset)
+                .map_err(|_| io(io::Error::from(io::ErrorKind::InvalidInput)))?;
+            let rest = &iov[first..];
+            // At most IOV_MAX (1024) at a time; a request has at most 2 x
+            // 256 (a buffer split where two memory regions meet).
+            let count = libc::c_int::try_from(rest.len().min(1024)).unwrap_or(1024);
+            // SAFETY: the iovecs name guest memory that `mem` keeps mapped
+            // for the call (checked by `guest_iovecs`), writable for a read;
+            // the kernel reads the iovec array itself, which outlives the
+            // call, and the fd belongs to `self.file`.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(self.file.as_raw_fd(), rest.as_ptr(), count, at)
+                } else {
+                    libc::preadv(self.file.as_raw_fd(), rest.as_ptr(), count, at)
+                }
+            };
+            let n = match usize::try_from(n) {
+                Ok(0) => {
+                    return Err(io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file ends before the request does",
+                    )))
+                }
+                Ok(n) => n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(io(e));
+                }
+            };
+            offset += n as u64;
+            first += advance(&mut iov[first..], n);
+        }
+        Ok(())
+    }
+}
+
+/// Drop the first `n` bytes from `iov`: returns how many iovecs are done
+/// (the next one is shortened to what is left of it).
+fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {
+    let mut done = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: n is less than the buffer's length, so the pointer
+            // stays inside the buffer the iovec names.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        done += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    done
+}
+
+/// The iovecs of a read's or write's data buffers (checked by the parser
+/// to lie in guest RAM): one per buffer, two where a buffer crosses from one
+/// guest memory region to the next. A read's buffers are marked dirty for a
+/// diff snapshot here, since the kernel, not vm-memory, writes them.
+pub(super) fn guest_iovecs(
+    mem: &GuestMemoryMmap,
+    req: &Request,
+) -> Result<Vec<libc::iovec>, DiskError> {
+    let perm = if req.kind == RequestKind::In {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    let mut out = Vec::with_capacity(req.data.len());
+    for d in &req.data {
+        for slice in mem
+            .get_slices(d.addr, d.len as usize, perm)
+            .map_err(DiskError::GuestMemory)?
+        {
+            let slice = slice.map_err(DiskError::GuestMemory)?;
+            if req.kind == RequestKind::In {
+                slice.bitmap().mark_dirty(0, slice.len());
+            }
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// flock the image: exclusive for read-write, shared for read-only, never waiting.
@@ -362,122 +456,6 @@ fn serial(dev: u64, ino: u64) -> [u8; ID_BYTES] {
     let n = s.len().min(ID_BYTES);
     id[..n].copy_from_slice(&s.as_bytes()[..n]);
     id
-}
-
-/// Fill `len` bytes of guest memory at `addr` from the file.
-fn read_into_guest(
-    mem: &GuestMemoryMmap,
-    addr: vm_memory::GuestAddress,
-    len: usize,
-    at: &mut FileAt<'_>,
-) -> Result<(), DiskError> {
-    for slice in mem
-        .get_slices(addr, len, Permissions::Write)
-        .map_err(DiskError::GuestMemory)?
-    {
-        let mut slice = slice.map_err(DiskError::GuestMemory)?;
-        let offset = at.offset;
-        at.read_exact_volatile(&mut slice)
-            .map_err(|e| io_error(offset, e))?;
-    }
-    Ok(())
-}
-
-/// Write `len` bytes of guest memory at `addr` to the file.
-fn write_from_guest(
-    mem: &GuestMemoryMmap,
-    addr: vm_memory::GuestAddress,
-    len: usize,
-    at: &mut FileAt<'_>,
-) -> Result<(), DiskError> {
-    for slice in mem
-        .get_slices(addr, len, Permissions::Read)
-        .map_err(DiskError::GuestMemory)?
-    {
-        let slice = slice.map_err(DiskError::GuestMemory)?;
-        let offset = at.offset;
-        at.write_all_volatile(&slice)
-            .map_err(|e| io_error(offset, e))?;
-    }
-    Ok(())
-}
-
-fn io_error(offset: u64, e: VolatileMemoryError) -> DiskError {
-    let source = match e {
-        VolatileMemoryError::IOError(e) => e,
-        other => io::Error::other(other.to_string()),
-    };
-    DiskError::Io { offset, source }
-}
-
-/// A file cursor that uses `pread`/`pwrite`, so it never moves the shared
-/// file position.
-struct FileAt<'a> {
-    file: &'a File,
-    offset: u64,
-}
-
-impl<'a> FileAt<'a> {
-    fn new(file: &'a File, offset: u64) -> Self {
-        Self { file, offset }
-    }
-
-    fn file_offset(&self) -> Result<libc::off_t, VolatileMemoryError> {
-        libc::off_t::try_from(self.offset)
-            .map_err(|_| VolatileMemoryError::IOError(io::Error::from(io::ErrorKind::InvalidInput)))
-    }
-}
-
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<'_, B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.file_offset()?;
-        let guard = buf.ptr_guard_mut();
-        // SAFETY: `guard` keeps `buf.len()` bytes of mapped guest memory valid
-        // for writes while it lives, pread writes at most that many bytes, and
-        // the fd belongs to `self.file`, borrowed for the call.
-        let n = unsafe {
-            libc::pread(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast::<libc::c_void>(),
-                buf.len(),
-                offset,
-            )
-        };
-        // A negative return is an error; anything else fits in usize.
-        let n = usize::try_from(n)
-            .map_err(|_| VolatileMemoryError::IOError(io::Error::last_os_error()))?;
-        buf.bitmap().mark_dirty(0, n);
-        self.offset += n as u64;
-        Ok(n)
-    }
-}
-
-impl WriteVolatile for FileAt<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<'_, B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.file_offset()?;
-        let guard = buf.ptr_guard();
-        // SAFETY: `guard` keeps `buf.len()` bytes of mapped guest memory valid
-        // for reads while it lives, pwrite reads at most that many bytes, and
-        // the fd belongs to `self.file`, borrowed for the call.
-        let n = unsafe {
-            libc::pwrite(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast::<libc::c_void>(),
-                buf.len(),
-                offset,
-            )
-        };
-        let n = usize::try_from(n)
-            .map_err(|_| VolatileMemoryError::IOError(io::Error::last_os_error()))?;
-        self.offset += n as u64;
-        Ok(n)
-    }
 }
 
 /// The disk a device serves, shared with its worker; replaced whole when

@@ -35,7 +35,19 @@ pub const QUEUE_SIZE: u16 = 256;
 /// a status descriptor besides its data, and must fit the queue.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest data segment (`size_max`): bounds the work of one descriptor.
-pub const SIZE_MAX: u32 = 1 << 20;
+/// 64 KiB is Linux's own default segment size, so its requests (1.25 MiB
+/// at most unless raised) lose nothing.
+pub const SIZE_MAX: u32 = 64 << 10;
+/// Most bytes one read or write may move, whatever the driver negotiated:
+/// what `seg_max` segments of `size_max` hold (16,646,144 bytes). A
+/// driver that did not accept the two features is bound by this alone.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Bytes one pass of the worker moves before it looks at its control
+/// events again (pause, reset, stop): the Sync engine ends a pass after the
+/// request that reaches it, the Async engine keeps at most this much in
+/// flight. With [`MAX_REQUEST_BYTES`] a pass is under 48 MiB of copying,
+/// milliseconds from the page cache, however many requests a kick brings.
+pub const PASS_BYTES: u64 = 32 << 20;
 /// Bytes in a `VIRTIO_BLK_T_GET_ID` answer.
 pub const ID_BYTES: usize = 20;
 

@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::disk::{Disk, DiskError};
 use super::request::{Limits, Request, RequestKind};
 use super::uring::{Completion, Uring};
+use super::PASS_BYTES;
 use crate::devices::virtio::guest_log::GuestLog;
 use crate::devices::virtio::queue_guard::{self, Chain, Disposition, Drained, QueueError};
 use crate::memory::GuestMemoryMmap;
@@ -23,6 +24,34 @@ const STATUS_UNSUPP: u8 = narrow::u8_of(VIRTIO_BLK_S_UNSUPP);
 
 /// What block devices' guest problems are logged as.
 const LABEL: &str = "virtio-blk";
+
+/// The bytes one pass of the Sync engine may still move ([`PASS_BYTES`]):
+/// the request that reaches the bound is the pass's last, the next stays on
+/// the ring and the worker looks at its control events before it goes on.
+#[derive(Debug, Default)]
+pub struct Pass {
+    moved: u64,
+    ended: bool,
+}
+
+impl Pass {
+    /// Whether a request moving `bytes` is still this pass's (the first one
+    /// always is).
+    pub fn admit(&mut self, bytes: u64) -> bool {
+        if self.moved > 0 && self.moved.saturating_add(bytes) > PASS_BYTES {
+            self.ended = true;
+            return false;
+        }
+        self.moved = self.moved.saturating_add(bytes);
+        true
+    }
+
+    /// Whether the bound left requests on the ring: the caller serves again
+    /// once it has looked at its other events.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+}
 
 /// Serve every request in `queue`. Returns true when the used ring changed
 /// and the driver has not asked us to hold back the interrupt, or the
@@ -73,16 +102,15 @@ pub(super) fn process_queue_async(
 ) -> Result<bool, QueueError> {
     let mut done = complete(mem, queue, uring.reap(), errors);
     let disk = uring.disk().clone();
+    uring.new_pass();
     let drained = queue_guard::drain_taking(queue, mem, |chain| {
-        if uring.is_full() {
-            return Disposition::Hold;
-        }
         let head = chain.head_index();
         let request = match parse(mem, chain, limits, errors) {
             Ok(r) => r,
             Err(len) => return Disposition::Used(len),
         };
-        if !admit(admitted_bytes(&request), 1) {
+        let bytes = admitted_bytes(&request);
+        if !uring.has_room_for(bytes) || !admit(bytes, 1) {
             return Disposition::Hold;
         }
         if !uring.runs(&request) {
@@ -279,7 +307,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::super::test_utils::TempImage;
-    use super::super::{ID_BYTES, QUEUE_SIZE};
+    use super::super::{ID_BYTES, QUEUE_SIZE, SEG_MAX};
     use super::*;
     use crate::config::IoEngine;
     use crate::devices::virtio::test_utils::{
@@ -657,10 +685,11 @@ mod tests {
     const USED_RING: GuestAddress = GuestAddress(0x8000);
 
     /// One kick of a full-size queue whose every entry is the chain `descs`
-    /// (through an indirect table at `indirect_at`, if given; headers all
-    /// zero, a read of sector 0): the CPU it took, its result, the errors it
-    /// counted and the guest memory.
+    /// (through an indirect table at `indirect_at`, if given; every header
+    /// a request of type `kind` at sector 0): the CPU it took, its result,
+    /// the errors it counted and the guest memory.
     fn kick_full_queue(
+        kind: u32,
         descs: &[(u64, u32, u16)],
         indirect_at: Option<GuestAddress>,
         engine: IoEngine,
@@ -671,7 +700,8 @@ mod tests {
         GuestMemoryMmap,
     ) {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let (img, _) = image(4);
+        header(&m, HDR, kind, 0);
+        let (img, _) = image(256);
         let disk = Arc::new(Disk::open(img.path(), false).unwrap());
         let vq = MockSplitQueue::create(&m, GuestAddress(0), QUEUE_SIZE);
         let mut queue = full_queue_of_one_chain(&vq, &m, QUEUE_SIZE, descs, indirect_at, USED_RING);
@@ -699,7 +729,7 @@ mod tests {
         descs.push((STATUS, 1, W));
         for engine in [IoEngine::Sync, IoEngine::Async] {
             let (cpu, r, errors, _) =
-                kick_full_queue(&descs, Some(GuestAddress(0x10_0000)), engine);
+                kick_full_queue(VIRTIO_BLK_T_IN, &descs, Some(GuestAddress(0x10_0000)), engine);
             eprintln!(
                 "virtio-blk ({engine:?}): one kick, {QUEUE_SIZE} pointers to a 65,535-entry table: {cpu:?} CPU"
             );
@@ -720,7 +750,7 @@ mod tests {
         assert_eq!(descs.len(), usize::from(QUEUE_SIZE));
         // The header is left all zero: VIRTIO_BLK_T_IN of sector 0.
         for engine in [IoEngine::Sync, IoEngine::Async] {
-            let (cpu, r, errors, m) = kick_full_queue(&descs, None, engine);
+            let (cpu, r, errors, m) = kick_full_queue(VIRTIO_BLK_T_IN, &descs, None, engine);
             eprintln!(
                 "virtio-blk ({engine:?}): one kick, {QUEUE_SIZE} chains of {QUEUE_SIZE} descriptors: {cpu:?} CPU"
             );
@@ -728,6 +758,30 @@ mod tests {
             assert_eq!(errors.count(), 0);
             assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), STATUS_OK);
             assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
+        }
+    }
+
+    /// Issue 25's second hostile-guest finding: a full queue of chains of
+    /// 254 (seg_max) 512-byte segments, reads and writes. One
+    /// `preadv`/`pwritev` per request, not one call per segment: 256 calls
+    /// a kick instead of 65,024.
+    #[test]
+    fn cpu_per_kick_for_a_full_queue_of_small_segments() {
+        for (kind, flags) in [(VIRTIO_BLK_T_IN, W), (VIRTIO_BLK_T_OUT, 0)] {
+            let mut descs = vec![(HDR, 16, 0)];
+            descs.extend((0..SEG_MAX).map(|i| (0x20_0000 + u64::from(i) * 512, 512, flags)));
+            descs.push((STATUS, 1, W));
+            for engine in [IoEngine::Sync, IoEngine::Async] {
+                let (cpu, r, errors, m) = kick_full_queue(kind, &descs, None, engine);
+                eprintln!(
+                    "virtio-blk ({engine:?}): one kick, {QUEUE_SIZE} {} of {SEG_MAX} x 512 bytes: {cpu:?} CPU",
+                    if kind == VIRTIO_BLK_T_IN { "reads" } else { "writes" }
+                );
+                assert_eq!(r, Ok(true));
+                assert_eq!(errors.count(), 0);
+                assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), STATUS_OK);
+                assert!(cpu < KICK_CPU_BUDGET, "one kick took {cpu:?} of CPU");
+            }
         }
     }
 

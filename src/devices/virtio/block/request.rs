@@ -20,7 +20,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
-use super::SECTOR_SIZE;
+use super::{MAX_REQUEST_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::queue_guard::{Chain, QueueError};
 
 /// Size of `struct virtio_blk_outhdr` (type, reserved, sector).
@@ -143,6 +143,9 @@ pub enum RequestError {
     /// A read or write without data.
     #[error("{0:?} request without data")]
     NoData(RequestKind),
+    /// A read or write of more than [`MAX_REQUEST_BYTES`].
+    #[error("{0} data bytes in one request, more than {MAX_REQUEST_BYTES}")]
+    TooLarge(u64),
     /// A read or write whose length is not a whole number of sectors.
     #[error("data length {0} is not a multiple of 512")]
     UnalignedLength(u64),
@@ -280,6 +283,9 @@ impl Request {
             let len = request.data_len();
             if len == 0 {
                 return Err(fail(RequestError::NoData(kind)));
+            }
+            if len > MAX_REQUEST_BYTES {
+                return Err(fail(RequestError::TooLarge(len)));
             }
             if !len.is_multiple_of(SECTOR_SIZE) {
                 return Err(fail(RequestError::UnalignedLength(len)));
@@ -555,6 +561,40 @@ mod tests {
                 ),
                 "sector {sector} len {len}"
             );
+        }
+    }
+
+    /// A driver that did not accept seg_max and size_max is still bound by
+    /// MAX_REQUEST_BYTES: two overlapping 8 MiB + 512 buffers are refused
+    /// with IOERR, two of exactly half the bound are a request.
+    #[test]
+    fn a_request_moves_at_most_max_request_bytes() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x90_0000)]).unwrap();
+        let unbound = Limits {
+            capacity_sectors: u64::MAX / SECTOR_SIZE,
+            seg_max: u32::MAX,
+            size_max: u32::MAX,
+        };
+        let half = u32::try_from(MAX_REQUEST_BYTES / 2).unwrap();
+        assert_eq!(u64::from(half) * 2, MAX_REQUEST_BYTES);
+        let q = MockSplitQueue::new(&m, 16);
+        for (len, ok) in [(half, true), (half + 512, false)] {
+            header(&m, VIRTIO_BLK_T_IN, 0);
+            let descs = [
+                desc(HDR, 16, 0),
+                desc(0x10_0000, len, W),
+                desc(0x10_0000, len, W),
+                desc(STATUS, 1, W),
+            ];
+            let chain = q.build_desc_chain(&descs).unwrap();
+            let r = Request::parse(Chain::new(chain, 16), &unbound);
+            if ok {
+                assert_eq!(r.unwrap().data_len(), MAX_REQUEST_BYTES);
+            } else {
+                let r = r.unwrap_err();
+                assert_eq!(r.error, RequestError::TooLarge(2 * u64::from(len)));
+                assert_eq!(r.status, Some(GuestAddress(STATUS)));
+            }
         }
     }
 

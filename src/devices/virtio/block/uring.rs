@@ -3,9 +3,10 @@
 //! iovecs point straight into guest memory, and the worker serves the queue
 //! on while they run; their completions come back on an eventfd.
 //!
-//! Bounds, whatever the guest does: at most [`QUEUE_SIZE`] requests are in
-//! flight (a full engine leaves further chains on the available ring until
-//! one completes), each is a request [`Request::parse`] accepted (the same
+//! Bounds, whatever the guest does: at most [`QUEUE_SIZE`] requests and
+//! [`PASS_BYTES`] of data (past the first request) are in flight (a full
+//! engine leaves further chains on the available ring until one completes,
+//! and a pause or stop waits for no more than that), each is a request [`Request::parse`] accepted (the same
 //! checks as the Sync engine: seg_max, size_max, the disk's end, guest RAM),
 //! and its iovecs are at most two per data descriptor (a buffer that
 //! crosses from one guest memory region to the next).
@@ -23,13 +24,12 @@ use std::sync::Arc;
 use io_uring::register::Restriction;
 use io_uring::types::{Fixed, FsyncFlags};
 use io_uring::{opcode, squeue, IoUring};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::disk::{Disk, DiskError};
+use super::disk::{guest_iovecs, Disk, DiskError};
 use super::request::{Request, RequestKind};
-use super::{QUEUE_SIZE, SECTOR_SHIFT};
+use super::{PASS_BYTES, QUEUE_SIZE, SECTOR_SHIFT};
 use crate::memory::GuestMemoryMmap;
 
 /// `IORING_REGISTER_FILES_UPDATE` (Linux uapi; the crate does not export
@@ -80,6 +80,11 @@ pub(super) struct Uring {
     free: Vec<usize>,
     /// The disk whose file is registered (index 0).
     disk: Arc<Disk>,
+    /// Data bytes of the requests in flight (at most [`PASS_BYTES`] past
+    /// the first): what a pause or stop waits for is bounded by it.
+    bytes_in_flight: u64,
+    /// The last pass left chains on the ring for want of room.
+    held: bool,
 }
 
 impl Uring {
@@ -109,6 +114,8 @@ impl Uring {
             slots: (0..n).map(|_| None).collect(),
             free: (0..n).rev().collect(),
             disk,
+            bytes_in_flight: 0,
+            held: false,
         })
     }
 
@@ -117,9 +124,28 @@ impl Uring {
         self.done.as_raw_fd()
     }
 
-    /// No room for another request until one completes.
-    pub(super) fn is_full(&self) -> bool {
-        self.free.is_empty()
+    /// Whether a request moving `bytes` may go in flight now: the first
+    /// always, the others while the engine holds at most [`PASS_BYTES`]
+    /// and fewer than [`QUEUE_SIZE`] requests. A refusal is remembered for
+    /// [`Self::held_with_nothing_in_flight`] until [`Self::new_pass`].
+    pub(super) fn has_room_for(&mut self, bytes: u64) -> bool {
+        let room = !self.free.is_empty()
+            && (self.bytes_in_flight == 0
+                || self.bytes_in_flight.saturating_add(bytes) <= PASS_BYTES);
+        self.held |= !room;
+        room
+    }
+
+    /// A pass over the available ring begins.
+    pub(super) fn new_pass(&mut self) {
+        self.held = false;
+    }
+
+    /// The last pass left chains on the ring for want of room, and since
+    /// then everything in flight completed (inside the submit, with no
+    /// completion event left to wait for): the caller must pass again.
+    pub(super) fn held_with_nothing_in_flight(&self) -> bool {
+        self.held && self.in_flight() == 0
     }
 
     /// Requests the kernel still works on.
@@ -139,7 +165,7 @@ impl Uring {
     }
 
     /// Queue `req` (of chain `head`); [`Self::submit`] hands it over.
-    /// The caller checked [`Self::is_full`] and [`Self::runs`].
+    /// The caller checked [`Self::has_room_for`] and [`Self::runs`].
     pub(super) fn push(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -154,7 +180,7 @@ impl Uring {
         };
         let offset = req.sector << SECTOR_SHIFT;
         let iovecs = Iovecs(match req.kind {
-            RequestKind::In | RequestKind::Out => iovecs(mem, req)?,
+            RequestKind::In | RequestKind::Out => guest_iovecs(mem, req)?,
             _ => Vec::new(),
         });
         let n = u32::try_from(iovecs.0.len()).map_err(|_| DiskError::Io {
@@ -189,6 +215,7 @@ impl Uring {
             });
         }
         self.free.pop();
+        self.bytes_in_flight += req.data_len();
         self.slots[slot] = Some(InFlight {
             head,
             status: req.status,
@@ -223,6 +250,7 @@ impl Uring {
                 continue;
             };
             self.free.push(slot);
+            self.bytes_in_flight -= f.bytes;
             let res = cqe.result();
             let result = if res < 0 {
                 let source = io::Error::from_raw_os_error(-res);
@@ -295,35 +323,6 @@ impl Uring {
     pub(super) fn disk(&self) -> &Arc<Disk> {
         &self.disk
     }
-}
-
-/// The iovecs of a read's or write's data buffers (checked by the parser
-/// to lie in guest RAM).
-fn iovecs(mem: &GuestMemoryMmap, req: &Request) -> Result<Vec<libc::iovec>, DiskError> {
-    let perm = if req.kind == RequestKind::In {
-        Permissions::Write
-    } else {
-        Permissions::Read
-    };
-    let mut out = Vec::with_capacity(req.data.len());
-    for d in &req.data {
-        for slice in mem
-            .get_slices(d.addr, d.len as usize, perm)
-            .map_err(DiskError::GuestMemory)?
-        {
-            let slice = slice.map_err(DiskError::GuestMemory)?;
-            if req.kind == RequestKind::In {
-                // The kernel writes it, not vm-memory: mark it for a diff
-                // snapshot now (a snapshot waits for the completion).
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    Ok(out)
 }
 
 impl Drop for Uring {

@@ -1,6 +1,7 @@
 //! The virtio-blk worker: what the worker thread owns, and its answer to a
 //! kick. Each kick drains the queue ([`process_queue`]) and raises the
-//! interrupt; a broken ring makes the worker report DEVICE_NEEDS_RESET and
+//! interrupt, in passes of at most [`super::PASS_BYTES`] with a look at the
+//! control events (pause, reset, stop) between two; a broken ring makes the worker report DEVICE_NEEDS_RESET and
 //! stop watching the queue until the driver resets the device.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -11,7 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{current, SharedDisk};
-use super::queue::{complete_and_finish, process_queue_async, process_queue_limited};
+use super::queue::{complete_and_finish, process_queue_async, process_queue_limited, Pass};
 use super::uring::Uring;
 use crate::devices::virtio::throttle::Throttle;
 use crate::devices::virtio::{
@@ -80,6 +81,7 @@ impl EpollHandler for BlockWorker {
         let disk = current(&self.disk);
         let limits = disk.negotiated_limits(self.acked_features);
         let throttle = &mut self.throttle;
+        let mut pass = Pass::default();
         let served = match &mut self.uring {
             None => process_queue_limited(
                 &self.mem,
@@ -87,7 +89,9 @@ impl EpollHandler for BlockWorker {
                 &disk,
                 &limits,
                 &mut self.errors,
-                |bytes, ops| throttle.admit(bytes, ops),
+                // The pass first: the limiter's tokens are taken only for
+                // a request that is served now.
+                |bytes, ops| pass.admit(bytes) && throttle.admit(bytes, ops),
             ),
             Some(u) => {
                 if !Arc::ptr_eq(u.disk(), &disk) {
@@ -128,7 +132,16 @@ impl EpollHandler for BlockWorker {
                 )
             }
         }
-        Served::default()
+        // Chains the engine had no room for, and nothing left in flight to
+        // bring the worker back (it all completed inside the submit).
+        let engine_idle = self
+            .uring
+            .as_ref()
+            .is_some_and(Uring::held_with_nothing_in_flight);
+        Served {
+            more: pass.ended() || engine_idle,
+            stop_watching: Vec::new(),
+        }
     }
 }
 
