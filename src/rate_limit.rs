@@ -60,12 +60,22 @@ impl RateLimitConfig {
 }
 
 /// A limit per second, as the command line gives it: `bytes` of bandwidth
-/// and `ops` operations each second, each a one-second bucket.
+/// and `ops` operations each second. Each bucket holds a tenth of a second
+/// of the rate where that divides evenly (else the largest of 1/8, 1/5,
+/// 1/4, 1/2 that does, else a whole second): a bucket is also the burst a
+/// device gets after an idle spell, and a one-second one let a 5 s transfer
+/// through at 1.2 times the rate.
 pub fn per_second(bytes: Option<u64>, ops: Option<u64>) -> RateLimitConfig {
-    let bucket = |size| BucketConfig {
-        size,
-        one_time_burst: None,
-        refill_time: 1000,
+    let bucket = |rate: u64| {
+        let parts = [10, 8, 5, 4, 2]
+            .into_iter()
+            .find(|d| rate.is_multiple_of(*d))
+            .unwrap_or(1);
+        BucketConfig {
+            size: rate / parts,
+            one_time_burst: None,
+            refill_time: 1000 / parts,
+        }
     };
     RateLimitConfig {
         bandwidth: bytes.map(bucket),
@@ -334,8 +344,16 @@ mod tests {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
         let c = per_second(Some(1 << 20), None);
-        assert_eq!(c.bandwidth.unwrap().refill_time, 1000);
+        // 2^20 B/s: buckets of 1/8 s.
+        let b = c.bandwidth.unwrap();
+        assert_eq!((b.size, b.refill_time), (1 << 17, 125));
         assert!(c.ops.is_none() && c.limits());
+        for (rate, size, refill) in [(10 << 20, 1 << 20, 100), (1000, 100, 100), (7, 7, 1000), (3, 3, 1000), (6, 3, 500)] {
+            let b = per_second(None, Some(rate)).ops.unwrap();
+            assert_eq!((b.size, b.refill_time), (size, refill), "{rate}/s");
+            // The same rate whatever the bucket.
+            assert_eq!(b.size * 1000 / b.refill_time, rate);
+        }
     }
 
     #[test]
