@@ -41,7 +41,7 @@ EXIT STATUS:
   125      microvm failed (KVM or host error, a --net user passt that exited)
            or the guest crashed (kernel panic, triple fault, an instruction
            nobody could emulate)
-  130/143  stopped by SIGINT/SIGTERM (Ctrl-C)
+  129/130/143  stopped by SIGHUP/SIGINT/SIGTERM (Ctrl-C is SIGINT)
 
 GUEST PROTOCOL:
   The guest reports its command's exit status by writing one byte to I/O port

@@ -19,13 +19,15 @@ pub fn kvm_is_emulated() -> bool {
         .unwrap_or(false)
 }
 
-/// Signals that stop the VM.
-pub const STOP_SIGNALS: [i32; 2] = [libc::SIGINT, libc::SIGTERM];
+/// Signals that stop the VM: Ctrl-C, a supervisor's stop, and SIGHUP (the
+/// terminal went away, or a supervisor's hang-up), which is a stop like
+/// SIGTERM: the VM ends, its sockets, TAPs and passt go, exit 129.
+pub const STOP_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// A blocked signal set, for [`wait_signal`].
 pub struct SignalSet(libc::sigset_t);
 
-/// Block SIGINT and SIGTERM in the calling thread (and threads it starts later).
+/// Block SIGINT, SIGTERM and SIGHUP in the calling thread (and threads it starts later).
 pub fn block_stop_signals() -> std::io::Result<SignalSet> {
     let mut set = MaybeUninit::<libc::sigset_t>::uninit();
     // SAFETY: sigemptyset initialises the set we pass it; sigaddset and

@@ -39,7 +39,7 @@ enum Fatal {
         #[source]
         source: std::io::Error,
     },
-    /// SIGINT/SIGTERM could not be blocked.
+    /// SIGINT/SIGTERM/SIGHUP could not be blocked.
     #[error("cannot block signals")]
     Signals(#[source] std::io::Error),
     /// The SIGSYS reporter could not be installed.
@@ -83,7 +83,7 @@ fn signal_exit(sig: i32) -> u8 {
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
-    // Block SIGINT/SIGTERM before anything else: one that arrives while the VM
+    // Block SIGINT/SIGTERM/SIGHUP before anything else: one that arrives while the VM
     // is being built stays pending until the signal thread in `Vmm::run` takes
     // it, so an early SIGTERM still ends with 143 instead of killing us.
     let blocked = microvm::host::block_stop_signals();
@@ -130,8 +130,14 @@ fn main() -> ExitCode {
             e.exit_code()
         }
     };
+    // What the guest printed last (its command's output, a panic) is still
+    // on its way to stdout; a stdout that takes nothing is not waited for.
+    microvm::devices::stdout::drain(EXIT_DRAIN);
     ExitCode::from(code)
 }
+
+/// How long the exit waits for guest console output to reach stdout.
+const EXIT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The logger the command line asks for.
 fn init_logger(s: &microvm::logger::LogSettings) -> Result<(), Fatal> {

@@ -348,7 +348,13 @@ mod tests {
         let b = c.bandwidth.unwrap();
         assert_eq!((b.size, b.refill_time), (1 << 17, 125));
         assert!(c.ops.is_none() && c.limits());
-        for (rate, size, refill) in [(10 << 20, 1 << 20, 100), (1000, 100, 100), (7, 7, 1000), (3, 3, 1000), (6, 3, 500)] {
+        for (rate, size, refill) in [
+            (10 << 20, 1 << 20, 100),
+            (1000, 100, 100),
+            (7, 7, 1000),
+            (3, 3, 1000),
+            (6, 3, 500),
+        ] {
             let b = per_second(None, Some(rate)).ops.unwrap();
             assert_eq!((b.size, b.refill_time), (size, refill), "{rate}/s");
             // The same rate whatever the bucket.

@@ -52,6 +52,8 @@ pub enum ThreadKind {
     AgentNotice,
     /// Copies host stdin into the console (the UART or virtio-console).
     Stdin,
+    /// Writes the guest's console output to host stdout (`devices::stdout`).
+    Stdout,
     /// Watches a passt child: forwards its stderr to the log, waits for its exit.
     Passt,
     /// The API socket: accepts connections and serves each on its own thread
@@ -76,6 +78,7 @@ impl ThreadKind {
             ThreadKind::VsockWorker => "virtio-vsock",
             ThreadKind::AgentNotice => "agent-resume",
             ThreadKind::Stdin => "stdin",
+            ThreadKind::Stdout => "stdout",
             ThreadKind::Api => "api",
             ThreadKind::Passt => "passt-supervisor",
             ThreadKind::Main => "main",
@@ -235,6 +238,8 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
             libc::SYS_shutdown,
         ]),
         ThreadKind::Stdin => calls.extend_from_slice(&[libc::SYS_read, libc::SYS_poll]),
+        // `write` and `futex` are in COMMON: nothing more.
+        ThreadKind::Stdout => {}
         // Reaping under the lock kill() takes, so a recycled PID is never signalled.
         ThreadKind::Passt => calls.extend_from_slice(&[
             libc::SYS_read,
@@ -663,6 +668,7 @@ mod tests {
             ThreadKind::VsockWorker,
             ThreadKind::AgentNotice,
             ThreadKind::Stdin,
+            ThreadKind::Stdout,
             ThreadKind::Api,
             ThreadKind::Passt,
             ThreadKind::Main,

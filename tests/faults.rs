@@ -4,14 +4,18 @@
 //!   Ctrl-C ends `tee` too): SIGINT still gives 130, nothing panics;
 //! - stdout a pipe whose reader is gone: the console's output is dropped,
 //!   the VM runs on, SIGTERM still gives 143;
+//! - SIGHUP, SIGTERM and SIGINT during boot, a snapshot write and a
+//!   restore: 129, 143, 130, no socket or partial file left;
 //! - a seccomp-filtered thread that frees memory: glibc must not open a
 //!   file for it (it did, the first time a thread arena's heap shrank).
+//!
+//! The faults whose guest moves megabytes are in `tests/faults_io.rs`.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -30,29 +34,6 @@ fn waiting_vm(kernel: &std::path::Path, initrd: &std::path::Path) -> Vm {
         .spawn()
         .unwrap();
     Vm(child)
-}
-
-/// Read `r` line by line until one contains `what` (or the deadline).
-fn read_until(r: &mut impl BufRead, what: &str, deadline: Duration) -> bool {
-    let end = Instant::now() + deadline;
-    let mut line = String::new();
-    while Instant::now() < end {
-        line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) if line.contains(what) => return true,
-            Ok(_) => {}
-        }
-    }
-    false
-}
-
-fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill {sig} {pid}");
 }
 
 #[test]
@@ -101,6 +82,123 @@ fn stdout_into_a_dead_pipe_drops_the_console_and_the_vm_runs_on() {
     let err = stderr.lock().unwrap().clone();
     assert_eq!(st.and_then(|s| s.code()), Some(143), "{st:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// What `dir` holds, sorted (file names).
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Stop signals at any moment end with 128+N and leave nothing behind:
+/// SIGHUP while the VM boots (129), SIGTERM while it is paused and writing
+/// a snapshot (143; the snapshot is finished first, whole), SIGINT while a
+/// new process restores that snapshot (130). Each time the API socket is
+/// gone afterwards and no `.partial` file is left.
+#[test]
+fn stop_signals_during_boot_snapshot_and_restore_leave_nothing_behind() {
+    use common::api::{call_raw, ApiVm};
+    let Some(kernel) = boot_prereqs() else { return };
+    let Some(initrd) = test_initrd() else { return };
+    let dir = TempDir::new("faults-signals");
+    let snap = dir.path("snap");
+    std::fs::create_dir_all(&snap).unwrap();
+    let vm_args = [
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "microvm.test=wait",
+    ];
+    let expect = |vm: &mut ApiVm, sig: &str, code: i32, when: &str| {
+        signal(vm.child.id(), sig);
+        let st = vm.wait_exit(Duration::from_secs(60));
+        vm.check(
+            st.and_then(|s| s.code()) == Some(code),
+            &format!("{sig} {when}: {st:?}, want {code}"),
+        );
+        vm.check(
+            !vm.sock.exists(),
+            &format!("the API socket is removed after {sig} {when}"),
+        );
+        let err = vm.stderr();
+        vm.check(!err.contains("panicked"), "no panic");
+    };
+
+    // During boot: the socket is there, the guest has not printed a line.
+    let mut vm = ApiVm::start(&dir.path("boot.sock"), &vm_args, &[]);
+    expect(&mut vm, "-HUP", 129, "during boot");
+
+    // Paused, in the middle of a snapshot write.
+    let mut vm = ApiVm::start(&dir.path("snap.sock"), &vm_args, &[]);
+    let boot = boot_deadline(Duration::from_secs(60), Duration::from_secs(600));
+    let ok = vm.wait_for(boot, |vm| {
+        vm.stdout().contains("tick 1 at") || vm.child_exited()
+    });
+    let alive = !vm.child_exited();
+    vm.check(ok && alive, "the guest ticks");
+    vm.checked_call("PATCH", "/vm", r#"{"state": "Paused"}"#, 204);
+    let body = serde_json::json!({ "snapshot_dir": snap }).to_string();
+    let raw = format!(
+        "PUT /snapshot/create HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let sock = vm.sock.clone();
+    let writer = std::thread::spawn(move || call_raw(&sock, raw.as_bytes()));
+    std::thread::sleep(Duration::from_millis(20));
+    expect(&mut vm, "-TERM", 143, "while paused and writing a snapshot");
+    let answer = writer.join().unwrap();
+    let files = listing(&snap);
+    eprintln!("SIGTERM during PUT /snapshot/create: answer {answer:?}, files {files:?}");
+    assert!(
+        files.iter().all(|f| !f.ends_with(".partial")),
+        "a partial snapshot file is left: {files:?}"
+    );
+    assert_eq!(
+        files,
+        ["memory", "state"],
+        "the snapshot is whole (answer {answer:?})"
+    );
+
+    // A new process restoring it.
+    let sock = dir.path("restore.sock");
+    let child = Command::new(microvm_bin())
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--restore")
+        .arg(&snap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restoring = Vm(child);
+    let stderr = pump(restoring.0.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    signal(restoring.0.id(), "-INT");
+    let st = wait_with_deadline(&mut restoring.0, Duration::from_secs(60));
+    let err = stderr.lock().unwrap().clone();
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(130),
+        "SIGINT during a restore: {st:?}: {err}"
+    );
+    assert!(
+        !sock.exists(),
+        "the API socket is removed after SIGINT during a restore"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        listing(&snap),
+        ["memory", "state"],
+        "a restore never writes its snapshot"
+    );
 }
 
 /// The child side of the next test: with microvm's malloc settings, a

@@ -14,4 +14,5 @@ pub mod bus;
 pub mod legacy;
 pub mod rtc;
 pub mod serial;
+pub mod stdout;
 pub mod virtio;

@@ -215,7 +215,10 @@ fn vsock_device(config: &VmConfig) -> Result<Box<dyn VirtioDevice>, VmmError> {
 /// like the UART's; its input is for host stdin.
 fn console_device(platform: &Platform) -> Result<(Box<dyn VirtioDevice>, ConsoleInput), VmmError> {
     let input = ConsoleInput::new().map_err(host_err("console input eventfd"))?;
-    let out = ConsoleOutput::new(std::io::stdout(), platform.guest_panicked.clone());
+    let out = ConsoleOutput::new(
+        crate::devices::stdout::sink(),
+        platform.guest_panicked.clone(),
+    );
     Ok((Box::new(Console::new(Box::new(out), input.clone())), input))
 }
 
@@ -432,7 +435,7 @@ fn attach_platform_devices(
 ) -> Result<Platform, VmmError> {
     let guest_panicked = Arc::new(AtomicBool::new(false));
     let serial_irq = irqfd(vm, layout::SERIAL_IRQ, "serial irqfd")?;
-    let out = ConsoleOutput::new(std::io::stdout(), guest_panicked.clone());
+    let out = ConsoleOutput::new(crate::devices::stdout::sink(), guest_panicked.clone());
     let serial = Arc::new(Mutex::new(match saved {
         None => SerialDevice::new(serial_irq, out),
         Some(s) => SerialDevice::from_snapshot(serial_irq, out, &s.serial)

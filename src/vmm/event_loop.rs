@@ -2,7 +2,7 @@
 //! - a wake eventfd paired with a channel of [`VmEvent`]s (vCPU stops, the
 //!   i8042 reset, API requests),
 //! - the activate eventfd the virtio transports signal on `DRIVER_OK`,
-//! - a signalfd for SIGINT/SIGTERM,
+//! - a signalfd for SIGINT/SIGTERM/SIGHUP,
 //!
 //! and the `--timeout` deadline as the epoll timeout.
 
@@ -37,7 +37,7 @@ pub enum VmEvent {
 pub enum Ready {
     /// An event from another thread.
     Event(VmEvent),
-    /// SIGINT or SIGTERM.
+    /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
     /// A virtio device asked to be activated.
     Activate,
@@ -102,7 +102,7 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// A loop serving SIGINT/SIGTERM (blocked here in the calling thread:
+    /// A loop serving SIGINT/SIGTERM/SIGHUP (blocked here in the calling thread:
     /// they must be blocked in every thread, see `main`).
     pub fn new() -> Result<Self, EventLoopError> {
         let setup = |what| move |source| EventLoopError::Setup { what, source };

@@ -154,7 +154,7 @@ pub enum Outcome {
     GuestCrash(String),
     /// `--timeout` elapsed.
     Timeout(Duration),
-    /// SIGINT or SIGTERM.
+    /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
     /// A NIC's backend process (passt) exited while the VM ran.
     BackendExited(String),
@@ -162,7 +162,7 @@ pub enum Outcome {
 
 /// What the platform devices share with the VMM.
 pub(crate) struct Platform {
-    serial: Arc<Mutex<SerialDevice<std::io::Stdout>>>,
+    serial: Arc<Mutex<SerialDevice<crate::devices::stdout::StdoutSink>>>,
     i8042: Arc<Mutex<I8042>>,
     cmos: Arc<Mutex<Cmos>>,
     exit_status: ExitStatus,

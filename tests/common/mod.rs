@@ -564,3 +564,27 @@ impl NetVm {
         }
     }
 }
+
+/// Read `r` line by line until one contains `what` (or the deadline).
+pub fn read_until(r: &mut impl std::io::BufRead, what: &str, deadline: Duration) -> bool {
+    let end = Instant::now() + deadline;
+    let mut line = String::new();
+    while Instant::now() < end {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line.contains(what) => return true,
+            Ok(_) => {}
+        }
+    }
+    false
+}
+
+/// `kill SIG PID` (the test's own child).
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}

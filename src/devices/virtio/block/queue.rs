@@ -728,8 +728,12 @@ mod tests {
         descs.extend((2..u16::MAX).map(|_| (DATA, 0, W)));
         descs.push((STATUS, 1, W));
         for engine in [IoEngine::Sync, IoEngine::Async] {
-            let (cpu, r, errors, _) =
-                kick_full_queue(VIRTIO_BLK_T_IN, &descs, Some(GuestAddress(0x10_0000)), engine);
+            let (cpu, r, errors, _) = kick_full_queue(
+                VIRTIO_BLK_T_IN,
+                &descs,
+                Some(GuestAddress(0x10_0000)),
+                engine,
+            );
             eprintln!(
                 "virtio-blk ({engine:?}): one kick, {QUEUE_SIZE} pointers to a 65,535-entry table: {cpu:?} CPU"
             );
@@ -781,8 +785,12 @@ mod tests {
                 assert_eq!(errors.count(), 0);
                 assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), STATUS_OK);
                 // 256 x 127 KiB = 32.5 MiB of data in the kick.
-                let budget = kick_cpu_budget_moving(u64::from(QUEUE_SIZE) * u64::from(SEG_MAX) * 512);
-                assert!(cpu < budget, "one kick took {cpu:?} of CPU (budget {budget:?})");
+                let budget =
+                    kick_cpu_budget_moving(u64::from(QUEUE_SIZE) * u64::from(SEG_MAX) * 512);
+                assert!(
+                    cpu < budget,
+                    "one kick took {cpu:?} of CPU (budget {budget:?})"
+                );
             }
         }
     }
