@@ -7,7 +7,8 @@
 //! - SIGHUP, SIGTERM and SIGINT during boot, a snapshot write and a
 //!   restore: 129, 143, 130, no socket or partial file left;
 //! - a seccomp-filtered thread that frees memory: glibc must not open a
-//!   file for it (it did, the first time a thread arena's heap shrank).
+//!   file for it (it did, the first time a thread arena's heap shrank);
+//! - a thread that panics under its filter: the message on stderr, exit 101.
 //!
 //! The faults whose guest moves megabytes are in `tests/faults_io.rs`.
 
@@ -248,5 +249,56 @@ fn a_filtered_thread_frees_memory_without_opening_files() {
     assert!(
         st.success(),
         "a thread whose filter forbids openat died freeing memory: {st:?} (signal 31 is SIGSYS)"
+    );
+}
+
+/// The child side of the next test: microvm's panic hook, then a worker
+/// thread under a device worker's seccomp filter panics.
+fn panic_under_a_filter() {
+    microvm::host::install_panic_hook(|| {});
+    let t = std::thread::Builder::new()
+        .name("virtio-blk-0".into())
+        .spawn(|| {
+            microvm::seccomp::install(microvm::seccomp::ThreadKind::BlockWorker).unwrap();
+            let v: Vec<u8> = Vec::new();
+            // A bug in a worker: index out of range.
+            std::hint::black_box(v[std::hint::black_box(3)]);
+        })
+        .unwrap();
+    let _ = t.join();
+    // Not reached: the hook ends the process.
+    std::process::exit(0);
+}
+
+/// A thread that panics anyway (a bug) under its seccomp filter: the
+/// message reaches stderr, the whole process ends with 101 at once (not
+/// SIGSYS from the unwinding, not a VM left running without the thread).
+#[test]
+fn a_thread_that_panics_under_its_filter_ends_the_process_with_101_and_says_so() {
+    if std::env::var_os("MICROVM_FAULTS_PANIC_CHILD").is_some() {
+        panic_under_a_filter();
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_thread_that_panics_under_its_filter_ends_the_process_with_101_and_says_so",
+            "--test-threads=1",
+        ])
+        .env("MICROVM_FAULTS_PANIC_CHILD", "1")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(101),
+        "{:?} (signal 31 is SIGSYS): {err}",
+        out.status
+    );
+    assert!(
+        err.contains("microvm: thread 'virtio-blk-0' panicked at")
+            && err.contains("the VM is stopped (exit 101)"),
+        "{err}"
     );
 }
