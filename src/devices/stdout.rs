@@ -1,6 +1,7 @@
 //! Guest console output on its way to the host's stdout: a bounded buffer
 //! that the UART (on a vCPU thread) and the virtio-console worker fill, and
-//! one `stdout` thread that writes it out.
+//! one `stdout` thread that writes it out, a trickle (the UART's byte per
+//! exit) gathered for a millisecond into one `write`.
 //!
 //! A reader that is slow still slows the guest down (a writer waits for
 //! room, as it waited on the pipe before), so nothing is lost to a pager or
@@ -24,6 +25,10 @@ const CAPACITY: usize = 256 << 10;
 const CHUNK: usize = 64 << 10;
 /// How long stdout may take nothing before its output is dropped.
 pub const STALL: Duration = Duration::from_secs(2);
+/// How long the stdout thread lets a trickle of output gather before it
+/// writes: the UART hands over one byte per port write, and a thread
+/// wakeup and a `write` per byte cost more than the byte's exits.
+const LINGER: Duration = Duration::from_millis(1);
 
 #[derive(Default)]
 struct State {
@@ -187,10 +192,19 @@ fn writer(shared: &Shared, mut out: impl Write) {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut st = shared.lock();
     loop {
-        while st.buf.is_empty() {
-            st.idle = true;
-            st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
-            st.idle = false;
+        if st.buf.is_empty() {
+            while st.buf.is_empty() {
+                st.idle = true;
+                st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.idle = false;
+            }
+            if st.buf.len() < CHUNK {
+                // Woken for a little: let more come (writers add without
+                // waking us meanwhile).
+                drop(st);
+                std::thread::sleep(LINGER);
+                st = shared.lock();
+            }
         }
         let n = st.buf.len().min(CHUNK);
         chunk.clear();
