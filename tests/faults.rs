@@ -230,25 +230,36 @@ fn free_under_a_filter() {
     t.join().unwrap();
 }
 
+/// Run `child` in a new process of this test executable, which runs only
+/// `test` there: the child's output, or `None` in the child itself (after
+/// `child` returned). For faults that end or kill the whole process.
+fn in_child(test: &str, child: fn()) -> Option<std::process::Output> {
+    if std::env::var_os("MICROVM_FAULTS_CHILD").is_some_and(|t| t == test) {
+        child();
+        return None;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--test-threads=1"])
+        .env("MICROVM_FAULTS_CHILD", test)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    Some(out)
+}
+
 #[test]
 fn a_filtered_thread_frees_memory_without_opening_files() {
-    if std::env::var_os("MICROVM_FAULTS_CHILD").is_some() {
-        free_under_a_filter();
+    let Some(out) = in_child(
+        "a_filtered_thread_frees_memory_without_opening_files",
+        free_under_a_filter,
+    ) else {
         return;
-    }
-    let st = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_filtered_thread_frees_memory_without_opening_files",
-            "--test-threads=1",
-        ])
-        .env("MICROVM_FAULTS_CHILD", "1")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    };
+    let st = out.status;
     assert!(
         st.success(),
-        "a thread whose filter forbids openat died freeing memory: {st:?} (signal 31 is SIGSYS)"
+        "a thread whose filter forbids openat died freeing memory: {st:?} (signal 31 is SIGSYS): {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -275,20 +286,12 @@ fn panic_under_a_filter() {
 /// SIGSYS from the unwinding, not a VM left running without the thread).
 #[test]
 fn a_thread_that_panics_under_its_filter_ends_the_process_with_101_and_says_so() {
-    if std::env::var_os("MICROVM_FAULTS_PANIC_CHILD").is_some() {
-        panic_under_a_filter();
+    let Some(out) = in_child(
+        "a_thread_that_panics_under_its_filter_ends_the_process_with_101_and_says_so",
+        panic_under_a_filter,
+    ) else {
         return;
-    }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_thread_that_panics_under_its_filter_ends_the_process_with_101_and_says_so",
-            "--test-threads=1",
-        ])
-        .env("MICROVM_FAULTS_PANIC_CHILD", "1")
-        .stdout(Stdio::null())
-        .output()
-        .unwrap();
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),

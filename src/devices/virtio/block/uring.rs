@@ -6,10 +6,11 @@
 //! Bounds, whatever the guest does: at most [`QUEUE_SIZE`] requests and
 //! [`PASS_BYTES`] of data (past the first request) are in flight (a full
 //! engine leaves further chains on the available ring until one completes,
-//! and a pause or stop waits for no more than that), each is a request [`Request::parse`] accepted (the same
-//! checks as the Sync engine: seg_max, size_max, the disk's end, guest RAM),
-//! and its iovecs are at most two per data descriptor (a buffer that
-//! crosses from one guest memory region to the next).
+//! and a pause or stop waits for no more than that), each is a request
+//! [`Request::parse`] accepted (the same checks as the Sync engine:
+//! seg_max, size_max, the request cap, the disk's end, guest RAM), and its
+//! iovecs are at most two per data descriptor (a buffer that crosses from
+//! one guest memory region to the next).
 //!
 //! The ring can do nothing but this: it is created disabled, its one file
 //! is the drive's (registered, and every entry must use it), and only

@@ -1,8 +1,9 @@
 //! The virtio-blk worker: what the worker thread owns, and its answer to a
 //! kick. Each kick drains the queue ([`process_queue`]) and raises the
 //! interrupt, in passes of at most [`super::PASS_BYTES`] with a look at the
-//! control events (pause, reset, stop) between two; a broken ring makes the worker report DEVICE_NEEDS_RESET and
-//! stop watching the queue until the driver resets the device.
+//! control events (pause, reset, stop) between two; a broken ring makes the
+//! worker report DEVICE_NEEDS_RESET and stop watching the queue until the
+//! driver resets the device.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
