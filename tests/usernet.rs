@@ -5,8 +5,10 @@
 //! a listener this test opens on host loopback, at the gateway 10.0.2.2),
 //! the published port (`curl http://127.0.0.1:P/`, then 100 sequential
 //! requests), that a published port already in use is refused before a
-//! second VM boots, that microvm ran without CAP_NET_ADMIN, that `ip -o link`
-//! is unchanged, and that passt ends with the VM. A short second run checks
+//! second VM boots, that a client of the published port is closed at once
+//! (not left hanging) once the guest's app has stopped, that microvm ran
+//! without CAP_NET_ADMIN, that `ip -o link` is unchanged, and that passt
+//! ends with the VM. A short second run checks
 //! that a passt that dies ends the VM with a message. All traffic is on
 //! loopback.
 
@@ -143,13 +145,15 @@ fn flask_over_user_networking_without_net_admin() {
     // The host service the guest must reach, on loopback only.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let host_port = listener.local_addr().unwrap().port();
-    let (said_tx, said_rx) = mpsc::channel::<String>();
+    // It keeps the connection: the test tells the guest over it, later, to
+    // stop its app.
+    let (said_tx, said_rx) = mpsc::channel::<(String, std::net::TcpStream)>();
     std::thread::spawn(move || {
         if let Ok((mut conn, _)) = listener.accept() {
             let mut line = String::new();
             let _ = BufReader::new(conn.try_clone().unwrap()).read_line(&mut line);
             let _ = conn.write_all(b"host-says-hi\n");
-            let _ = said_tx.send(line);
+            let _ = said_tx.send((line, conn));
         }
     });
 
@@ -157,12 +161,16 @@ fn flask_over_user_networking_without_net_admin() {
     let publish = format!("127.0.0.1:{port}:80");
     // The guest sends nothing until the app has served a request from the
     // host: a published port must work for a guest that never spoke first.
-    // Then it connects to the host listener (bash's /dev/tcp, no fork).
+    // Then it connects to the host listener (bash's /dev/tcp, no fork). When
+    // the host says so on that connection, it stops the app (the published
+    // port's listener is gone) and idles.
     let guest_cmd = format!(
         "python3 /app/app.py >/tmp/app.log 2>&1 & \
          until grep -q '\"GET / ' /tmp/app.log; do sleep 1; done; \
          exec 3<>/dev/tcp/10.0.2.2/{host_port} && echo guest-says-hi >&3 && read -r r <&3 \
-         && echo \"microvm-usernet: host said $r\"; wait"
+         && echo \"microvm-usernet: host said $r\"; \
+         read -r r <&3; kill %1; wait; echo \"microvm-usernet: app stopped ($r)\"; \
+         while :; do sleep 1000; done"
     );
     let links_before = links();
     let bin = microvm_bin();
@@ -260,9 +268,9 @@ fn flask_over_user_networking_without_net_admin() {
         report(&format!("unexpected body {body:?}"));
     }
     eprintln!("app answered after {:.1} s", start.elapsed().as_secs_f64());
-    let said = loop {
-        if let Ok(line) = said_rx.try_recv() {
-            break line;
+    let (said, mut host_conn) = loop {
+        if let Ok(said) = said_rx.try_recv() {
+            break said;
         }
         if let Ok(Some(st)) = vm.0.try_wait() {
             report(&format!("microvm exited early: {st}"));
@@ -314,6 +322,38 @@ fn flask_over_user_networking_without_net_admin() {
     );
     if ok != 100 {
         report(&format!("only {ok}/100 requests succeeded: {codes}"));
+    }
+
+    // The published port's listener gone (the app exited): passt still
+    // accepts on the host side, and closes each connection at once when the
+    // guest refuses it; no client hangs, and the VM runs on.
+    host_conn.write_all(b"stop-app\n").unwrap();
+    let stopped = "microvm-usernet: app stopped (stop-app)";
+    let t = Instant::now();
+    while !console.lock().unwrap().contains(stopped) {
+        if let Ok(Some(st)) = vm.0.try_wait() {
+            report(&format!("microvm exited while its app stopped: {st}"));
+        }
+        if t.elapsed() > boot_deadline(Duration::from_secs(30), Duration::from_secs(120)) {
+            report(&format!("the guest never said {stopped:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    let out = curl(&url, &["--max-time", "60"]);
+    let took = t.elapsed().as_secs_f64();
+    let code = out.status.code();
+    eprintln!("published port without a listener: curl exit {code:?} after {took:.2} s");
+    // 7: refused, 52: empty reply (closed), 56: reset. 28 would be a hang.
+    if !matches!(code, Some(7 | 52 | 56)) || !out.stdout.is_empty() {
+        report(&format!(
+            "a published port whose listener is gone must close the client's connection: \
+             curl exit {code:?} after {took:.2} s, body {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    if let Ok(Some(st)) = vm.0.try_wait() {
+        report(&format!("microvm exited after its app stopped: {st}"));
     }
 
     let links_during = links();
