@@ -16,6 +16,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;
+pub mod helper;
 pub mod host;
 pub mod image;
 pub mod layout;

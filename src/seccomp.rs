@@ -54,8 +54,9 @@ pub enum ThreadKind {
     Stdin,
     /// Writes the guest's console output to host stdout (`devices::stdout`).
     Stdout,
-    /// Watches a passt child: forwards its stderr to the log, waits for its exit.
-    Passt,
+    /// Watches a helper child (passt, virtiofsd; `crate::helper`): forwards
+    /// its stderr to the log, waits for its exit.
+    Helper,
     /// The API socket: accepts connections and serves each on its own thread
     /// (created by this one, under the same filter).
     Api,
@@ -80,7 +81,7 @@ impl ThreadKind {
             ThreadKind::Stdin => "stdin",
             ThreadKind::Stdout => "stdout",
             ThreadKind::Api => "api",
-            ThreadKind::Passt => "passt-supervisor",
+            ThreadKind::Helper => "helper-supervisor",
             ThreadKind::Main => "main",
         }
     }
@@ -241,7 +242,7 @@ fn syscalls(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         // `write` and `futex` are in COMMON: nothing more.
         ThreadKind::Stdout => {}
         // Reaping under the lock kill() takes, so a recycled PID is never signalled.
-        ThreadKind::Passt => calls.extend_from_slice(&[
+        ThreadKind::Helper => calls.extend_from_slice(&[
             libc::SYS_read,
             libc::SYS_waitid,
             libc::SYS_wait4,
@@ -670,7 +671,7 @@ mod tests {
             ThreadKind::Stdin,
             ThreadKind::Stdout,
             ThreadKind::Api,
-            ThreadKind::Passt,
+            ThreadKind::Helper,
             ThreadKind::Main,
         ] {
             assert!(!filter(k).expect("builds").is_empty(), "{k:?}");

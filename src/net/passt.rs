@@ -21,22 +21,21 @@
 //! VM. Dropping [`Passt`] ends passt (which would also exit on its own once
 //! our end of the socket closes, for example if microvm is killed).
 
-use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::backend::{BackendError, FrameBackend};
 use super::framing::{FrameReader, FrameWriter};
 use super::publish::{PortForward, PublishError};
 use super::MacAddr;
+pub use crate::helper::ExitNotify;
+use crate::helper::{Helper, HelperError, HelperSpec, Line};
 
 /// The guest's address in user mode.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -55,11 +54,6 @@ const MAX_RX_FRAME: usize = super::MAX_FRAME_LEN;
 const MAX_TX_FRAME: usize = 65535;
 /// How long a send waits for passt to take an earlier, partly sent frame.
 const TX_WAIT: Duration = Duration::from_millis(20);
-/// Lines of passt's stderr kept for the message when it dies.
-const STDERR_TAIL: usize = 4;
-/// Longest stderr line kept (passt's input to us is bounded too).
-const MAX_LINE: usize = 512;
-
 /// Errors starting passt.
 #[derive(Debug, thiserror::Error)]
 pub enum PasstError {
@@ -69,28 +63,21 @@ pub enum PasstError {
     /// The socketpair or its setup failed.
     #[error("cannot create the socket pair for passt")]
     Socket(#[source] io::Error),
-    /// passt is not installed.
-    #[error(
-        "cannot run '{0}': not found (install the Debian package passt; scripts/deps.sh does)"
-    )]
-    NotInstalled(String),
-    /// passt could not be started.
-    #[error("cannot start '{0}'")]
-    Spawn(String, #[source] io::Error),
-    /// The supervising thread could not be started.
-    #[error("cannot start the thread that supervises passt")]
-    Thread(#[source] io::Error),
+    /// passt is not installed, cannot be started or supervised.
+    #[error(transparent)]
+    Helper(#[from] HelperError),
 }
 
-/// Called once if passt exits on its own, with a message saying so.
-pub type ExitNotify = Box<dyn FnOnce(String) + Send>;
-
-/// The child process and what tells its supervisor we are ending it.
-#[derive(Debug)]
-struct Supervised {
-    child: Mutex<Child>,
-    pid: u32,
-    stopping: AtomicBool,
+/// How passt's stderr lines are logged.
+fn passt_line(text: &str) -> Line {
+    if text.starts_with("Failed to send") {
+        // Without a syslog socket passt says so for every message.
+        Line::Ignore
+    } else if text.starts_with("Don't run as root") {
+        Line::Debug
+    } else {
+        Line::Warn
+    }
 }
 
 /// A running passt and our end of its socket.
@@ -100,8 +87,7 @@ pub struct Passt {
     sock: UnixStream,
     reader: Mutex<FrameReader>,
     writer: Mutex<FrameWriter>,
-    proc: Arc<Supervised>,
-    watcher: Option<JoinHandle<()>>,
+    helper: Helper,
 }
 
 /// passt's command line (after the binary) for a guest NIC with `publish`.
@@ -159,10 +145,7 @@ impl Passt {
         ours.set_nonblocking(true).map_err(PasstError::Socket)?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(bin);
-        cmd.args(passt_args(fd, publish))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(passt_args(fd, publish));
         // SAFETY: the closure runs in the child between fork and exec and
         // calls only fcntl(2), which is async-signal-safe; `fd` is open there
         // (the child inherits every descriptor until exec closes O_CLOEXEC ones).
@@ -175,35 +158,21 @@ impl Passt {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                PasstError::NotInstalled(bin.to_string())
-            } else {
-                PasstError::Spawn(bin.to_string(), e)
-            }
-        })?;
+        let spec = HelperSpec {
+            name: "passt",
+            label: label.to_string(),
+            role: "user-mode networking",
+            consequence: "the guest has lost its network",
+            classify: passt_line,
+        };
+        let helper = Helper::spawn(
+            cmd,
+            spec,
+            "install the Debian package passt; scripts/deps.sh does",
+            on_exit,
+        )?;
         drop(theirs);
-        let stderr = child.stderr.take();
-        let pid = child.id();
-        let proc = Arc::new(Supervised {
-            child: Mutex::new(child),
-            pid,
-            stopping: AtomicBool::new(false),
-        });
-        let watcher = {
-            let proc = Arc::clone(&proc);
-            let label = label.to_string();
-            std::thread::Builder::new()
-                .name(format!("passt-{label}"))
-                .spawn(move || supervise(&label, &proc, stderr, on_exit))
-        };
-        let watcher = match watcher {
-            Ok(w) => w,
-            Err(e) => {
-                kill(&proc);
-                return Err(PasstError::Thread(e));
-            }
-        };
+        let pid = helper.pid();
         log::info!(
             "{label}: user-mode networking through passt (pid {pid}): guest {GUEST_ADDR}/{PREFIX_LEN}, \
              host loopback at {GATEWAY}{}",
@@ -217,8 +186,7 @@ impl Passt {
             sock: ours,
             reader: Mutex::new(FrameReader::new(MAX_RX_FRAME)),
             writer: Mutex::new(FrameWriter::new(MAX_TX_FRAME)),
-            proc,
-            watcher: Some(watcher),
+            helper,
         };
         // passt learns the guest's MAC from the first frame the guest sends;
         // until then it addresses frames to 00:00:00:00:00:00, which the
@@ -232,7 +200,7 @@ impl Passt {
 
     /// passt's process ID.
     pub fn pid(&self) -> u32 {
-        self.proc.pid
+        self.helper.pid()
     }
 
     /// Wait until the socket is writable or [`TX_WAIT`] passes.
@@ -263,86 +231,9 @@ pub fn gratuitous_arp(mac: MacAddr, ip: Ipv4Addr) -> Vec<u8> {
     f
 }
 
-fn kill(proc: &Supervised) {
-    proc.stopping.store(true, Ordering::SeqCst);
-    // Reaping happens only under this lock, so the PID is still passt's.
-    if let Ok(mut child) = proc.child.lock() {
-        if let Ok(None) = child.try_wait() {
-            let _ = child.kill();
-        }
-    }
-}
-
-/// Forward passt's stderr to our log until it closes, wait for passt to
-/// exit, reap it, and report the exit unless we caused it.
-fn supervise(label: &str, proc: &Supervised, stderr: Option<ChildStderr>, on_exit: ExitNotify) {
-    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Passt) {
-        log::error!("{label}: {}", crate::error_chain(&e));
-    }
-    let mut tail: VecDeque<String> = VecDeque::new();
-    if let Some(stderr) = stderr {
-        let mut r = BufReader::new(stderr);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let text = String::from_utf8_lossy(&line).trim_end().to_string();
-            // Without a syslog socket passt says so for every message.
-            if text.is_empty() || text.starts_with("Failed to send") {
-                continue;
-            }
-            if text.starts_with("Don't run as root") {
-                log::debug!("{label}: passt: {text}");
-                continue;
-            }
-            log::warn!("{label}: passt: {text}");
-            if tail.len() == STDERR_TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(text);
-        }
-    }
-    // Wait for the exit without reaping, so a kill() racing with us still
-    // signals passt and not a recycled PID.
-    // SAFETY: waitid(2) writes one siginfo_t, which lives on this stack frame.
-    let rc = unsafe {
-        let mut info: libc::siginfo_t = std::mem::zeroed();
-        libc::waitid(
-            libc::P_PID,
-            proc.pid,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT,
-        )
-    };
-    if rc < 0 {
-        log::debug!("{label}: waitid(passt): {}", io::Error::last_os_error());
-    }
-    let status = match proc.child.lock() {
-        Ok(mut child) => child.wait().map(|s| s.to_string()),
-        Err(_) => return,
-    };
-    if proc.stopping.load(Ordering::SeqCst) {
-        log::debug!("{label}: passt ended");
-        return;
-    }
-    let status = status.unwrap_or_else(|e| format!("unknown status ({e})"));
-    let mut msg = format!(
-        "{label}: passt (pid {}, user-mode networking) exited ({status}): the guest has lost its network",
-        proc.pid
-    );
-    if !tail.is_empty() {
-        msg.push_str("; passt said: ");
-        msg.push_str(&Vec::from(tail).join(" / "));
-    }
-    on_exit(msg);
-}
-
 impl FrameBackend for Passt {
     fn describe(&self) -> String {
-        format!("passt pid {}", self.proc.pid)
+        format!("passt pid {}", self.helper.pid())
     }
 
     fn poll_fd(&self) -> RawFd {
@@ -391,10 +282,6 @@ impl FrameBackend for Passt {
 
 impl Drop for Passt {
     fn drop(&mut self) {
-        kill(&self.proc);
-        if let Some(w) = self.watcher.take() {
-            let _ = w.join();
-        }
         if let Ok(r) = self.reader.lock() {
             let s = r.stats();
             if s.oversize + s.runt > 0 {
@@ -454,7 +341,10 @@ mod tests {
     fn missing_binary_is_a_clear_error() {
         let err = Passt::start_with("/nonexistent/passt", "eth0", MAC, &[], Box::new(|_| {}))
             .unwrap_err();
-        assert!(matches!(err, PasstError::NotInstalled(_)), "{err:?}");
+        assert!(
+            matches!(err, PasstError::Helper(HelperError::NotInstalled(..))),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("Debian package passt"), "{err}");
     }
 
