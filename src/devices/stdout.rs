@@ -1,7 +1,7 @@
 //! Guest console output on its way to the host's stdout: a bounded buffer
 //! that the UART (on a vCPU thread) and the virtio-console worker fill, and
 //! one `stdout` thread that writes it out, a trickle (the UART's byte per
-//! exit) gathered for a millisecond into one `write`.
+//! exit) gathered for up to 5 ms into one `write`.
 //!
 //! A reader that is slow still slows the guest down (a writer waits for
 //! room, as it waited on the pipe before), so nothing is lost to a pager or
@@ -25,10 +25,11 @@ const CAPACITY: usize = 256 << 10;
 const CHUNK: usize = 64 << 10;
 /// How long stdout may take nothing before its output is dropped.
 pub const STALL: Duration = Duration::from_secs(2);
-/// How long the stdout thread lets a trickle of output gather before it
-/// writes: the UART hands over one byte per port write, and a thread
-/// wakeup and a `write` per byte cost more than the byte's exits.
-const LINGER: Duration = Duration::from_millis(1);
+/// How long the stdout thread lets a trickle of output gather before each
+/// write: the UART hands over one byte per port write, and a thread
+/// wakeup and a `write` per byte cost more than the byte's exits. At most
+/// one `write` per LINGER while output trickles; a human does not see 5 ms.
+const LINGER: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 struct State {
@@ -41,6 +42,9 @@ struct State {
     closed: bool,
     /// The stdout thread waits for bytes: wake it.
     idle: bool,
+    /// Threads waiting for room (or for the buffer to drain): tell them
+    /// after a write. Without waiters the notification's syscall is saved.
+    room_waiters: usize,
 }
 
 impl State {
@@ -121,11 +125,13 @@ impl StdoutSink {
             if left.is_zero() {
                 return;
             }
+            st.room_waiters += 1;
             st = shared
                 .room
                 .wait_timeout(st, left.min(STALL))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.room_waiters -= 1;
         }
     }
 
@@ -168,11 +174,13 @@ impl Write for StdoutSink {
                 st.dropped = st.dropped.saturating_add(data.len() as u64);
                 return Ok(len);
             }
+            st.room_waiters += 1;
             st = shared
                 .room
                 .wait_timeout(st, STALL)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.room_waiters -= 1;
         }
     }
 
@@ -192,19 +200,20 @@ fn writer(shared: &Shared, mut out: impl Write) {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut st = shared.lock();
     loop {
-        if st.buf.is_empty() {
-            while st.buf.is_empty() {
-                st.idle = true;
-                st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
-                st.idle = false;
-            }
-            if st.buf.len() < CHUNK {
-                // Woken for a little: let more come (writers add without
-                // waking us meanwhile).
-                drop(st);
-                std::thread::sleep(LINGER);
-                st = shared.lock();
-            }
+        while st.buf.is_empty() {
+            st.idle = true;
+            st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle = false;
+        }
+        if st.buf.len() < CHUNK {
+            // A little waits: let more come (writers add without waking us
+            // meanwhile). Also after a write, not only after a wakeup: a
+            // byte that arrived during the write would otherwise be
+            // written alone, and the UART's trickle would become one
+            // `write` per byte.
+            drop(st);
+            std::thread::sleep(LINGER);
+            st = shared.lock();
         }
         let n = st.buf.len().min(CHUNK);
         chunk.clear();
@@ -228,7 +237,9 @@ fn writer(shared: &Shared, mut out: impl Write) {
             );
             st.dropped = 0;
         }
-        shared.room.notify_all();
+        if st.room_waiters > 0 {
+            shared.room.notify_all();
+        }
     }
 }
 
