@@ -89,7 +89,7 @@ def boot_firecracker():
     if marker is None:
         tail = " | ".join(err.strip().splitlines()[-3:])
         raise RuntimeError(f"firecracker: exit {rc}, no init marker: {tail}")
-    return {"exits": None, "init_ms": None, "marker_ms": marker, "wall_ms": wall,
+    return {"exits": None, "init_ms": None, "startup_ms": None, "marker_ms": marker, "wall_ms": wall,
             "line": "(Firecracker: not counted)", "where": ""}
 
 
@@ -105,10 +105,12 @@ def boot(variant):
     total = re.search(r"KVM exits: total=(\d+)", err)
     init = re.search(r"Guest-boot-time = (\d+) us", err)
     where = re.search(r"KVM exits by address: (.*)", err)
+    startup = re.search(r"VMM startup: (\d+) us", err)
     if rc != 0 or not total or not init:
         tail = " | ".join(err.strip().splitlines()[-3:])
         raise RuntimeError(f"{variant}: exit {rc}, no figures: {tail}")
     return {"exits": int(total.group(1)), "init_ms": int(init.group(1)) / 1000,
+            "startup_ms": int(startup.group(1)) / 1000 if startup else None,
             "marker_ms": marker, "wall_ms": wall,
             "line": re.search(r"KVM exits: (total=.*)", err).group(1),
             "where": where.group(1) if where else ""}
@@ -128,13 +130,19 @@ def main():
     for run in range(RUNS):
         for v in VARIANTS:
             print(f"[bench-console] run {run + 1}/{RUNS}: {v}", file=sys.stderr, flush=True)
-            results[v].append(boot(v))
+            r = boot(v)
+            results[v].append(r)
+            # As it comes, so a run cut short (an L1 stall) still tells something.
+            print(f"[bench-console] run {run + 1}/{RUNS}: {v}: spawn to marker {r['marker_ms']:.0f} ms"
+                  + (f", startup {r['startup_ms']:.0f} ms" if r["startup_ms"] is not None else ""),
+                  file=sys.stderr, flush=True)
     base = "none" if "none" in results else None
     print(f"Test initramfs booted to power-off, {RUNS} runs per variant, medians (min-max).")
     print(f"Kernel parameters added to every boot: `{' '.join(EXTRA) or '(none)'}`.\n")
-    print("| variant | KVM exits to user space | process start to init (ms) | vs `none` "
+    print("| variant | KVM exits to user space | process start to first KVM_RUN (ms) "
+          "| process start to init (ms) | vs `none` "
           "| spawn to marker (ms) | vs `firecracker` | process start to exit (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     base_init = statistics.median(r["init_ms"] for r in results[base]) if base else None
     fc = results.get("firecracker")
     fc_marker = statistics.median(r["marker_ms"] for r in fc) if fc else None
@@ -145,7 +153,8 @@ def main():
             rel = f"{(statistics.median(init) / base_init - 1) * 100:+.1f}%"
         marker = [r["marker_ms"] for r in rs if r["marker_ms"] is not None]
         vs_fc = f"{statistics.median(marker) / fc_marker:.2f}x" if fc_marker and marker else "-"
-        print(f"| `{v}` | {fmt([r['exits'] for r in rs])} | {fmt(init)} | {rel} | {fmt(marker)} | {vs_fc} "
+        print(f"| `{v}` | {fmt([r['exits'] for r in rs])} | {fmt([r['startup_ms'] for r in rs])} "
+              f"| {fmt(init)} | {rel} | {fmt(marker)} | {vs_fc} "
               f"| {fmt([r['wall_ms'] for r in rs])} |")
     if fc:
         print("\nPer round, spawn to marker vs Firecracker's in the same round (ratios):\n")
