@@ -76,7 +76,6 @@ struct Supervised {
 /// A running helper process and the thread that supervises it.
 #[derive(Debug)]
 pub struct Helper {
-    name: &'static str,
     proc: Arc<Supervised>,
     watcher: Option<JoinHandle<()>>,
 }
@@ -118,7 +117,6 @@ impl Helper {
         };
         match watcher {
             Ok(w) => Ok(Self {
-                name,
                 proc,
                 watcher: Some(w),
             }),
@@ -132,27 +130,6 @@ impl Helper {
     /// The helper's process ID.
     pub fn pid(&self) -> u32 {
         self.proc.pid
-    }
-
-    /// The helper's program name.
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    /// Whether the helper has exited (it is not reaped here).
-    pub fn has_exited(&self) -> bool {
-        // SAFETY: waitid(2) writes one siginfo_t, which lives on this stack
-        // frame; WNOWAIT leaves the child to its supervisor to reap.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let rc = libc::waitid(
-                libc::P_PID,
-                self.proc.pid,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
-            );
-            rc != 0 || info.si_pid() != 0
-        }
     }
 }
 
@@ -289,13 +266,20 @@ mod tests {
         )
         .unwrap();
         let msg = rx.recv_timeout(Duration::from_secs(10)).expect("reported");
-        assert!(msg.starts_with("t0: sh (pid "), "{msg}");
+        assert!(
+            msg.starts_with(&format!("t0: sh (pid {}, ", h.pid())),
+            "{msg}"
+        );
         assert!(
             msg.contains("a test helper) exited (exit status: 3): the test goes on"),
             "{msg}"
         );
         assert!(msg.ends_with("sh said: one / two"), "{msg}");
-        assert!(h.has_exited());
+    }
+
+    /// Whether process `pid` runs `sleep`.
+    fn runs_sleep(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|s| s.trim() == "sleep")
     }
 
     #[test]
@@ -310,16 +294,19 @@ mod tests {
             }),
         )
         .unwrap();
-        assert!(!h.has_exited());
         let pid = h.pid();
+        // The shell execs sleep: running, not exited.
+        let t = std::time::Instant::now();
+        while !runs_sleep(pid) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the helper never ran sleep"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         drop(h);
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
-                let s = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                !s.starts_with("sleep")
-            }
-        );
+        assert!(!runs_sleep(pid), "the helper outlived its Helper");
     }
 
     #[test]
